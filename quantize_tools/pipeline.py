@@ -1,0 +1,377 @@
+"""Layer-streaming KBVQ quantization of a Hugging Face MoE checkpoint.
+
+One decoder layer at a time: its weights come from the shards, its calibration
+inputs are the outputs of the already-quantized layers before it, and its
+quantized tensors go to a per-layer shard in ``<output>.kbvq-partial``. That
+folder is renamed to ``<output>`` only when everything is written, so a killed
+run never leaves a loadable half checkpoint, and ``resume`` replays the
+finished layers from their shards (bit-identical to an uninterrupted run).
+
+Peak memory is about: calibration activations ``3 * nsamples * seqlen * hidden * 4`` bytes
+(layer input, MoE input, layer output, float32) + one decoder layer in float32 +
+the working set of one weight type (``n_experts * oc * ic * 4`` bytes a few times over).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from vllm_kbvq.archs import WEIGHT_TYPES, arch_for_config
+from vllm_kbvq.format import REPORT_FILE, KBVQConfig
+from vllm_kbvq.reference import KBVQExperts, KBVQLinear
+
+from .moe_layer import LayerOptions, quantize_moe_block, ranks_for
+from .report import summarize
+from .shards import CheckpointError, ShardReader
+
+__all__ = ["QuantizeOptions", "quantize", "QuantizeError"]
+
+PARTIAL_SUFFIX = ".kbvq-partial"
+_PROGRESS = "progress.json"
+
+
+class QuantizeError(ValueError):
+    pass
+
+
+@dataclass
+class QuantizeOptions(LayerOptions):
+    nsamples: int = 128
+    seqlen: int = 512
+    batch_size: int = 4  # calibration samples per forward
+    device: str = "cpu"
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Capture(torch.nn.Module):
+    """Stands in for the experts during the capture pass: records the routed inputs, then stops the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.x, self.topk = [], []
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        self.x.append(hidden_states.detach().reshape(-1, hidden_states.shape[-1]))
+        self.topk.append(top_k_index.detach().reshape(hidden_states.shape[0], -1))
+        raise _StopForward
+
+
+def _fingerprint(model_dir: Path, opts: QuantizeOptions, tokens: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(dataclasses.asdict(opts), sort_keys=True, default=str).encode())
+    h.update(str(model_dir.resolve()).encode())
+    h.update(tokens.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
+    partial = output.parent / (output.name + PARTIAL_SUFFIX)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise QuantizeError(f"output directory {output} already exists and is not empty; pass --overwrite to replace it")
+    if resume:
+        if not (partial / _PROGRESS).is_file():
+            raise QuantizeError(f"--resume: no interrupted run found at {partial}")
+        return partial
+    if partial.exists():
+        if not overwrite:
+            raise QuantizeError(
+                f"an interrupted run left {partial}; pass --resume to continue it or --overwrite to start over"
+            )
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def _layer_params(reader: ShardReader, arch, layer: int, expert_names: set[str]) -> dict[str, torch.Tensor]:
+    prefix = f"model.layers.{layer}."
+    out = {}
+    for name in reader.names():
+        if name.startswith(prefix) and name not in expert_names:
+            out[arch.to_memory_name(name)[len(prefix):]] = reader.get(name, torch.float32)
+    return out
+
+
+def _expert_names(reader, arch, layer, n_experts, shared) -> set[str]:
+    names = {arch.expert_tensor(layer, e, w) for e in range(n_experts) for w in WEIGHT_TYPES}
+    return {n for n in names if n in reader}
+
+
+def quantize(
+    model_dir: str | Path,
+    output: str | Path,
+    tokens: torch.Tensor,
+    opts: QuantizeOptions,
+    overwrite: bool = False,
+    resume: bool = False,
+    calibration_info: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Quantize ``model_dir`` into ``output``; returns the report (also written as ``kbvq_report.json``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    t_start = time.time()
+    model_dir, output = Path(model_dir), Path(output)
+    reader = ShardReader(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    arch = arch_for_config(config)
+    try:
+        n_experts = arch.num_experts(config)
+    except KeyError:
+        n_experts = 0
+    if n_experts < 2:
+        raise QuantizeError(f"{model_dir}: config has {n_experts} routed experts ({arch.num_experts_attr}); not a Mixture-of-Experts model")
+    device = torch.device(opts.device)
+    hidden = config.hidden_size
+    inter = arch.expert_intermediate(config)
+    for d in (hidden, inter):
+        if d % opts.vector_dim:
+            raise QuantizeError(f"{model_dir}: layer width {d} is not divisible by --vector-dim {opts.vector_dim}")
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    layers = model.model.layers
+    moe_layers = [i for i, l in enumerate(layers) if hasattr(getattr(l, arch.moe_attr, None), arch.experts_attr)]
+    if not moe_layers:
+        raise QuantizeError(f"{model_dir}: no decoder layer has a MoE block")
+    shared_inter = None
+    if arch.shared_attr:
+        lin = getattr(getattr(getattr(layers[moe_layers[0]], arch.moe_attr), arch.shared_attr),
+                      arch.shared_proj_names["gate"])
+        shared_inter = lin.out_features
+    cfg = KBVQConfig(
+        bits=opts.bits, vector_dim=opts.vector_dim, arch=arch.name,
+        rank=ranks_for(opts, hidden, inter, shared_inter), layers=moe_layers,
+        shared_intermediate_size=shared_inter, idre=opts.idre, bcos=opts.bcos, rank_ratio=opts.rank_ratio,
+        damp=opts.damp, kmeans_iters=opts.kmeans_iters, seed=opts.seed,
+        calibration={**(calibration_info or {}), "nsamples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1])},
+    )
+    cfg.validate()
+
+    _check_checkpoint(reader, arch, moe_layers, n_experts, shared_inter, hidden, inter)
+    partial = _prepare_output(output, overwrite, resume)
+    try:
+        report = _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, opts, moe_layers,
+                      n_experts, hidden, inter, shared_inter, overwrite, resume, progress, device)
+    except BaseException:
+        # Keep an interrupted run only when it has finished layers to resume from.
+        done = []
+        if (partial / _PROGRESS).is_file():
+            with open(partial / _PROGRESS) as f:
+                done = json.load(f).get("done", [])
+        if not done and partial.exists():
+            shutil.rmtree(partial)
+        elif partial.exists():
+            print(f"kbvq-quantize: interrupted; {len(done)} finished layer(s) kept in {partial} (use --resume)")
+        raise
+    report["run"] = {"seconds": round(time.time() - t_start, 1), "peak_memory_bytes": _peak_memory_bytes(device),
+                     "device": str(device)}
+    _write_json_atomic(output / REPORT_FILE, report)
+    return report
+
+
+def _check_checkpoint(reader, arch, moe_layers, n_experts, shared_inter, hidden, inter) -> None:
+    """Every tensor finite, every expert matrix present with its shape, before any work is done."""
+    for layer in moe_layers:
+        for wtype in WEIGHT_TYPES:
+            shape = (hidden, inter) if wtype == "down" else (inter, hidden)
+            names = [arch.expert_tensor(layer, e, wtype) for e in range(n_experts)]
+            if shared_inter:
+                names.append(arch.shared_tensor(layer, wtype))
+            for name in names:
+                if name not in reader:
+                    raise CheckpointError(f"{reader.dir}: expert tensor {name} is missing")
+                t = reader.get(name)  # raises on NaN / inf
+                want = shape if ".experts." in name else (
+                    (hidden, shared_inter) if wtype == "down" else (shared_inter, hidden))
+                if tuple(t.shape) != want:
+                    raise CheckpointError(f"{reader.dir}: {name} has shape {list(t.shape)}, expected {list(want)}")
+    for name in reader.names():
+        reader.get(name)
+
+
+def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, opts, moe_layers, n_experts, hidden,
+         inter, shared_inter, overwrite, resume, progress, device) -> dict:
+    layers = model.model.layers
+    fingerprint = _fingerprint(model_dir, opts, tokens)
+    state = {"fingerprint": fingerprint, "done": [], "reports": {}}
+    if resume:
+        with open(partial / _PROGRESS) as f:
+            state = json.load(f)
+        if state.get("fingerprint") != fingerprint:
+            raise QuantizeError(
+                f"--resume: {partial} was made with other options, model or calibration data; "
+                "rerun with the same arguments or use --overwrite"
+            )
+    _write_json_atomic(partial / _PROGRESS, state)
+
+    emb = reader.get("model.embed_tokens.weight", torch.float32)
+    h = emb[tokens].to(device)  # [N, L, hidden]
+    del emb
+    rotary = type(model.model.rotary_emb)(config=config).to(device)
+    pos = torch.arange(tokens.shape[1], device=device)[None]
+    pe = rotary(h[:1], pos)  # (cos, sin), or one complex tensor (DeepSeek-V2)
+    bs = max(1, opts.batch_size)
+
+    def run_layer(layer, hs):
+        outs = []
+        for i in range(0, hs.shape[0], bs):
+            b = hs[i : i + bs]
+            o = layer(b, attention_mask=None, position_ids=pos, position_embeddings=pe)
+            outs.append(o[0] if isinstance(o, tuple) else o)
+        return torch.cat(outs)
+
+    bar = tqdm(range(len(layers)), desc="kbvq layers", unit="layer", disable=not progress)
+    for i in bar:
+        layer = layers[i]
+        is_moe = i in moe_layers
+        block = getattr(layer, arch.moe_attr) if is_moe else None
+        expert_names = _expert_names(reader, arch, i, n_experts, shared_inter) if is_moe else set()
+        if is_moe:
+            setattr(block, arch.experts_attr, _Capture())
+        layer.to_empty(device=device)
+        params = _layer_params(reader, arch, i, expert_names)
+        missing, unexpected = layer.load_state_dict(params, strict=False)
+        missing = [m for m in missing if not m.startswith(f"{arch.moe_attr}.{arch.experts_attr}.")]
+        if missing:
+            raise CheckpointError(f"{model_dir}: layer {i} tensors missing from the checkpoint: {missing[:5]}")
+        layer.eval()
+        shard = partial / f"layer-{i:05d}.safetensors"
+        with torch.no_grad():
+            if is_moe:
+                if i in state["done"]:
+                    bar.set_postfix_str(f"layer {i}: replay")
+                    tensors = load_file(str(shard))
+                else:
+                    t0 = time.time()
+                    bar.set_postfix_str(f"layer {i}: capture")
+                    cap = getattr(block, arch.experts_attr)
+                    for j in range(0, h.shape[0], bs):
+                        try:
+                            layer(h[j : j + bs], attention_mask=None, position_ids=pos, position_embeddings=pe)
+                        except _StopForward:
+                            pass
+                    x, topk = torch.cat(cap.x), torch.cat(cap.topk)
+                    cap.x, cap.topk = [], []
+
+                    def weights(group, wtype, i=i):
+                        if group == "experts":
+                            return torch.stack([reader.get(arch.expert_tensor(i, e, wtype), torch.float32)
+                                                for e in range(n_experts)])
+                        return reader.get(arch.shared_tensor(i, wtype), torch.float32)[None]
+
+                    bar.set_postfix_str(f"layer {i}: quantize")
+                    tensors, rep = quantize_moe_block(
+                        i, x, topk, weights, arch, n_experts, shared_inter is not None,
+                        _act_fn(config), opts, cfg, device)
+                    del x, topk
+                    rep["seconds"] = round(time.time() - t0, 2)
+                    save_file(tensors, str(shard), metadata={"format": "pt"})
+                    state["reports"][str(i)] = rep
+                _install_quantized(block, arch, i, n_experts, hidden, inter, shared_inter, cfg, config, tensors, device)
+            bar.set_postfix_str(f"layer {i}: forward")
+            h = run_layer(layer, h)
+        layer.to_empty(device="meta")  # free the layer
+        if is_moe and i not in state["done"]:
+            state["done"].append(i)
+            _write_json_atomic(partial / _PROGRESS, state)
+    bar.close()
+    return _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite)
+
+
+def _act_fn(config):
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[config.hidden_act]
+
+
+def _install_quantized(block, arch, layer, n_experts, hidden, inter, shared_inter, cfg, config, tensors, device):
+    experts = KBVQExperts(arch, n_experts, hidden, inter, cfg, _act_fn(config), device=device)
+    prefix = arch.expert_prefix.format(layer=layer, expert="")  # "...experts."
+    experts.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    setattr(block, arch.experts_attr, experts)
+    if shared_inter:
+        mlp = getattr(block, arch.shared_attr)
+        for wtype in WEIGHT_TYPES:
+            old = getattr(mlp, arch.shared_proj_names[wtype])
+            lin = KBVQLinear(old.in_features, old.out_features, cfg, cfg.rank["shared_experts"][wtype], True,
+                             device=device)
+            p = arch.shared_tensor(layer, wtype, "")
+            lin.load_state_dict({k[len(p):]: v for k, v in tensors.items() if k.startswith(p)})
+            setattr(mlp, arch.shared_proj_names[wtype], lin)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite) -> dict:
+    """Write the remaining tensors, config, tokenizer and report; then move the result into place."""
+    quantized_prefixes = set()
+    n_experts = arch.num_experts(_read_config(model_dir))
+    for layer in cfg.layers:
+        for w in WEIGHT_TYPES:
+            for e in range(n_experts):
+                quantized_prefixes.add(arch.expert_tensor(layer, e, w))
+            if cfg.shared_intermediate_size:
+                quantized_prefixes.add(arch.shared_tensor(layer, w))
+    rest = {n: reader.get(n) for n in reader.names() if n not in quantized_prefixes}
+    shards = [partial / f"layer-{i:05d}.safetensors" for i in sorted(cfg.layers)]
+    rest_file = partial / "rest.safetensors"
+    save_file(rest, str(rest_file), metadata={"format": "pt"})
+    files = [rest_file] + shards
+    total = len(files)
+    weight_map = {}
+    for k, f in enumerate(files, 1):
+        final_name = f"model-{k:05d}-of-{total:05d}.safetensors"
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():
+                weight_map[name] = final_name
+        os.replace(f, partial / final_name)
+    _write_json_atomic(partial / "model.safetensors.index.json", {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))})
+
+    model_config = _read_config(model_dir)
+    model_config["quantization_config"] = cfg.to_dict()
+    _write_json_atomic(partial / "config.json", model_config)
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".gguf") and f.name not in (
+            "config.json", "model.safetensors.index.json", REPORT_FILE):
+            shutil.copy2(f, partial / f.name)
+    report = summarize(cfg, state["reports"], partial, _read_config(model_dir), arch)
+    _write_json_atomic(partial / REPORT_FILE, report)
+    (partial / _PROGRESS).unlink()
+    if output.exists():
+        if not overwrite and any(output.iterdir()):
+            raise QuantizeError(f"output directory {output} appeared during the run; result left in {partial}")
+        shutil.rmtree(output)
+    os.replace(partial, output)
+    return report
+
+
+def _read_config(model_dir: Path) -> dict:
+    with open(model_dir / "config.json") as f:
+        return json.load(f)

@@ -1,0 +1,77 @@
+"""``kbvq_report.json``: what the quantizer did and what it cost, per layer and overall."""
+from __future__ import annotations
+
+import math
+import statistics
+
+from vllm_kbvq.archs import WEIGHT_TYPES
+from vllm_kbvq.format import KBVQConfig, checkpoint_tensors
+
+__all__ = ["summarize", "format_summary"]
+
+_BITS = {"F16": 16, "BF16": 16, "F32": 32, "I32": 32, "F64": 64, "I64": 64, "I8": 8, "U8": 8, "I16": 16}
+
+
+def summarize(cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model_config: dict, arch) -> dict:
+    tensors = checkpoint_tensors(ckpt_dir)
+    n = arch.num_experts(model_config)
+    hidden = model_config["hidden_size"]
+    inter = arch.expert_intermediate(model_config)
+    si = cfg.shared_intermediate_size or 0
+    # weights the quantized tensors stand for
+    expert_weights = len(cfg.layers) * 3 * (n * hidden * inter + hidden * si)
+    kbvq_bits = other_bits = other_params = 0
+    for name, (_, shape, dtype) in tensors.items():
+        bits = math.prod(shape) * _BITS[dtype]
+        if name.rsplit(".", 1)[-1] in ("vq_codes", "vq_codebook", "lr_a", "lr_b", "affine_s", "affine_b"):
+            kbvq_bits += bits
+        else:
+            other_bits += bits
+            other_params += math.prod(shape)
+    layers = [layer_reports[k] for k in sorted(layer_reports, key=int)]
+    summary = {
+        "expert_weights": expert_weights,
+        "expert_bits_per_weight": kbvq_bits / expert_weights,
+        "checkpoint_bits_per_weight": (kbvq_bits + other_bits) / (expert_weights + other_params),
+        "checkpoint_bytes": (kbvq_bits + other_bits) // 8,
+        "unquantized_bf16_bytes": 2 * (expert_weights + other_params),
+        "bcos_fallback_experts": sum(len(r["bcos_fallback_experts"]) for r in layers),
+    }
+    counts = [c for r in layers for c in r["routed_tokens"]]
+    if counts:
+        summary["routed_tokens_per_expert"] = {"min": min(counts), "median": statistics.median(counts), "max": max(counts)}
+    errs = {}
+    for group in ("experts", "shared_experts"):
+        for wtype in WEIGHT_TYPES:
+            rows = [r[group][wtype]["rel_err"] for r in layers if group in r]
+            if not rows:
+                continue
+            mean = {k: sum(row[k] for row in rows) / len(rows) for k in rows[0]}
+            mean["layers_kbvq_below_plain_vq"] = sum(row["idre_vq_bcos"] < row["plain_vq"] for row in rows)
+            mean["layers"] = len(rows)
+            errs[f"{group}.{wtype}"] = mean
+    summary["mean_output_rel_err"] = errs
+    return {"quantization_config": cfg.to_dict(), "summary": summary, "layers": layers}
+
+
+def format_summary(report: dict) -> str:
+    s = report["summary"]
+    lines = [
+        f"expert weights: {s['expert_bits_per_weight']:.3f} bits/weight; whole checkpoint: "
+        f"{s['checkpoint_bits_per_weight']:.3f} bits/weight ({s['checkpoint_bytes'] / 2**20:.1f} MiB vs "
+        f"{s['unquantized_bf16_bytes'] / 2**20:.1f} MiB in bf16)",
+        "mean output relative error on calibration tokens (plain VQ -> IDRE+VQ -> IDRE+VQ+BCOS):",
+    ]
+    for key, e in s["mean_output_rel_err"].items():
+        lines.append(
+            f"  {key:22s} {e['plain_vq']:.4f} -> {e['idre_vq']:.4f} -> {e['idre_vq_bcos']:.4f}"
+            f"   (KBVQ below plain VQ in {e['layers_kbvq_below_plain_vq']}/{e['layers']} layers)"
+        )
+    if "routed_tokens_per_expert" in s:
+        r = s["routed_tokens_per_expert"]
+        lines.append(f"routed calibration tokens per expert: min {r['min']}, median {r['median']}, max {r['max']}; "
+                     f"BCOS fell back to all tokens for {s['bcos_fallback_experts']} expert(s)")
+    if "run" in report:
+        run = report["run"]
+        lines.append(f"time {run['seconds']:.0f} s, peak memory {run['peak_memory_bytes'] / 2**30:.2f} GiB on {run['device']}")
+    return "\n".join(lines)

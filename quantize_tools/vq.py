@@ -1,0 +1,141 @@
+"""Vector quantization of weight residuals: k-means++ seeding and Lloyd iterations.
+
+Batched over matrices (one codebook per expert matrix), in torch, so the same
+code runs on CPU and CUDA. Every random draw comes from an explicit generator,
+so a run is reproducible from its seed.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["kmeans", "vq_quantize", "vq_dequantize", "to_vectors", "from_vectors"]
+
+# Max floats in one [groups, chunk, K] distance block; bounds memory at ~256 MB.
+_BLOCK = 1 << 26
+
+
+def to_vectors(w: torch.Tensor, d: int) -> torch.Tensor:
+    """``[..., oc, ic]`` -> ``[..., oc * ic/d, d]``: contiguous sub-vectors along the input dim."""
+    *lead, oc, ic = w.shape
+    if ic % d:
+        raise ValueError(f"input size {ic} is not divisible by the vector dimension {d}")
+    return w.reshape(*lead, oc * (ic // d), d)
+
+
+def from_vectors(v: torch.Tensor, oc: int, ic: int) -> torch.Tensor:
+    *lead, _, _ = v.shape
+    return v.reshape(*lead, oc, ic)
+
+
+def _assign(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Nearest centroid per point; points ``[G, N, d]``, centroids ``[G, K, d]`` -> ``[G, N]``.
+
+    On CPU this is faiss' exact flat L2 search: about 10x faster than the torch
+    form below, which materialises every point-centroid distance (measured on
+    the 2-core dev machine, 166K 4-d points, 256 centroids: 0.02 s vs 0.2 s).
+    """
+    if points.device.type == "cpu":
+        return _assign_faiss(points, centroids)
+    return _assign_torch(points, centroids)
+
+
+def _assign_faiss(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    import faiss
+
+    g, n, d = points.shape
+    out = torch.empty(g, n, dtype=torch.int64)
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    # faiss' BLAS path is ~10x faster than its default loop for 4-d vectors
+    # (20K points, 256 centroids: 2.4 ms vs 43 ms); by default it takes the
+    # BLAS path only for very large query batches.
+    faiss.cvar.distance_compute_blas_threshold = 1
+    for i in range(g):
+        index = faiss.IndexFlatL2(d)
+        index.add(centroids[i].contiguous().numpy())
+        _, nearest = index.search(points[i].contiguous().numpy(), 1)
+        out[i] = torch.from_numpy(nearest[:, 0])
+    return out
+
+
+def _assign_torch(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    g, n, _ = points.shape
+    k = centroids.shape[1]
+    c_norm = (centroids * centroids).sum(-1)  # [G, K]
+    chunk = max(1, _BLOCK // max(1, g * k))
+    out = torch.empty(g, n, dtype=torch.int64, device=points.device)
+    ct = centroids.transpose(1, 2)
+    for s in range(0, n, chunk):
+        p = points[:, s : s + chunk]
+        out[:, s : s + chunk] = torch.baddbmm(c_norm[:, None, :], p, ct, alpha=-2).argmin(-1)
+    return out
+
+
+def _kmeanspp(points: torch.Tensor, k: int, gen: torch.Generator, max_points: int) -> torch.Tensor:
+    g, n, d = points.shape
+    if n > max_points:  # seed from a random subsample: same quality, bounded cost
+        idx = torch.stack([torch.randperm(n, generator=gen)[:max_points] for _ in range(g)]).to(points.device)
+        points = torch.gather(points, 1, idx[..., None].expand(-1, -1, d))
+        n = max_points
+    ar = torch.arange(g, device=points.device)
+    cent = torch.empty(g, k, d, dtype=points.dtype, device=points.device)
+    first = torch.randint(n, (g,), generator=gen).to(points.device)
+    cent[:, 0] = points[ar, first]
+    dmin = ((points - cent[:, :1]) ** 2).sum(-1)  # [G, N]
+    for j in range(1, k):
+        # D^2 sampling by inverse CDF (torch.multinomial is ~100x slower here).
+        # Where every point already coincides with a centroid (fewer distinct
+        # points than codewords), draw uniformly: the codeword is a duplicate.
+        cdf = dmin.to(torch.float64).cumsum(-1)
+        total = cdf[:, -1:]
+        cdf = torch.where(total > 0, cdf, torch.arange(1, n + 1, device=cdf.device, dtype=cdf.dtype).expand(g, n))
+        u = torch.rand(g, 1, generator=gen, dtype=torch.float64).to(cdf.device) * cdf[:, -1:]
+        pick = torch.searchsorted(cdf, u)[:, 0].clamp_max(n - 1)
+        cent[:, j] = points[ar, pick]
+        dmin = torch.minimum(dmin, ((points - cent[:, j : j + 1]) ** 2).sum(-1))
+    return cent
+
+
+def kmeans(
+    points: torch.Tensor, k: int, iters: int = 100, seed: int = 0, max_init_points: int = 1 << 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means with k-means++ seeding, batched: points ``[G, N, d]`` -> (centroids ``[G, K, d]``, assignment ``[G, N]``)."""
+    points = points.to(torch.float32)
+    g, n, d = points.shape
+    gen = torch.Generator().manual_seed(seed)
+    cent = _kmeanspp(points, k, gen, max(max_init_points, k))
+    assign = _assign(points, cent)
+    for _ in range(iters):
+        sums = torch.zeros(g, k, d, dtype=torch.float32, device=points.device)
+        sums.scatter_add_(1, assign[..., None].expand(-1, -1, d), points)
+        counts = torch.zeros(g, k, dtype=torch.float32, device=points.device)
+        counts.scatter_add_(1, assign, torch.ones_like(assign, dtype=torch.float32))
+        # Empty clusters keep their previous centroid.
+        cent = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], cent)
+        new_assign = _assign(points, cent)
+        if torch.equal(new_assign, assign):
+            break
+        assign = new_assign
+    return cent, assign
+
+
+def vq_quantize(w: torch.Tensor, bits: int, d: int, iters: int = 100, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """VQ of matrices ``w`` ``[G, oc, ic]`` -> (codes ``[G, oc, ic/d]`` int64, codebooks ``[G, 2^(bits*d), d]`` fp16).
+
+    The final assignment is against the float16 codebook that is stored, so the
+    codes are optimal for what the runtime decodes.
+    """
+    g, oc, ic = w.shape
+    k = 1 << (bits * d)
+    cent, _ = kmeans(to_vectors(w.to(torch.float32), d), k, iters=iters, seed=seed)
+    codebook = cent.to(torch.float16)
+    codes = _assign(to_vectors(w.to(torch.float32), d), codebook.to(torch.float32))
+    return codes.reshape(g, oc, ic // d), codebook
+
+
+def vq_dequantize(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """codes ``[G, oc, ic/d]``, codebook ``[G, K, d]`` -> weights ``[G, oc, ic]`` in float32."""
+    g, oc, nv = codes.shape
+    d = codebook.shape[-1]
+    flat = codes.reshape(g, oc * nv)
+    vec = torch.gather(codebook.to(torch.float32), 1, flat[..., None].expand(-1, -1, d))
+    return vec.reshape(g, oc, nv * d)

@@ -1,0 +1,105 @@
+"""The method's math against independent oracles."""
+import torch
+
+from quantize_tools.bcos import OutputStats, fit_affine
+from quantize_tools.idre import CovarianceAccumulator, joint_svd, klt
+from quantize_tools.vq import _assign_faiss, _assign_torch, kmeans, to_vectors, vq_dequantize, vq_quantize
+
+
+def _data(n=4, oc=24, ic=32, tokens=500, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, oc, ic, generator=g, dtype=torch.float64)
+    # correlated, anisotropic inputs, like real activations
+    x = torch.randn(tokens, ic, generator=g, dtype=torch.float64) @ torch.randn(ic, ic, generator=g, dtype=torch.float64)
+    return w, x
+
+
+def test_full_rank_reconstructs_exactly():
+    w, x = _data()
+    acc = CovarianceAccumulator(32)
+    acc.add(x)
+    res = joint_svd(w.float(), klt(acc.covariance(), damp=0.0), rank=32)
+    approx = res.a.double() @ res.b.double()
+    # exact up to the fp16 storage of A and B; the residual carries that rounding
+    assert torch.allclose(approx + res.residual.double(), w, atol=1e-5)
+    assert (res.residual.abs().max() / w.abs().max()) < 5e-3
+    assert abs(res.rho - 1.0) < 1e-9
+
+
+def test_klt_identity_output_error_equals_frobenius_in_klt_space():
+    w, x = _data(n=1)
+    acc = CovarianceAccumulator(32)
+    acc.add(x)
+    t = klt(acc.covariance(), damp=0.0)
+    assert torch.allclose(t.u @ t.u.T, acc.covariance(), rtol=1e-8, atol=1e-8)
+    delta = torch.randn(24, 32, dtype=torch.float64)
+    output_sq_err = ((x @ delta.T) ** 2).sum() / (x.shape[0] - 1)
+    assert torch.allclose(output_sq_err, (delta @ t.u).pow(2).sum(), rtol=1e-8)
+
+
+def test_rank_captures_more_energy_and_less_output_error():
+    w, x = _data()
+    acc = CovarianceAccumulator(32)
+    acc.add(x)
+    t = klt(acc.covariance())
+    rhos, errs = [], []
+    for k in (1, 4, 16):
+        r = joint_svd(w.float(), t, k)
+        rhos.append(r.rho)
+        errs.append(((x.float() @ r.residual.transpose(1, 2)) ** 2).sum().item())
+    assert rhos == sorted(rhos) and errs == sorted(errs, reverse=True)
+
+
+def test_damping_bounds_inverse():
+    x = torch.randn(100, 8, dtype=torch.float64)
+    x[:, 7] = 0  # a dead channel: zero eigenvalue
+    acc = CovarianceAccumulator(8)
+    acc.add(x)
+    t = klt(acc.covariance(), damp=1e-2)
+    assert t.clamped >= 1 and torch.isfinite(t.u_inv).all()
+    assert torch.allclose(t.u @ t.u_inv, torch.eye(8, dtype=torch.float64), atol=1e-8)
+
+
+def test_kmeans_recovers_separated_clusters():
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(1, 16, 4, generator=g) * 10
+    pts = centers[:, torch.arange(16).repeat_interleave(50)] + 0.01 * torch.randn(1, 800, 4, generator=g)
+    cent, assign = kmeans(pts, 16, iters=50, seed=3)
+    # every true center is matched by a learned centroid
+    d = torch.cdist(centers[0], cent[0]).min(-1).values
+    assert d.max() < 0.05
+
+
+def test_faiss_and_torch_assignment_agree():
+    g = torch.Generator().manual_seed(2)
+    pts, cent = torch.randn(3, 1000, 4, generator=g), torch.randn(3, 64, 4, generator=g)
+    assert torch.equal(_assign_faiss(pts, cent), _assign_torch(pts, cent))
+
+
+def test_vq_is_deterministic_and_bounded():
+    w = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(4))
+    c1, b1 = vq_quantize(w, 2, 4, iters=10, seed=7)
+    c2, b2 = vq_quantize(w, 2, 4, iters=10, seed=7)
+    assert torch.equal(c1, c2) and torch.equal(b1, b2)
+    err2 = (vq_dequantize(c1, b1) - w).norm() / w.norm()
+    c3, b3 = vq_quantize(w, 3, 2, iters=10, seed=7)
+    err3 = (vq_dequantize(c3, b3) - w).norm() / w.norm()
+    assert err3 < err2 < 0.6
+    assert to_vectors(w, 4).shape == (2, 32 * 16, 4)
+
+
+def test_bcos_matches_channel_mean_and_std():
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(400, 6, generator=g, dtype=torch.float64) * 3 + 1
+    y_hat = 0.7 * y + 0.2 * torch.randn(400, 6, generator=g, dtype=torch.float64) - 0.5
+    st = OutputStats(6)
+    st.add(y, y_hat)
+    s, b = fit_affine(st, "moment")
+    corrected = (1 + s) * y_hat + b
+    assert torch.allclose(corrected.mean(0), y.mean(0), atol=1e-9)
+    assert torch.allclose(corrected.std(0), y.std(0), atol=1e-9)
+    # error bookkeeping from running sums equals the direct computation
+    assert abs(st.sq_error(s, b) - ((corrected - y) ** 2).sum().item()) < 1e-6 * st.energy()
+    # least squares is the best slope: never worse than moment matching
+    s2, b2 = fit_affine(st, "lstsq")
+    assert st.sq_error(s2, b2) <= st.sq_error(s, b) + 1e-9

@@ -1,0 +1,295 @@
+"""End-to-end: quantize tiny models of every architecture, load them back, compare with the original."""
+import hashlib
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from quantize_tools.cli import main as cli_main
+from quantize_tools.pipeline import QuantizeOptions, quantize
+from tiny_models import ARCH_NAMES, TEXT, make_tiny_model, tiny_config
+from vllm_kbvq.format import FormatError, validate_checkpoint
+from vllm_kbvq.reference import load_kbvq_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tokens(n=8, seqlen=64, seed=0):
+    return torch.randint(1, 320, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def _rel_err(model_dir, qdir):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    q = load_kbvq_model(qdir)
+    ids = _tokens(2, 48, seed=99)
+    a, b = _logits(ref, ids), _logits(q, ids)
+    assert torch.isfinite(b).all()
+    return ((a - b).norm() / a.norm()).item()
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_quantize_load_and_compare(arch, tiny_model, tmp_path):
+    model_dir = tiny_model(arch)
+    errs = {}
+    # d=2 at every width keeps the codebook smaller than the tiny matrices, so bits are comparable
+    for bits in (2, 3, 4):
+        out = tmp_path / f"q{bits}"
+        report = quantize(model_dir, out, _tokens(), QuantizeOptions(bits=bits, vector_dim=2, kmeans_iters=15),
+                          progress=False)
+        assert validate_checkpoint(out).bits == bits
+        errs[bits] = _rel_err(model_dir, out)
+        assert math.isfinite(report["summary"]["expert_bits_per_weight"])
+    assert errs[4] < 0.05, errs  # bounded at 4 bits
+    assert errs[2] > errs[3] > errs[4], errs  # ordered
+
+
+def test_default_2bit_settings_and_report(tiny_model, tmp_path):
+    model_dir = tiny_model("qwen2_moe")
+    report = quantize(model_dir, tmp_path / "q", _tokens(), QuantizeOptions(bits=2, kmeans_iters=10), progress=False)
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "kbvq" and cfg["codebook_size"] == 256 and cfg["vector_dim"] == 4
+    assert cfg["rank"]["experts"] == {"gate": 1, "up": 1, "down": 1}  # round(64/128) -> max(1, .)
+    on_disk = json.loads((tmp_path / "q" / "kbvq_report.json").read_text())
+    assert on_disk["summary"] == report["summary"]
+    layer = on_disk["layers"][0]
+    assert set(layer["experts"]) == {"gate", "up", "down"} and "shared_experts" in layer
+    assert len(layer["routed_tokens"]) == 8 and sum(layer["routed_tokens"]) == 8 * 64 * 2  # top-2
+    for wt in ("gate", "up", "down"):
+        e = layer["experts"][wt]
+        assert 0 < e["rho"] <= 1
+        # BCOS never increases the error it was fitted to reduce
+        assert e["rel_err"]["idre_vq_bcos"] <= e["rel_err"]["idre_vq"] + 1e-12
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "q" / f).is_file()
+
+
+def test_reference_weight_matches_independent_dequantization(tiny_model, tmp_path):
+    model_dir = tiny_model("mixtral")
+    out = tmp_path / "q"
+    quantize(model_dir, out, _tokens(), QuantizeOptions(bits=3, vector_dim=4, kmeans_iters=5), progress=False)
+    tensors = {}
+    for f in out.glob("*.safetensors"):
+        tensors.update(load_file(f))
+    p = "model.layers.1.block_sparse_moe.experts.2.w3"
+    codes, codebook = tensors[p + ".vq_codes"], tensors[p + ".vq_codebook"].double()
+    basis = tensors["model.layers.1.block_sparse_moe.experts.0.w3.lr_b"].double()
+    # decode the 12-bit stream of each row bit by bit
+    oc, ic = codes.shape[0], 128
+    words = codes.tolist()
+    w = torch.empty(oc, ic, dtype=torch.float64)
+    for r in range(oc):
+        stream = "".join(format(x & 0xFFFFFFFF, "032b")[::-1] for x in words[r])
+        for j in range(ic // 4):
+            idx = int(stream[12 * j : 12 * j + 12][::-1], 2)
+            w[r, 4 * j : 4 * j + 4] = codebook[idx]
+    w += tensors[p + ".lr_a"].double() @ basis
+    model = load_kbvq_model(out)
+    lin = model.model.layers[1].mlp.experts[2].w3
+    assert torch.allclose(lin.weight_fp32(model.model.layers[1].mlp.experts.basis("up")).double(), w, atol=1e-6)
+    x = torch.randn(5, ic, dtype=torch.float64)
+    y = (1 + tensors[p + ".affine_s"].double()) * (x @ w.T) + tensors[p + ".affine_b"].double()
+    bx = x.float() @ basis.float().T
+    assert torch.allclose(lin(x.float(), bx).double(), y, atol=1e-4)
+
+
+def _sha(d: Path):
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.iterdir())
+            if f.suffix == ".safetensors" or f.name in ("config.json", "model.safetensors.index.json")}
+
+
+def _cli(model_dir, out, *extra):
+    return ["--model", str(model_dir), "--output", str(out), "--nsamples", "4", "--seqlen", "32",
+            "--kmeans-iters", "5", "--quiet", *extra]
+
+
+def _calib(tmp_path):
+    p = tmp_path / "calib.txt"
+    p.write_text(TEXT * 20)
+    return p
+
+
+def test_determinism(tiny_model, tmp_path):
+    model_dir, calib = tiny_model("qwen2_moe"), _calib(tmp_path)
+    assert cli_main(_cli(model_dir, tmp_path / "a", "--calib", str(calib))) == 0
+    assert cli_main(_cli(model_dir, tmp_path / "b", "--calib", str(calib))) == 0
+    assert _sha(tmp_path / "a") == _sha(tmp_path / "b")
+
+
+def test_resume_after_kill_is_identical(tmp_path):
+    cfg = tiny_config("qwen3_moe")
+    cfg.num_hidden_layers = 6
+    model_dir = tmp_path / "m"
+    from transformers import AutoModelForCausalLM
+    from tiny_models import tiny_tokenizer
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    calib = _calib(tmp_path)
+    args = _cli(model_dir, tmp_path / "killed", "--calib", str(calib), "--kmeans-iters", "60")
+    proc = subprocess.Popen([sys.executable, "-m", "quantize_tools.cli", *args], cwd=REPO)
+    progress = tmp_path / "killed.kbvq-partial" / "progress.json"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if progress.is_file():
+            try:
+                if len(json.loads(progress.read_text())["done"]) >= 2:
+                    break
+            except (json.JSONDecodeError, KeyError):
+                pass
+        if proc.poll() is not None:
+            pytest.fail("the run finished before it could be killed")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed").exists()  # nothing loadable left behind
+    done = json.loads(progress.read_text())["done"]
+    assert 2 <= len(done) < 6
+    assert cli_main(args + ["--resume"]) == 0
+    assert not (tmp_path / "killed.kbvq-partial").exists()
+    assert cli_main(_cli(model_dir, tmp_path / "straight", "--calib", str(calib), "--kmeans-iters", "60")) == 0
+    assert _sha(tmp_path / "killed") == _sha(tmp_path / "straight")
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+def _fails(capsys, argv, *needles, out=None):
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    for n in needles:
+        assert n in err, err
+    if out is not None:
+        assert not out.exists() and not out.with_name(out.name + ".kbvq-partial").exists()
+    return err
+
+
+def test_bad_inputs(tiny_model, tmp_path, capsys):
+    good, calib = tiny_model("qwen2_moe"), _calib(tmp_path)
+    out = tmp_path / "out"
+    _fails(capsys, _cli(tmp_path / "nope", out), "does not exist", out=out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _fails(capsys, _cli(empty, out), "no config.json", out=out)
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(good, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    _fails(capsys, _cli(no_weights, out), "no *.safetensors", out=out)
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import tiny_tokenizer
+
+    llama = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(llama)
+    tiny_tokenizer().save_pretrained(llama)
+    err = _fails(capsys, _cli(llama, out), "'llama' is not a supported", "mixtral", "qwen2_moe", out=out)
+
+    dense = tmp_path / "dense"
+    cfg = tiny_config("qwen2_moe")
+    cfg.num_experts = 0
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(dense)
+    tiny_tokenizer().save_pretrained(dense)
+    _fails(capsys, _cli(dense, out), "not a Mixture-of-Experts", out=out)
+
+    nan = tmp_path / "nan"
+    shutil.copytree(good, nan)
+    sd = load_file(nan / "model.safetensors")
+    sd["model.layers.1.mlp.experts.3.up_proj.weight"][0, 0] = float("nan")
+    save_file(sd, nan / "model.safetensors", metadata={"format": "pt"})
+    _fails(capsys, _cli(nan, out), "model.layers.1.mlp.experts.3.up_proj.weight", "NaN", out=out)
+
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n")
+    _fails(capsys, _cli(good, out, "--calib", str(blank)), "holds no text", out=out)
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    _fails(capsys, _cli(good, out, "--calib", str(short)), "calibration text has", out=out)
+    _fails(capsys, _cli(good, out, "--calib", str(tmp_path / "missing.jsonl")), "does not exist", out=out)
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("user data")
+    _fails(capsys, _cli(good, existing, "--calib", str(calib)), "already exists", "--overwrite")
+    assert (existing / "keep.txt").read_text() == "user data"
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(_cli(good, out, "--bits", "5"))
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+# ---- bad checkpoints at load --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    d = tmp_path_factory.mktemp("q")
+    model_dir = make_tiny_model("qwen2_moe", d / "m")
+    quantize(model_dir, d / "q", _tokens(), QuantizeOptions(bits=2, kmeans_iters=3, compare_plain_vq=False),
+             progress=False)
+    return d / "q"
+
+
+def _edit_tensor(ckpt, name, fn):
+    for f in ckpt.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            if name in h.keys():
+                sd = load_file(f)
+                fn(sd)
+                save_file(sd, f, metadata={"format": "pt"})
+                return
+    raise KeyError(name)
+
+
+def _edit_config(ckpt, fn):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    fn(cfg["quantization_config"])
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing", "model.layers.1.mlp.experts.5.down_proj.vq_codebook is missing"),
+    ("shape", "model.layers.0.mlp.experts.2.gate_proj.lr_a has shape"),
+    ("dtype", "model.layers.0.mlp.shared_expert.up_proj.affine_s has dtype F32"),
+    ("version", "format_version is 2"),
+    ("bits", "need 4096 codewords"),
+    ("method", "quant_method is 'gptq'"),
+])
+def test_bad_checkpoint_fails_at_load(quantized, tmp_path, case, needle):
+    ckpt = tmp_path / "c"
+    shutil.copytree(quantized, ckpt)
+    if case == "missing":
+        _edit_tensor(ckpt, "model.layers.1.mlp.experts.5.down_proj.vq_codebook",
+                     lambda sd: sd.pop("model.layers.1.mlp.experts.5.down_proj.vq_codebook"))
+    elif case == "shape":
+        name = "model.layers.0.mlp.experts.2.gate_proj.lr_a"
+        _edit_tensor(ckpt, name, lambda sd: sd.__setitem__(name, sd[name][:-1]))
+    elif case == "dtype":
+        name = "model.layers.0.mlp.shared_expert.up_proj.affine_s"
+        _edit_tensor(ckpt, name, lambda sd: sd.__setitem__(name, sd[name].float()))
+    elif case == "version":
+        _edit_config(ckpt, lambda q: q.__setitem__("format_version", 2))
+    elif case == "bits":
+        _edit_config(ckpt, lambda q: (q.__setitem__("bits", 3), q.pop("codebook_size"), q.pop("index_bits")))
+    elif case == "method":
+        _edit_config(ckpt, lambda q: q.__setitem__("quant_method", "gptq"))
+    with pytest.raises(FormatError) as e:
+        load_kbvq_model(ckpt)
+    assert needle in str(e.value)

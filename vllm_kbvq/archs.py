@@ -1,0 +1,131 @@
+"""Per-architecture facts, as data: where experts live and what their tensors are called.
+
+One entry per architecture. The quantizer, the reference runtime and the vLLM
+plugin all read these entries; nothing else in the code branches on the
+architecture. Checkpoint names are those of the Hugging Face safetensors files
+(per-expert tensors, even where transformers fuses experts in memory).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["ArchSpec", "ARCHS", "arch_for_config", "WEIGHT_TYPES", "UnsupportedArchitectureError"]
+
+# Canonical weight types; each arch maps them to its own projection names.
+WEIGHT_TYPES = ("gate", "up", "down")
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    model_types: tuple[str, ...]
+    # config attributes ("a|b": aliases, first found wins)
+    num_experts_attr: str
+    expert_intermediate_attr: str
+    # checkpoint tensor prefixes ({layer}, {expert} are filled in)
+    expert_prefix: str
+    proj_names: dict[str, str]
+    shared_prefix: str | None = None
+    shared_proj_names: dict[str, str] = field(
+        default_factory=lambda: {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    )
+    # in-memory (transformers) module attributes
+    moe_attr: str = "mlp"  # decoder layer -> MoE block
+    experts_attr: str = "experts"  # MoE block -> experts module
+    shared_attr: str | None = None  # MoE block -> shared expert MLP
+    # checkpoint-name fragment -> in-memory fragment, for non-expert tensors
+    ckpt_renames: tuple[tuple[str, str], ...] = ()
+
+    def expert_tensor(self, layer: int, expert: int, wtype: str, suffix: str = "weight") -> str:
+        base = self.expert_prefix.format(layer=layer, expert=expert)
+        return f"{base}.{self.proj_names[wtype]}.{suffix}"
+
+    def shared_tensor(self, layer: int, wtype: str, suffix: str = "weight") -> str:
+        if self.shared_prefix is None:
+            raise ValueError(f"{self.name} has no shared experts")
+        return f"{self.shared_prefix.format(layer=layer)}.{self.shared_proj_names[wtype]}.{suffix}"
+
+    def num_experts(self, config) -> int:
+        return int(_cfg(config, self.num_experts_attr))
+
+    def expert_intermediate(self, config) -> int:
+        return int(_cfg(config, self.expert_intermediate_attr))
+
+    def to_memory_name(self, ckpt_name: str) -> str:
+        for src, dst in self.ckpt_renames:
+            ckpt_name = ckpt_name.replace(src, dst)
+        return ckpt_name
+
+
+def _cfg(config, attr):
+    """A config value by name; ``attr`` may list aliases (``"a|b"``): config.json files use either."""
+    for name in attr.split("|"):
+        if isinstance(config, dict):
+            if name in config:
+                return config[name]
+        elif hasattr(config, name):
+            return getattr(config, name)
+    raise KeyError(f"model config has none of {attr.split('|')}")
+
+
+ARCHS: dict[str, ArchSpec] = {
+    a.name: a
+    for a in (
+        ArchSpec(
+            name="qwen2_moe",  # Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B
+            model_types=("qwen2_moe",),
+            num_experts_attr="num_experts",
+            expert_intermediate_attr="moe_intermediate_size",
+            expert_prefix="model.layers.{layer}.mlp.experts.{expert}",
+            proj_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+            shared_prefix="model.layers.{layer}.mlp.shared_expert",
+            shared_attr="shared_expert",
+        ),
+        ArchSpec(
+            name="qwen3_moe",  # Qwen3-30B-A3B
+            model_types=("qwen3_moe",),
+            num_experts_attr="num_experts|num_local_experts",  # transformers 5 writes the latter
+            expert_intermediate_attr="moe_intermediate_size",
+            expert_prefix="model.layers.{layer}.mlp.experts.{expert}",
+            proj_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+        ),
+        ArchSpec(
+            name="mixtral",  # Mixtral-8x7B
+            model_types=("mixtral",),
+            num_experts_attr="num_local_experts",
+            expert_intermediate_attr="intermediate_size",
+            expert_prefix="model.layers.{layer}.block_sparse_moe.experts.{expert}",
+            proj_names={"gate": "w1", "up": "w3", "down": "w2"},
+            ckpt_renames=((".block_sparse_moe.", ".mlp."),),
+        ),
+        ArchSpec(
+            name="deepseek_v2",  # DeepSeek-V2-Lite
+            model_types=("deepseek_v2",),
+            num_experts_attr="n_routed_experts",
+            expert_intermediate_attr="moe_intermediate_size",
+            expert_prefix="model.layers.{layer}.mlp.experts.{expert}",
+            proj_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+            shared_prefix="model.layers.{layer}.mlp.shared_experts",
+            shared_attr="shared_experts",
+        ),
+    )
+}
+
+
+def arch_for_config(config) -> ArchSpec:
+    """The entry for a model config (dict or PretrainedConfig); a clear error otherwise."""
+    model_type = _cfg(config, "model_type") if (
+        isinstance(config, dict) and "model_type" in config or hasattr(config, "model_type")
+    ) else None
+    for arch in ARCHS.values():
+        if model_type in arch.model_types:
+            return arch
+    supported = ", ".join(sorted(t for a in ARCHS.values() for t in a.model_types))
+    raise UnsupportedArchitectureError(
+        f"model_type {model_type!r} is not a supported Mixture-of-Experts architecture; "
+        f"supported: {supported}"
+    )

@@ -1,0 +1,216 @@
+"""Pure-torch KBVQ runtime: the oracle for the vLLM plugin and the kernels.
+
+``load_kbvq_model`` returns an ordinary transformers model whose MoE experts
+(and shared experts) run from the packed tensors: dequantize the codes, add the
+shared low-rank part, apply the channel affine. It favours clarity over speed.
+Importing this module registers ``kbvq`` with transformers' quantizer registry,
+so ``AutoModelForCausalLM.from_pretrained(kbvq_dir)`` works too.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .archs import WEIGHT_TYPES, ArchSpec, arch_for_config
+from .format import QUANT_METHOD, KBVQConfig, tensor_specs
+from .packing import unpack_codes
+
+__all__ = ["KBVQLinear", "KBVQExperts", "dequantize", "load_kbvq_model", "quantize_modules"]
+
+
+def dequantize(codes: torch.Tensor, codebook: torch.Tensor, ic: int) -> torch.Tensor:
+    """Packed codes ``[oc, words]`` + codebook ``[K, d]`` -> VQ weight ``[oc, ic]`` (float32)."""
+    k, d = codebook.shape
+    nbits = k.bit_length() - 1
+    idx = unpack_codes(codes, nbits, ic // d)
+    return codebook.to(torch.float32)[idx].reshape(codes.shape[0], ic)
+
+
+class KBVQLinear(nn.Module):
+    """One quantized matrix: ``y = (1+s) * (W_vq x + A (B x)) + b``."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: KBVQConfig, rank: int, owns_basis: bool,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        for name, (shape, dtype) in tensor_specs(out_features, in_features, cfg, rank, owns_basis).items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype, device=device),
+                                                       requires_grad=False))
+        if rank == 0 or not owns_basis:
+            self.lr_b = None  # a routed expert reads its layer's basis from expert 0
+
+    def vq_weight(self) -> torch.Tensor:
+        return dequantize(self.vq_codes, self.vq_codebook, self.in_features)
+
+    def weight_fp32(self, basis: torch.Tensor | None = None) -> torch.Tensor:
+        """The effective weight before the affine (``W_vq + A B``), for tests and analysis."""
+        w = self.vq_weight()
+        if self.rank:
+            basis = self.lr_b if basis is None else basis
+            w = w + self.lr_a.float() @ basis.float()
+        return w
+
+    def forward(self, x: torch.Tensor, bx: torch.Tensor | None = None) -> torch.Tensor:
+        """``bx`` is ``B x`` when the caller already has it (one per token for all experts)."""
+        xf = x.float()
+        y = xf @ self.vq_weight().T
+        if self.rank:
+            if bx is None:
+                bx = xf @ self.lr_b.float().T
+            y = y + bx.float() @ self.lr_a.float().T
+        y = (1 + self.affine_s.float()) * y + self.affine_b.float()
+        return y.to(x.dtype)
+
+
+class _ExpertMLP(nn.Module):
+    def __init__(self, arch: ArchSpec, hidden: int, inter: int, cfg: KBVQConfig, owns_basis: bool, device=None):
+        super().__init__()
+        self.names = dict(arch.proj_names)
+        ranks = cfg.rank.get("experts", {})
+        for wtype in WEIGHT_TYPES:
+            ic, oc = (inter, hidden) if wtype == "down" else (hidden, inter)
+            setattr(self, arch.proj_names[wtype],
+                    KBVQLinear(ic, oc, cfg, ranks.get(wtype, 0), owns_basis, device=device))
+
+    def proj(self, wtype: str) -> KBVQLinear:
+        return getattr(self, self.names[wtype])
+
+
+class KBVQExperts(nn.ModuleList):
+    """Routed experts with the call signature of transformers' fused experts modules.
+
+    Children are named ``0..n-1`` and each holds the arch's projection names, so
+    checkpoint tensors ``...experts.{e}.{proj}.{suffix}`` load by name. The
+    shared basis of each weight type lives in expert 0.
+    """
+
+    def __init__(self, arch: ArchSpec, n: int, hidden: int, inter: int, cfg: KBVQConfig, act_fn, device=None):
+        super().__init__([_ExpertMLP(arch, hidden, inter, cfg, owns_basis=(e == 0), device=device) for e in range(n)])
+        self.act_fn = act_fn
+
+    def basis(self, wtype: str) -> torch.Tensor | None:
+        return self[0].proj(wtype).lr_b
+
+    def expert_forward(self, e: int, x: torch.Tensor, bx_gate=None, bx_up=None) -> torch.Tensor:
+        m = self[e]
+        g = m.proj("gate")(x, bx_gate)
+        u = m.proj("up")(x, bx_up)
+        h = self.act_fn(g) * u
+        down = m.proj("down")
+        bx = h.float() @ self.basis("down").float().T if down.rank else None
+        return down(h, bx)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        out = torch.zeros_like(hidden_states, dtype=torch.float32)
+        # B x for gate/up is the same for every expert: once per token.
+        bxs = {}
+        for wtype in ("gate", "up"):
+            b = self.basis(wtype)
+            bxs[wtype] = hidden_states.float() @ b.float().T if b is not None else None
+        for e in range(len(self)):
+            token_idx, k_pos = torch.where(top_k_index == e)
+            if token_idx.numel() == 0:
+                continue
+            y = self.expert_forward(
+                e,
+                hidden_states[token_idx],
+                None if bxs["gate"] is None else bxs["gate"][token_idx],
+                None if bxs["up"] is None else bxs["up"][token_idx],
+            )
+            out.index_add_(0, token_idx, y.float() * top_k_weights[token_idx, k_pos, None].float())
+        return out.to(hidden_states.dtype)
+
+
+def _shared_linears(arch: ArchSpec, moe_block) -> dict[str, nn.Linear]:
+    if arch.shared_attr is None:
+        return {}
+    mlp = getattr(moe_block, arch.shared_attr)
+    return {w: getattr(mlp, arch.shared_proj_names[w]) for w in WEIGHT_TYPES}
+
+
+def moe_blocks(model, arch: ArchSpec):
+    """(layer index, MoE block) for every decoder layer whose MLP is a MoE block."""
+    for i, layer in enumerate(model.model.layers):
+        block = getattr(layer, arch.moe_attr, None)
+        if block is not None and hasattr(block, arch.experts_attr):
+            yield i, block
+
+
+def quantize_modules(model, cfg: KBVQConfig, device=None) -> None:
+    """Swap every experts module (and shared-expert linear) for its KBVQ twin, in place."""
+    arch = arch_for_config(model.config)
+    n = arch.num_experts(model.config)
+    hidden = model.config.hidden_size
+    inter = arch.expert_intermediate(model.config)
+    for _, block in moe_blocks(model, arch):
+        old = getattr(block, arch.experts_attr)
+        setattr(block, arch.experts_attr, KBVQExperts(arch, n, hidden, inter, cfg, old.act_fn, device=device))
+        shared = getattr(block, arch.shared_attr) if arch.shared_attr else None
+        ranks = cfg.rank.get("shared_experts", {})
+        for wtype, lin in _shared_linears(arch, block).items():
+            setattr(shared, arch.shared_proj_names[wtype],
+                    KBVQLinear(lin.in_features, lin.out_features, cfg, ranks.get(wtype, 0), True, device=device))
+
+
+# ---- transformers integration -------------------------------------------------------------
+
+def _register_with_transformers() -> None:
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:
+        return
+
+    class KBVQHfConfig(QuantizationConfigMixin):
+        def __init__(self, **kwargs):
+            self.quant_method = QUANT_METHOD
+            self.kbvq = KBVQConfig.from_dict({**kwargs, "quant_method": QUANT_METHOD})
+            for k, v in kwargs.items():
+                setattr(self, k, v)
+
+        def to_dict(self):
+            return self.kbvq.to_dict()
+
+    class KBVQHfQuantizer(HfQuantizer):
+        requires_calibration = True
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            quantize_modules(model, self.quantization_config.kbvq)
+
+        def is_serializable(self):
+            return False
+
+        @property
+        def is_trainable(self):
+            return False
+
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(KBVQHfConfig)
+    register_quantizer(QUANT_METHOD)(KBVQHfQuantizer)
+
+
+_register_with_transformers()
+
+
+def load_kbvq_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A transformers model running the KBVQ checkpoint at ``path`` through this reference runtime."""
+    from transformers import AutoModelForCausalLM
+
+    from .format import FormatError, validate_checkpoint
+
+    validate_checkpoint(path)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, device_map=str(device), output_loading_info=True)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if info.get(kind):
+            raise FormatError(f"{path}: {kind.replace('_', ' ')} when loading: {sorted(info[kind])[:5]}")
+    model.eval()
+    return model
