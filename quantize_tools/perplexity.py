@@ -1,0 +1,35 @@
+"""Perplexity of a causal LM on text, over non-overlapping windows (the usual WikiText-style protocol)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["text_windows", "perplexity"]
+
+
+def text_windows(tokenizer, texts: list[str], seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Join texts with EOS, tokenize, cut into ``[n, seqlen]`` windows (first ``max_windows``)."""
+    sep = tokenizer.eos_token or "\n\n"
+    ids = tokenizer(sep.join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    n = ids.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> float:
+    """exp(mean next-token negative log-likelihood) over all predicted tokens of all windows."""
+    nll, count = 0.0, 0
+    device = next(model.parameters()).device
+    for i in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress):
+        ids = windows[i : i + batch_size].to(device)
+        logits = model(ids).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        nll -= logp.gather(-1, ids[:, 1:, None]).sum().item()
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)
