@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CalibrationError", "read_texts", "calibration_tokens"]
+__all__ = ["CalibrationError", "read_texts", "token_windows", "calibration_tokens"]
 
 
 class CalibrationError(ValueError):
@@ -43,18 +43,24 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
+def token_windows(tokenizer, texts: list[str], seqlen: int) -> torch.Tensor:
+    """Texts joined with EOS, tokenized once, cut into non-overlapping ``[n, seqlen]`` windows."""
+    sep = tokenizer.eos_token or "\n\n"
+    ids = tokenizer(sep.join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    n = ids.numel() // seqlen
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
 def calibration_tokens(tokenizer, texts: list[str], nsamples: int, seqlen: int, seed: int = 42) -> torch.Tensor:
     """``[nsamples, seqlen]`` token ids drawn from ``texts``."""
     if nsamples < 1 or seqlen < 2:
         raise CalibrationError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
-    sep = tokenizer.eos_token or "\n\n"
-    ids = tokenizer(sep.join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    n_windows = ids.numel() // seqlen
+    windows = token_windows(tokenizer, texts, seqlen)
+    n_windows = windows.shape[0]
     if n_windows < nsamples:
         raise CalibrationError(
-            f"calibration text has {ids.numel()} tokens, enough for {n_windows} windows of {seqlen}; "
+            f"calibration text has {n_windows} windows of {seqlen} tokens; "
             f"{nsamples} were asked for (give more text, or lower --nsamples / --seqlen)"
         )
-    windows = ids[: n_windows * seqlen].reshape(n_windows, seqlen)
     pick = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))[:nsamples]
     return windows[pick.sort().values].clone()

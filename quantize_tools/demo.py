@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== quantizing its experts at {args.bits} bits into {qdir}")
         t = time.time()
         rc = cli.main(["--model", str(base), "--output", str(qdir), "--bits", str(args.bits),
-                       "--nsamples", "64", "--seqlen", "512", "--overwrite"])
+                       "--nsamples", "32", "--seqlen", "512", "--no-plain-vq-report", "--overwrite"])
         if rc:
             return rc
         print(f"   quantized in {time.time() - t:.0f} s")

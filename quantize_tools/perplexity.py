@@ -6,19 +6,17 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from .calibration import token_windows
+
 __all__ = ["text_windows", "perplexity"]
 
 
 def text_windows(tokenizer, texts: list[str], seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """Join texts with EOS, tokenize, cut into ``[n, seqlen]`` windows (first ``max_windows``)."""
-    sep = tokenizer.eos_token or "\n\n"
-    ids = tokenizer(sep.join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    n = ids.numel() // seqlen
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    return ids[: n * seqlen].reshape(n, seqlen)
+    """The first ``max_windows`` non-overlapping windows of the texts."""
+    windows = token_windows(tokenizer, texts, seqlen)[:max_windows]
+    if windows.shape[0] == 0:
+        raise ValueError(f"text is shorter than one window of {seqlen} tokens")
+    return windows
 
 
 @torch.no_grad()
