@@ -269,7 +269,7 @@ def _edit_config(ckpt, fn):
     ("shape", "model.layers.0.mlp.experts.2.gate_proj.lr_a has shape"),
     ("dtype", "model.layers.0.mlp.shared_expert.up_proj.affine_s has dtype F32"),
     ("version", "format_version is 2"),
-    ("bits", "need 4096 codewords"),
+    ("bits", "bits=3, vector_dim=4"),
     ("method", "quant_method is 'gptq'"),
 ])
 def test_bad_checkpoint_fails_at_load(quantized, tmp_path, case, needle):
