@@ -128,8 +128,13 @@ def quantize_group(
         energy += st.energy()
         err["idre_vq"] += st.sq_error()
         err["idre_vq_bcos"] += st.sq_error(s[e].double(), shift[e].double())
-        err["plain_vq"] += st_plain.sq_error() if w_plain is not None else st.sq_error()
+        if w_plain is not None:
+            err["plain_vq"] += st_plain.sq_error()
+        elif rank == 0:  # without IDRE the "IDRE+VQ" matrices are plain VQ
+            err["plain_vq"] += st.sq_error()
     rep["rel_err"] = {k: v / max(energy, 1e-30) for k, v in err.items()}
+    if w_plain is None and rank > 0:
+        rep["rel_err"]["plain_vq"] = None  # comparison skipped (--no-plain-vq-report)
     res = GroupResult(
         codes=pack_codes(codes.cpu(), cfg.index_bits), codebook=codebook.cpu(),
         a=None if a is None else a.cpu(), b=None if b is None else b.cpu(),

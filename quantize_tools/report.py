@@ -46,8 +46,10 @@ def summarize(cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model_config: dict
             rows = [r[group][wtype]["rel_err"] for r in layers if group in r]
             if not rows:
                 continue
-            mean = {k: sum(row[k] for row in rows) / len(rows) for k in rows[0]}
-            mean["layers_kbvq_below_plain_vq"] = sum(row["idre_vq_bcos"] < row["plain_vq"] for row in rows)
+            mean = {k: (None if any(row[k] is None for row in rows) else sum(row[k] for row in rows) / len(rows))
+                    for k in rows[0]}
+            mean["layers_kbvq_below_plain_vq"] = (
+                None if mean["plain_vq"] is None else sum(row["idre_vq_bcos"] < row["plain_vq"] for row in rows))
             mean["layers"] = len(rows)
             errs[f"{group}.{wtype}"] = mean
     summary["mean_output_rel_err"] = errs
@@ -63,10 +65,13 @@ def format_summary(report: dict) -> str:
         "mean output relative error on calibration tokens (plain VQ -> IDRE+VQ -> IDRE+VQ+BCOS):",
     ]
     for key, e in s["mean_output_rel_err"].items():
-        lines.append(
-            f"  {key:22s} {e['plain_vq']:.4f} -> {e['idre_vq']:.4f} -> {e['idre_vq_bcos']:.4f}"
-            f"   (KBVQ below plain VQ in {e['layers_kbvq_below_plain_vq']}/{e['layers']} layers)"
-        )
+        if e["plain_vq"] is None:
+            lines.append(f"  {key:22s} (plain VQ not run) -> {e['idre_vq']:.4f} -> {e['idre_vq_bcos']:.4f}")
+        else:
+            lines.append(
+                f"  {key:22s} {e['plain_vq']:.4f} -> {e['idre_vq']:.4f} -> {e['idre_vq_bcos']:.4f}"
+                f"   (KBVQ below plain VQ in {e['layers_kbvq_below_plain_vq']}/{e['layers']} layers)"
+            )
     if "routed_tokens_per_expert" in s:
         r = s["routed_tokens_per_expert"]
         lines.append(f"routed calibration tokens per expert: min {r['min']}, median {r['median']}, max {r['max']}; "

@@ -293,3 +293,13 @@ def test_bad_checkpoint_fails_at_load(quantized, tmp_path, case, needle):
     with pytest.raises(FormatError) as e:
         load_kbvq_model(ckpt)
     assert needle in str(e.value)
+
+
+def test_skipped_plain_vq_comparison_is_reported_as_absent(tiny_model, tmp_path):
+    report = quantize(tiny_model("mixtral"), tmp_path / "q", _tokens(),
+                      QuantizeOptions(bits=2, kmeans_iters=3, compare_plain_vq=False), progress=False)
+    for e in report["summary"]["mean_output_rel_err"].values():
+        assert e["plain_vq"] is None and e["idre_vq"] > 0
+    from quantize_tools.report import format_summary
+
+    assert "plain VQ not run" in format_summary(report)
