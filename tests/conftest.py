@@ -22,3 +22,25 @@ def tiny_model(tmp_path_factory):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def kbvq_tiny(tiny_model, tmp_path_factory):
+    """Factory: a tiny checkpoint of an architecture quantized at 2 bits (rank 4 bases), once per session."""
+    import torch
+
+    from quantize_tools.pipeline import QuantizeOptions, quantize
+
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            out = tmp_path_factory.mktemp(f"kbvq_{arch}") / "q2"
+            tokens = torch.randint(1, 320, (8, 64), generator=torch.Generator().manual_seed(0))
+            quantize(tiny_model(arch), out, tokens,
+                     QuantizeOptions(bits=2, kmeans_iters=10, rank_ratio=1 / 16, compare_plain_vq=False),
+                     progress=False)
+            cache[arch] = out
+        return cache[arch]
+
+    return get

@@ -1,0 +1,154 @@
+"""Tensor- and expert-parallel slicing of KBVQ tensors, against the unsharded reference runtime.
+
+Each rank's runtime tensors are built from the checkpoint by the same loaders vLLM uses
+(:func:`vllm_kbvq.layout.load_tensor`); the ranks' partial outputs, summed as vLLM's
+all-reduce sums them, must equal what ``load_kbvq_model``'s modules compute.
+"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from tiny_models import ARCH_NAMES
+from vllm_kbvq.archs import ARCHS
+from vllm_kbvq.format import FormatError, KBVQConfig
+from vllm_kbvq.layout import GroupLayout, load_tensor, moe_layouts, shared_layout
+from vllm_kbvq.ops import kbvq_linear_torch, kbvq_moe_torch
+from vllm_kbvq.reference import load_kbvq_model, moe_blocks
+
+ATOL = 2e-5
+
+
+def _tensors(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _fill(layout: GroupLayout, sources, n_local=None):
+    """Runtime tensors of ``layout`` from ``sources[shard](suffix)`` (per expert when ``n_local``)."""
+    params = {}
+    for suffix, (shape, dtype) in layout.shapes().items():
+        per_layer = n_local is None or suffix == "lr_b"
+        t = torch.zeros(shape if per_layer else (len(n_local), *shape), dtype=dtype)
+        for shard, src in enumerate(sources):
+            if per_layer:
+                load_tensor(t, suffix, src(0 if n_local else None, suffix), shard, layout)
+            else:
+                for j, e in enumerate(n_local):
+                    load_tensor(t[j], suffix, src(e, suffix), shard, layout)
+        params[suffix] = t
+    return params
+
+
+def _setup(path):
+    cfg = KBVQConfig.from_model_dir(path)
+    model_cfg = json.loads((path / "config.json").read_text())
+    arch = ARCHS[cfg.arch]
+    model = load_kbvq_model(path, dtype=torch.float32)
+    layer, block = next(iter(moe_blocks(model, arch)))
+    return cfg, model_cfg, arch, _tensors(path), layer, block
+
+
+def _routing(n_tokens, n_experts, top_k, seed=0):
+    """Random top-k routing where expert 0 gets every token and the last expert none."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(n_experts - 2, generator=g)[: top_k - 1] + 1 for _ in range(n_tokens)])
+    ids = torch.cat([torch.zeros(n_tokens, 1, dtype=torch.long), ids], dim=1)
+    weights = torch.rand(n_tokens, top_k, generator=g)
+    return ids, weights
+
+
+def _moe_rank(cfg, arch, tensors, layer, hidden, inter, tp_rank, tp_size, experts):
+    params = {}
+    for group, layout in moe_layouts(cfg, hidden, inter, tp_rank, tp_size).items():
+        wtypes = ("gate", "up") if group == "w13" else ("down",)
+        srcs = [lambda e, s, w=w: tensors[arch.expert_tensor(layer, e, w, s)] for w in wtypes]
+        params.update({f"{group}_{k}": v for k, v in _fill(layout, srcs, experts).items()})
+    return params
+
+
+def _moe(x, ids, w, expert_map, p):
+    return kbvq_moe_torch(x, w, ids, expert_map, *(p.get(f"{g}_{s}") for g in ("w13", "w2") for s in (
+        "vq_codes", "vq_codebook", "lr_a", "lr_b", "affine_s", "affine_b")))
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_routed_experts_tp_and_ep_sum_to_reference(arch, kbvq_tiny):
+    cfg, model_cfg, spec, tensors, layer, block = _setup(kbvq_tiny(arch))
+    n, hidden, inter = spec.num_experts(model_cfg), model_cfg["hidden_size"], spec.expert_intermediate(model_cfg)
+    x = torch.randn(24, hidden, generator=torch.Generator().manual_seed(1))
+    ids, w = _routing(24, n, 2)
+    experts = getattr(block, spec.experts_attr)
+    with torch.no_grad():
+        ref = experts(x, ids, w)
+
+    full = _moe(x, ids, w, None, _moe_rank(cfg, spec, tensors, layer, hidden, inter, 0, 1, range(n)))
+    torch.testing.assert_close(full, ref, atol=ATOL, rtol=0)
+
+    tp = sum(_moe(x, ids, w, None, _moe_rank(cfg, spec, tensors, layer, hidden, inter, r, 2, range(n)))
+             for r in range(2))
+    torch.testing.assert_close(tp, ref, atol=ATOL, rtol=0)
+
+    # expert parallelism: rank r holds half the experts; global ids map to local slots, -1 elsewhere
+    ep = 0
+    for r in range(2):
+        local = list(range(r * n // 2, (r + 1) * n // 2))
+        expert_map = torch.full((n,), -1, dtype=torch.int32)
+        expert_map[local] = torch.arange(len(local), dtype=torch.int32)
+        ep = ep + _moe(x, ids, w, expert_map, _moe_rank(cfg, spec, tensors, layer, hidden, inter, 0, 1, local))
+    torch.testing.assert_close(ep, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2"])
+def test_shared_expert_tp_sums_to_reference(arch, kbvq_tiny):
+    cfg, model_cfg, spec, tensors, layer, block = _setup(kbvq_tiny(arch))
+    hidden, si = model_cfg["hidden_size"], cfg.shared_intermediate_size
+    shared = getattr(block, spec.shared_attr)
+    x = torch.randn(5, 3, hidden, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = shared(x)
+
+    def src(w):
+        return lambda _e, s: tensors[spec.shared_tensor(layer, w, s)]
+
+    out = 0
+    for r in range(2):
+        gu = _fill(shared_layout(cfg, ("gate", "up"), (si, si), hidden, r, 2, split_out=True), [src("gate"), src("up")])
+        dn = _fill(shared_layout(cfg, ("down",), (hidden,), si, r, 2, split_in=True), [src("down")])
+        h = kbvq_linear_torch(x, *(gu.get(s) for s in ("vq_codes", "vq_codebook", "lr_a", "lr_b", "affine_s",
+                                                       "affine_b")))
+        g, u = h.chunk(2, dim=-1)
+        out = out + kbvq_linear_torch(F.silu(g) * u, *(dn.get(s) for s in (
+            "vq_codes", "vq_codebook", "lr_a", "lr_b", "affine_s", "affine_b")))
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_sizes_that_do_not_split_fail_clearly(kbvq_tiny):
+    cfg = KBVQConfig.from_model_dir(kbvq_tiny("mixtral"))
+    with pytest.raises(FormatError, match="not divisible by tensor-parallel size 3"):
+        moe_layouts(cfg, 128, 96 + 1, 0, 3)
+    with pytest.raises(FormatError, match="not a multiple of vector_dim 4"):
+        moe_layouts(cfg, 128, 24, 0, 4)  # 6 inputs per rank
+
+
+def test_loader_names_bad_tensors(kbvq_tiny):
+    path = kbvq_tiny("qwen3_moe")
+    cfg = KBVQConfig.from_model_dir(path)
+    spec = ARCHS[cfg.arch]
+    tensors = _tensors(path)
+    layout = moe_layouts(cfg, 128, 64)["w13"]
+    shape, dtype = layout.shapes()["vq_codebook"]
+    dst = torch.zeros(shape, dtype=dtype)
+    name = spec.expert_tensor(0, 1, "gate", "vq_codebook")
+    with pytest.raises(FormatError, match=f"{name} has dtype torch.float32"):
+        load_tensor(dst, "vq_codebook", tensors[name].float(), 0, layout, name)
+    with pytest.raises(FormatError, match=rf"{name} has shape \[255, 4\]"):
+        load_tensor(dst, "vq_codebook", tensors[name][:255], 0, layout, name)
+    codes = spec.expert_tensor(0, 1, "gate", "vq_codes")
+    with pytest.raises(ValueError, match="words"):
+        load_tensor(torch.zeros(layout.shapes()["vq_codes"][0], dtype=torch.uint8), "vq_codes",
+                    tensors[codes][:, :-1], 0, layout, codes)

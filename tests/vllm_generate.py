@@ -1,0 +1,39 @@
+"""Greedy generation with vLLM (CPU build) in its own process; writes token ids and top-k logprobs as JSON.
+
+vLLM spawns an engine process per ``LLM`` and keeps global state, so each test run
+uses a fresh interpreter: ``python tests/vllm_generate.py MODEL OUT.json [--eager]``.
+Weight tracking is on, so a checkpoint tensor that no parameter takes fails the load.
+"""
+import argparse
+import json
+import os
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("out")
+    p.add_argument("--prompts", required=True, help="JSON list of token-id lists")
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--logprobs", type=int, default=5)
+    p.add_argument("--eager", action="store_true")
+    p.add_argument("--dtype", default="float32")
+    a = p.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=a.model, dtype=a.dtype, max_model_len=512, enforce_eager=a.eager, seed=0,
+              model_loader_extra_config={"enable_weights_track": True})
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in json.loads(a.prompts)]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=a.max_tokens, logprobs=a.logprobs,
+                                                ignore_eos=True))
+    res = [{"ids": list(o.outputs[0].token_ids),
+            "logprobs": [{str(k): v.logprob for k, v in lp.items()} for lp in o.outputs[0].logprobs]}
+           for o in outs]
+    with open(a.out, "w") as f:
+        json.dump(res, f)
+
+
+if __name__ == "__main__":
+    main()

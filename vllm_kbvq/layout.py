@@ -1,0 +1,174 @@
+"""Runtime layout of KBVQ matrices on one tensor-parallel rank, and the loaders that fill it.
+
+The checkpoint stores each matrix on its own (packed codes, codebook, ``A``,
+``B``, affine). At run time a layer may fuse several matrices into one output
+(vLLM's ``gate_up_proj`` of a shared expert, the ``w13`` of routed experts), and
+tensor parallelism cuts rows (column-parallel) or the input (row-parallel).
+This module is the one place that maps one to the other; it is pure torch so
+the tensor-parallel arithmetic is testable without vLLM.
+
+Per matrix group on one rank, with ``S`` fused shards of ``rows_s`` rows each:
+
+============  ===========================  =================================================
+tensor        shape                        content
+============  ===========================  =================================================
+``idx``       [rows, in/d] uint8|int16     codeword of every vector (int32 above 15 bits)
+``codebook``  [S, K, d] float16            the shards' codebooks, stacked
+``lr_a``      [rows, sum(k_s)] float16     block diagonal: shard s uses columns of its k_s
+``lr_b``      [sum(k_s), in] float16       the shards' bases, stacked (one ``B·x`` for all)
+``affine_s``  [rows] float16               channel scale (applied as ``1 + s``)
+``affine_b``  [rows] float16               channel shift; zero on ranks > 0 when the input
+                                           is split, so the all-reduce adds it once
+============  ===========================  =================================================
+
+Indices are kept unpacked in the narrowest integer type, so the torch path
+gathers directly; for 2-bit ``d=4`` and 4-bit ``d=2`` (8-bit indices) that is as
+small as the packed form, for 3-bit ``d=4`` (12-bit) a third larger.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .format import FormatError, KBVQConfig
+from .packing import unpack_codes
+
+__all__ = ["GroupLayout", "load_tensor", "moe_layouts", "shared_layout", "RUNTIME_SUFFIXES"]
+
+RUNTIME_SUFFIXES = ("vq_codes", "vq_codebook", "lr_a", "lr_b", "affine_s", "affine_b")
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """One fused group of KBVQ matrices as held by one rank.
+
+    ``rows`` are the full (unsharded) output sizes of the fused matrices, ``in_features``
+    the full input size; ``split_out`` / ``split_in`` say which of them tensor
+    parallelism divides by ``tp_size``.
+    """
+
+    cfg: KBVQConfig
+    rows: tuple[int, ...]
+    in_features: int
+    ranks: tuple[int, ...]
+    tp_rank: int = 0
+    tp_size: int = 1
+    split_out: bool = False
+    split_in: bool = False
+
+    def __post_init__(self):
+        d = self.cfg.vector_dim
+        for full in (*self.rows, self.in_features):
+            if full % self.tp_size:
+                raise FormatError(f"size {full} is not divisible by tensor-parallel size {self.tp_size}")
+        if self.local_in % d:
+            raise FormatError(
+                f"input size {self.in_features} split {self.tp_size} ways gives {self.local_in} per rank, "
+                f"not a multiple of vector_dim {d}: use a smaller tensor-parallel size"
+            )
+        if len(self.ranks) != len(self.rows):
+            raise ValueError("one rank per fused matrix")
+
+    # -- sizes on this rank ---------------------------------------------------------------
+    @property
+    def local_rows(self) -> tuple[int, ...]:
+        return tuple(r // self.tp_size for r in self.rows) if self.split_out else self.rows
+
+    @property
+    def local_in(self) -> int:
+        return self.in_features // self.tp_size if self.split_in else self.in_features
+
+    @property
+    def index_dtype(self) -> torch.dtype:
+        bits = self.cfg.index_bits
+        return torch.uint8 if bits <= 8 else torch.int16 if bits <= 15 else torch.int32
+
+    @property
+    def rank_total(self) -> int:
+        return sum(self.ranks)
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        rows, k = sum(self.local_rows), self.rank_total
+        out = {
+            "vq_codes": ((rows, self.local_in // self.cfg.vector_dim), self.index_dtype),
+            "vq_codebook": ((len(self.rows), self.cfg.codebook_size, self.cfg.vector_dim), torch.float16),
+            "affine_s": ((rows,), torch.float16),
+            "affine_b": ((rows,), torch.float16),
+        }
+        if k:
+            out["lr_a"] = ((rows, k), torch.float16)
+            out["lr_b"] = ((k, self.local_in), torch.float16)
+        return out
+
+    # -- slicing ------------------------------------------------------------------------------
+    def _row_window(self, shard: int) -> tuple[int, int, int]:
+        """(start in the runtime rows, start in the checkpoint rows, length) of ``shard``."""
+        local = self.local_rows
+        start = sum(local[:shard])
+        src = self.tp_rank * local[shard] if self.split_out else 0
+        return start, src, local[shard]
+
+    def _in_window(self) -> tuple[int, int]:
+        return (self.tp_rank * self.local_in if self.split_in else 0), self.local_in
+
+
+def _expect(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise FormatError(f"tensor {name} has shape {list(tensor.shape)}, expected {list(shape)}")
+
+
+def load_tensor(dst: torch.Tensor, suffix: str, loaded: torch.Tensor, shard: int, layout: GroupLayout,
+                name: str = "") -> None:
+    """Copy one checkpoint tensor (matrix ``shard`` of the group) into its runtime slot ``dst``.
+
+    ``name`` is the checkpoint tensor's name, used in errors.
+    """
+    cfg, d = layout.cfg, layout.cfg.vector_dim
+    name = name or suffix
+    full_rows = layout.rows[shard]
+    row0, src_row0, nrows = layout._row_window(shard)
+    in0, nin = layout._in_window()
+    k_off, k = sum(layout.ranks[:shard]), layout.ranks[shard]
+    want = torch.int32 if suffix == "vq_codes" else torch.float16
+    if loaded.dtype != want:
+        raise FormatError(f"tensor {name} has dtype {loaded.dtype}, expected {want}")
+    if suffix == "vq_codes":
+        idx = unpack_codes(loaded, cfg.index_bits, layout.in_features // d)  # also checks the width
+        _expect(name, idx, (full_rows, layout.in_features // d))
+        dst[row0:row0 + nrows].copy_(idx[src_row0:src_row0 + nrows, in0 // d:(in0 + nin) // d].to(dst.dtype))
+    elif suffix == "vq_codebook":
+        _expect(name, loaded, (cfg.codebook_size, d))
+        dst[shard].copy_(loaded)
+    elif suffix == "lr_a":
+        _expect(name, loaded, (full_rows, k))
+        dst[row0:row0 + nrows, k_off:k_off + k].copy_(loaded[src_row0:src_row0 + nrows])
+    elif suffix == "lr_b":
+        _expect(name, loaded, (k, layout.in_features))
+        dst[k_off:k_off + k].copy_(loaded[:, in0:in0 + nin])
+    elif suffix in ("affine_s", "affine_b"):
+        _expect(name, loaded, (full_rows,))
+        part = loaded[src_row0:src_row0 + nrows]
+        if suffix == "affine_b" and layout.split_in and layout.tp_rank > 0:
+            part = torch.zeros_like(part)  # the partial sums are all-reduced: add the shift once
+        dst[row0:row0 + nrows].copy_(part)
+    else:
+        raise FormatError(f"tensor {name}: unknown KBVQ suffix {suffix!r}")
+
+
+def moe_layouts(cfg: KBVQConfig, hidden: int, inter: int, tp_rank: int = 0, tp_size: int = 1) -> dict[str, GroupLayout]:
+    """Routed experts: ``w13`` (gate and up fused, rows split) and ``w2`` (down, input split)."""
+    k = cfg.rank.get("experts", {})
+    return {
+        "w13": GroupLayout(cfg, (inter, inter), hidden, (k.get("gate", 0), k.get("up", 0)), tp_rank, tp_size,
+                           split_out=True),
+        "w2": GroupLayout(cfg, (hidden,), inter, (k.get("down", 0),), tp_rank, tp_size, split_in=True),
+    }
+
+
+def shared_layout(cfg: KBVQConfig, wtypes: tuple[str, ...], rows: tuple[int, ...], in_features: int,
+                  tp_rank: int = 0, tp_size: int = 1, split_out: bool = False, split_in: bool = False) -> GroupLayout:
+    """A shared expert's linear holding ``wtypes`` (``("gate", "up")`` when fused)."""
+    k = cfg.rank.get("shared_experts", {})
+    return GroupLayout(cfg, rows, in_features, tuple(k.get(w, 0) for w in wtypes), tp_rank, tp_size,
+                       split_out=split_out, split_in=split_in)

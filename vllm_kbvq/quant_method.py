@@ -1,0 +1,229 @@
+"""vLLM quantization config ``kbvq`` and its methods for routed experts and shared-expert linears.
+
+The lifecycle is vLLM's (see its ``moe_wna16.py``): ``from_config`` reads
+``quantization_config``; ``maybe_update_config`` validates the checkpoint's
+tensors before any layer is built; ``create_weights`` registers parameters in
+the runtime layout of :mod:`.layout` with loaders that unpack and slice the
+checkpoint tensors; ``apply`` calls the ``kbvq`` custom ops of :mod:`.ops`.
+Attention, router, embeddings and unlisted layers stay unquantized.
+
+Import only inside a process that has vLLM; :mod:`.plugin` registers this.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, RoutedExperts
+from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.utils import set_weight_attrs
+
+from . import ops  # noqa: F401  (registers torch.ops.kbvq.*)
+from .archs import ARCHS
+from .format import QUANT_METHOD, FormatError, KBVQConfig, validate_checkpoint
+from .layout import GroupLayout, load_tensor, moe_layouts, shared_layout
+
+__all__ = ["KBVQQuantConfig", "KBVQMoEMethod", "KBVQLinearMethod"]
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# vLLM fuses a shared expert's gate and up projections into one column-parallel linear.
+_FUSED_LINEARS = {"gate_up_proj": ("gate", "up")}
+_SHARD_OF_EXPERT_ID = {"w1": 0, "w3": 1, "w2": 0}
+
+
+class _UnpackedCodesNote(logging.Filter):
+    """vLLM warns when an int32 checkpoint tensor fills a narrower parameter; the KBVQ
+    loader unpacks the int32 code words into narrower indices on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith("Attempted to load weight") and record.args
+                    and str(record.args[0]).endswith(".vq_codes"))
+
+
+logging.getLogger("vllm.model_executor.models.utils").addFilter(_UnpackedCodesNote())
+
+
+def _layer_index(prefix: str) -> int | None:
+    m = _LAYER.search(prefix)
+    return int(m.group(1)) if m else None
+
+
+class KBVQQuantConfig(QuantizationConfig):
+    """``quantization_config`` of a KBVQ checkpoint, as vLLM sees it."""
+
+    def __init__(self, cfg: KBVQConfig):
+        super().__init__()
+        self.kbvq = cfg
+        self.arch = ARCHS[cfg.arch]
+        self.layers = frozenset(cfg.layers)
+
+    def __repr__(self) -> str:
+        return f"KBVQQuantConfig(bits={self.kbvq.bits}, vector_dim={self.kbvq.vector_dim}, arch={self.kbvq.arch})"
+
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "KBVQQuantConfig":
+        cfg = KBVQConfig.from_dict(config)
+        if cfg.arch not in ARCHS:
+            raise FormatError(f"quantization_config.arch {cfg.arch!r} is not one of {sorted(ARCHS)}")
+        return cls(cfg)
+
+    def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None):
+        # Check every tensor's presence, shape and dtype now, with names, rather than
+        # failing (or silently skipping) later inside a loader or a kernel.
+        if Path(model_name).is_dir():
+            validate_checkpoint(model_name)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        index = _layer_index(prefix)
+        quantized = index is not None and index in self.layers
+        if isinstance(layer, RoutedExperts):
+            return KBVQMoEMethod(self, layer.moe_config, index) if quantized else (
+                UnquantizedFusedMoEMethod(layer.moe_config))
+        if isinstance(layer, LinearBase):
+            wtypes = self._shared_linear_types(prefix, index) if quantized else None
+            return KBVQLinearMethod(self, wtypes, index) if wtypes else UnquantizedLinearMethod()
+        return None
+
+    def _shared_linear_types(self, prefix: str, index: int) -> tuple[str, ...] | None:
+        """Weight types a shared-expert linear holds (``("gate", "up")`` when fused), else None."""
+        if not self.kbvq.shared_intermediate_size or self.arch.shared_prefix is None:
+            return None
+        base = self.arch.shared_prefix.format(layer=index) + "."
+        if not prefix.startswith(base):
+            return None
+        name = prefix[len(base):]
+        if name in _FUSED_LINEARS:
+            return _FUSED_LINEARS[name]
+        by_name = {v: k for k, v in self.arch.shared_proj_names.items()}
+        return (by_name[name],) if name in by_name else None
+
+
+def _register(layer: torch.nn.Module, name: str, shape, dtype, loader) -> None:
+    param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+    layer.register_parameter(name, param)
+    set_weight_attrs(param, {"weight_loader": loader})
+
+
+def _load(layout: GroupLayout, suffix: str, dst: torch.Tensor, loaded: torch.Tensor, shard: int, name: str):
+    try:
+        load_tensor(dst, suffix, loaded, shard, layout, name)
+    except FormatError as e:
+        raise FormatError(f"KBVQ checkpoint: {e}") from None
+
+
+class KBVQMoEMethod(FusedMoEMethodBase):
+    """Routed experts from KBVQ tensors: ``w13_*`` (gate and up fused) and ``w2_*``.
+
+    Per-expert tensors get a leading local-expert dimension; the shared bases
+    ``w13_lr_b`` / ``w2_lr_b`` are per layer, stored in the checkpoint under expert
+    0 and loaded on every rank whatever experts it holds.
+    """
+
+    def __init__(self, quant_config: KBVQQuantConfig, moe, layer_index: int):
+        super().__init__(moe)
+        self.quant_config = quant_config
+        self.layer_index = layer_index
+        act = getattr(moe.activation, "value", moe.activation)
+        if act != "silu":
+            raise NotImplementedError(f"KBVQ experts support the SiLU-gated MLP only, not {act!r}")
+
+    def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs):
+        par = self.moe.moe_parallel_config
+        self.layouts = moe_layouts(self.quant_config.kbvq, hidden_size, intermediate_size_per_partition * par.tp_size,
+                                   par.tp_rank, par.tp_size)
+        for group, layout in self.layouts.items():
+            for suffix, (shape, dtype) in layout.shapes().items():
+                per_layer = suffix == "lr_b"
+                loader = partial(self._weight_loader, layer, group, suffix, per_layer)
+                _register(layer, f"{group}_{suffix}", shape if per_layer else (num_experts, *shape), dtype, loader)
+
+    def _weight_loader(self, layer, group: str, suffix: str, per_layer: bool, param, loaded_weight,
+                       weight_name: str, shard_id: str, expert_id: int, return_success: bool = False):
+        shard = _SHARD_OF_EXPERT_ID[shard_id]
+        wtype = ("gate", "up")[shard] if group == "w13" else "down"
+        name = self.quant_config.arch.expert_tensor(self.layer_index, expert_id, wtype, suffix)
+        if per_layer:
+            if expert_id != 0:
+                raise FormatError(f"KBVQ checkpoint: {name} is unexpected; the shared basis lr_b lives under expert 0")
+            dst = param.data
+        else:
+            local = layer._map_global_expert_id_to_local_expert_id(expert_id)
+            if local < 0:  # another expert-parallel rank holds this expert
+                return False if return_success else None
+            dst = param.data[local]
+        _load(self.layouts[group], suffix, dst, loaded_weight, shard, name)
+        return True if return_success else None
+
+    def get_fused_moe_quant_config(self, layer):
+        return FUSED_MOE_UNQUANTIZED_CONFIG  # activations are not quantized
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
+        if layer.apply_router_weight_on_input:
+            raise NotImplementedError("KBVQ experts do not support apply_router_weight_on_input")
+        p = {n: getattr(layer, n, None) for n in (
+            f"{g}_{s}" for g in ("w13", "w2") for s in ("vq_codes", "vq_codebook", "lr_a", "lr_b", "affine_s",
+                                                         "affine_b"))}
+        return torch.ops.kbvq.moe(
+            x, topk_weights, topk_ids, layer.expert_map,
+            p["w13_vq_codes"], p["w13_vq_codebook"], p["w13_lr_a"], p["w13_lr_b"], p["w13_affine_s"],
+            p["w13_affine_b"],
+            p["w2_vq_codes"], p["w2_vq_codebook"], p["w2_lr_a"], p["w2_lr_b"], p["w2_affine_s"], p["w2_affine_b"],
+        )
+
+
+class KBVQLinearMethod(LinearMethodBase):
+    """A shared expert's projection(s) from KBVQ tensors (one matrix, or gate and up fused)."""
+
+    def __init__(self, quant_config: KBVQQuantConfig, wtypes: tuple[str, ...], layer_index: int):
+        self.quant_config = quant_config
+        self.wtypes = wtypes
+        self.layer_index = layer_index
+
+    def create_weights(self, layer, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs):
+        split_in = input_size_per_partition != input_size
+        split_out = sum(output_partition_sizes) != output_size
+        tp_size = input_size // input_size_per_partition if split_in else (
+            output_size // sum(output_partition_sizes))
+        rows = tuple(p * tp_size if split_out else p for p in output_partition_sizes)
+        if len(rows) != len(self.wtypes):
+            raise FormatError(f"{self.wtypes} fused into {len(rows)} outputs")
+        self.layout = shared_layout(self.quant_config.kbvq, self.wtypes, rows, input_size, layer.tp_rank, tp_size,
+                                    split_out=split_out, split_in=split_in)
+        for suffix, (shape, dtype) in self.layout.shapes().items():
+            _register(layer, suffix, shape, dtype, partial(self._weight_loader, suffix))
+
+    def _weight_loader(self, suffix: str, param, loaded_weight, loaded_shard_id: int | None = None):
+        shard = loaded_shard_id or 0
+        name = self.quant_config.arch.shared_tensor(self.layer_index, self.wtypes[shard], suffix)
+        _load(self.layout, suffix, param.data, loaded_weight, shard, name)
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch.ops.kbvq.linear(x, layer.vq_codes, layer.vq_codebook, getattr(layer, "lr_a", None),
+                                  getattr(layer, "lr_b", None), layer.affine_s, layer.affine_b)
+        return y if bias is None else y + bias
