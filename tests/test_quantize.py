@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from quantize_tools.cli import main as cli_main
+from bad_checkpoints import CASES, broken_copy
 from quantize_tools.pipeline import QuantizeOptions, quantize
 from tiny_models import ARCH_NAMES, TEXT, make_tiny_model, tiny_config
 from vllm_kbvq.format import FormatError, validate_checkpoint
@@ -247,49 +247,9 @@ def quantized(tmp_path_factory):
     return d / "q"
 
 
-def _edit_tensor(ckpt, name, fn):
-    for f in ckpt.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as h:
-            if name in h.keys():
-                sd = load_file(f)
-                fn(sd)
-                save_file(sd, f, metadata={"format": "pt"})
-                return
-    raise KeyError(name)
-
-
-def _edit_config(ckpt, fn):
-    cfg = json.loads((ckpt / "config.json").read_text())
-    fn(cfg["quantization_config"])
-    (ckpt / "config.json").write_text(json.dumps(cfg))
-
-
-@pytest.mark.parametrize("case,needle", [
-    ("missing", "model.layers.1.mlp.experts.5.down_proj.vq_codebook is missing"),
-    ("shape", "model.layers.0.mlp.experts.2.gate_proj.lr_a has shape"),
-    ("dtype", "model.layers.0.mlp.shared_expert.up_proj.affine_s has dtype F32"),
-    ("version", "format_version is 2"),
-    ("bits", "bits=3, vector_dim=4"),
-    ("method", "quant_method is 'gptq'"),
-])
-def test_bad_checkpoint_fails_at_load(quantized, tmp_path, case, needle):
-    ckpt = tmp_path / "c"
-    shutil.copytree(quantized, ckpt)
-    if case == "missing":
-        _edit_tensor(ckpt, "model.layers.1.mlp.experts.5.down_proj.vq_codebook",
-                     lambda sd: sd.pop("model.layers.1.mlp.experts.5.down_proj.vq_codebook"))
-    elif case == "shape":
-        name = "model.layers.0.mlp.experts.2.gate_proj.lr_a"
-        _edit_tensor(ckpt, name, lambda sd: sd.__setitem__(name, sd[name][:-1]))
-    elif case == "dtype":
-        name = "model.layers.0.mlp.shared_expert.up_proj.affine_s"
-        _edit_tensor(ckpt, name, lambda sd: sd.__setitem__(name, sd[name].float()))
-    elif case == "version":
-        _edit_config(ckpt, lambda q: q.__setitem__("format_version", 2))
-    elif case == "bits":
-        _edit_config(ckpt, lambda q: (q.__setitem__("bits", 3), q.pop("codebook_size"), q.pop("index_bits")))
-    elif case == "method":
-        _edit_config(ckpt, lambda q: q.__setitem__("quant_method", "gptq"))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_checkpoint_fails_at_load(quantized, tmp_path, case):
+    ckpt, needle = broken_copy(quantized, tmp_path / "c", case)
     with pytest.raises(FormatError) as e:
         load_kbvq_model(ckpt)
     assert needle in str(e.value)

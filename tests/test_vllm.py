@@ -1,5 +1,6 @@
 """vLLM (CPU build, compiled mode) serves KBVQ checkpoints exactly as the reference runtime computes them."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,52 @@ def test_vllm_matches_reference(arch, kbvq_tiny, tmp_path):
     model_dir = kbvq_tiny(arch)
     results = vllm_generate(model_dir, PROMPTS, tmp_path)
     assert_matches_reference(model_dir, results, PROMPTS)
+
+
+# ---- bad checkpoints fail when vLLM builds its config, before any worker starts ------------------
+
+@pytest.fixture(scope="module")
+def engine_config():
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()  # what every vLLM process does: finds our entry point
+
+    def build(model, quantization=None):
+        return EngineArgs(model=str(model), quantization=quantization, dtype="float32",
+                          max_model_len=256).create_engine_config()
+
+    return build
+
+
+def test_kbvq_checkpoint_is_detected_without_a_flag(kbvq_tiny, engine_config):
+    for q in (None, "kbvq"):
+        cfg = engine_config(kbvq_tiny("qwen2_moe"), q)
+        assert cfg.model_config.quantization == "kbvq"
+        assert type(cfg.quant_config).__name__ == "KBVQQuantConfig" and cfg.quant_config.kbvq.bits == 2
+
+
+@pytest.mark.parametrize("case", ["missing", "shape", "dtype", "version", "bits"])
+def test_bad_checkpoint_fails_at_vllm_load(case, kbvq_tiny, engine_config, tmp_path):
+    from bad_checkpoints import broken_copy
+
+    ckpt, needle = broken_copy(kbvq_tiny("qwen2_moe"), tmp_path / "c", case)
+    with pytest.raises(Exception) as e:
+        engine_config(ckpt)
+    assert needle in str(e.value)
+
+
+def test_quantization_flag_that_disagrees_with_the_checkpoint(kbvq_tiny, engine_config):
+    with pytest.raises(Exception) as e:
+        engine_config(kbvq_tiny("qwen2_moe"), "fp8")
+    assert "(kbvq)" in str(e.value) and "(fp8)" in str(e.value)
+
+
+def test_unsupported_vllm_version_is_refused_by_name():
+    from vllm_kbvq.plugin import UnsupportedVLLMVersion, check_vllm_version
+
+    for ok in ("0.32.0", "0.33.1", "0.33.0rc1"):
+        check_vllm_version(ok)
+    for bad in ("0.31.2", "0.34.0", "1.0.0", "dev"):
+        with pytest.raises(UnsupportedVLLMVersion, match=re.escape(f"vLLM 0.32.x to 0.33.x, found vLLM {bad};")):
+            check_vllm_version(bad)
