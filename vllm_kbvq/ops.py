@@ -94,30 +94,16 @@ def _kernel(op: str, device: torch.device) -> Callable[..., torch.Tensor]:
         raise NotImplementedError(f"no KBVQ {op} kernel for device type {device.type!r}") from None
 
 
-@torch.library.custom_op("kbvq::moe", mutates_args=())
-def moe(
-    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_map: torch.Tensor | None,
-    w13_idx: torch.Tensor, w13_codebook: torch.Tensor, w13_lr_a: torch.Tensor | None, w13_lr_b: torch.Tensor | None,
-    w13_affine_s: torch.Tensor, w13_affine_b: torch.Tensor,
-    w2_idx: torch.Tensor, w2_codebook: torch.Tensor, w2_lr_a: torch.Tensor | None, w2_lr_b: torch.Tensor | None,
-    w2_affine_s: torch.Tensor, w2_affine_b: torch.Tensor,
-) -> torch.Tensor:
-    return _kernel("moe", x.device)(
-        x, topk_weights, topk_ids, expert_map, w13_idx, w13_codebook, w13_lr_a, w13_lr_b, w13_affine_s,
-        w13_affine_b, w2_idx, w2_codebook, w2_lr_a, w2_lr_b, w2_affine_s, w2_affine_b)
+def _custom_op(op: str, reference: Callable[..., torch.Tensor]):
+    """``torch.ops.kbvq.<op>`` with ``reference``'s signature, dispatching on the input's device."""
+    def dispatch(*args):
+        return _kernel(op, args[0].device)(*args)
+
+    return torch.library.custom_op(f"kbvq::{op}", dispatch, mutates_args=(),
+                                   schema=torch.library.infer_schema(reference, mutates_args=()))
 
 
-@moe.register_fake
-def _moe_fake(x, *args):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("kbvq::linear", mutates_args=())
-def linear(x: torch.Tensor, idx: torch.Tensor, codebook: torch.Tensor, lr_a: torch.Tensor | None,
-           lr_b: torch.Tensor | None, affine_s: torch.Tensor, affine_b: torch.Tensor) -> torch.Tensor:
-    return _kernel("linear", x.device)(x, idx, codebook, lr_a, lr_b, affine_s, affine_b)
-
-
-@linear.register_fake
-def _linear_fake(x, idx, codebook, lr_a, lr_b, affine_s, affine_b):
-    return x.new_empty(*x.shape[:-1], idx.shape[0])
+moe = _custom_op("moe", kbvq_moe_torch)
+moe.register_fake(lambda x, *args: torch.empty_like(x))
+linear = _custom_op("linear", kbvq_linear_torch)
+linear.register_fake(lambda x, idx, *args: x.new_empty(*x.shape[:-1], idx.shape[0]))
