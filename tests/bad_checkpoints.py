@@ -39,6 +39,8 @@ CASES = {
     "bits": (lambda c: _edit_config(c, lambda q: (q.__setitem__("bits", 3), q.pop("codebook_size"),
                                                   q.pop("index_bits"))), "bits=3, vector_dim=4"),
     "method": (lambda c: _edit_config(c, lambda q: q.__setitem__("quant_method", "gptq")), "quant_method is 'gptq'"),
+    "arch": (lambda c: _edit_config(c, lambda q: q.__setitem__("arch", "llama")),
+             "quantization_config.arch 'llama' is not one of"),
 }
 
 

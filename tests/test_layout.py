@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from tiny_models import ARCH_NAMES
 from vllm_kbvq.archs import ARCHS
-from vllm_kbvq.format import FormatError, KBVQConfig
+from vllm_kbvq.format import SUFFIXES, FormatError, KBVQConfig
 from vllm_kbvq.layout import GroupLayout, load_tensor, moe_layouts, shared_layout
 from vllm_kbvq.ops import kbvq_linear_torch, kbvq_moe_torch
 from vllm_kbvq.reference import load_kbvq_model, moe_blocks
@@ -72,8 +72,7 @@ def _moe_rank(cfg, arch, tensors, layer, hidden, inter, tp_rank, tp_size, expert
 
 
 def _moe(x, ids, w, expert_map, p):
-    return kbvq_moe_torch(x, w, ids, expert_map, *(p.get(f"{g}_{s}") for g in ("w13", "w2") for s in (
-        "vq_codes", "vq_codebook", "lr_a", "lr_b", "affine_s", "affine_b")))
+    return kbvq_moe_torch(x, w, ids, expert_map, *(p.get(f"{g}_{s}") for g in ("w13", "w2") for s in SUFFIXES))
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
@@ -119,11 +118,9 @@ def test_shared_expert_tp_sums_to_reference(arch, kbvq_tiny):
     for r in range(2):
         gu = _fill(shared_layout(cfg, ("gate", "up"), (si, si), hidden, r, 2, split_out=True), [src("gate"), src("up")])
         dn = _fill(shared_layout(cfg, ("down",), (hidden,), si, r, 2, split_in=True), [src("down")])
-        h = kbvq_linear_torch(x, *(gu.get(s) for s in ("vq_codes", "vq_codebook", "lr_a", "lr_b", "affine_s",
-                                                       "affine_b")))
+        h = kbvq_linear_torch(x, *(gu.get(s) for s in SUFFIXES))
         g, u = h.chunk(2, dim=-1)
-        out = out + kbvq_linear_torch(F.silu(g) * u, *(dn.get(s) for s in (
-            "vq_codes", "vq_codebook", "lr_a", "lr_b", "affine_s", "affine_b")))
+        out = out + kbvq_linear_torch(F.silu(g) * u, *(dn.get(s) for s in SUFFIXES))
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 

@@ -87,7 +87,7 @@ def test_kbvq_checkpoint_is_detected_without_a_flag(kbvq_tiny, engine_config):
         assert type(cfg.quant_config).__name__ == "KBVQQuantConfig" and cfg.quant_config.kbvq.bits == 2
 
 
-@pytest.mark.parametrize("case", ["missing", "shape", "dtype", "version", "bits"])
+@pytest.mark.parametrize("case", ["missing", "shape", "dtype", "version", "bits", "arch"])
 def test_bad_checkpoint_fails_at_vllm_load(case, kbvq_tiny, engine_config, tmp_path):
     from bad_checkpoints import broken_copy
 

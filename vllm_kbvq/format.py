@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .archs import ARCHS, WEIGHT_TYPES
 from .packing import packed_words
 
 __all__ = [
@@ -133,6 +134,8 @@ class KBVQConfig:
         return cfg
 
     def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise FormatError(f"quantization_config.arch {self.arch!r} is not one of {sorted(ARCHS)}")
         if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
             raise FormatError(f"quantization_config.bits must be an integer 1..8, got {self.bits!r}")
         if not isinstance(self.vector_dim, int) or self.vector_dim < 1:
@@ -212,10 +215,6 @@ _ST_DTYPES = {torch.int32: "I32", torch.float16: "F16"}
 
 def expected_tensors(model_config: dict, cfg: KBVQConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every KBVQ tensor a checkpoint with this config must hold, with shape and dtype."""
-    from .archs import WEIGHT_TYPES, ARCHS
-
-    if cfg.arch not in ARCHS:
-        raise FormatError(f"quantization_config.arch {cfg.arch!r} is not one of {sorted(ARCHS)}")
     arch = ARCHS[cfg.arch]
     n = arch.num_experts(model_config)
     hidden = model_config["hidden_size"]

@@ -34,9 +34,7 @@ import torch
 from .format import FormatError, KBVQConfig
 from .packing import unpack_codes
 
-__all__ = ["GroupLayout", "load_tensor", "moe_layouts", "shared_layout", "RUNTIME_SUFFIXES"]
-
-RUNTIME_SUFFIXES = ("vq_codes", "vq_codebook", "lr_a", "lr_b", "affine_s", "affine_b")
+__all__ = ["GroupLayout", "load_tensor", "moe_layouts", "shared_layout"]
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ def kbvq_moe_torch(
         ids = expert_map.long()[ids]
     # B x is the same for every routed expert of a token: once per token for gate and up.
     bx13 = xf @ w13_lr_b.float().T if w13_lr_b is not None else None
+    b2 = w2_lr_b.float() if w2_lr_b is not None else None  # per layer: convert once, not per expert
     for e in torch.unique(ids).tolist():
         if e < 0:
             continue
@@ -71,7 +72,7 @@ def kbvq_moe_torch(
                            None if bx13 is None else bx13[tok], w13_affine_s[e], w13_affine_b[e])
         gate, up = h.chunk(2, dim=-1)
         h = F.silu(gate) * up
-        bx2 = h @ w2_lr_b.float().T if w2_lr_b is not None else None
+        bx2 = h @ b2.T if b2 is not None else None
         y = _affine_linear(h, w2_idx[e], w2_codebook[e], None if w2_lr_a is None else w2_lr_a[e], bx2,
                            w2_affine_s[e], w2_affine_b[e])
         out.index_add_(0, tok, y * topk_weights[tok, pos, None].float())

@@ -28,7 +28,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from . import ops  # noqa: F401  (registers torch.ops.kbvq.*)
 from .archs import ARCHS
-from .format import QUANT_METHOD, FormatError, KBVQConfig, validate_checkpoint
+from .format import QUANT_METHOD, SUFFIXES, FormatError, KBVQConfig, validate_checkpoint
 from .layout import GroupLayout, load_tensor, moe_layouts, shared_layout
 
 __all__ = ["KBVQQuantConfig", "KBVQMoEMethod", "KBVQLinearMethod"]
@@ -86,10 +86,7 @@ class KBVQQuantConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "KBVQQuantConfig":
-        cfg = KBVQConfig.from_dict(config)
-        if cfg.arch not in ARCHS:
-            raise FormatError(f"quantization_config.arch {cfg.arch!r} is not one of {sorted(ARCHS)}")
-        return cls(cfg)
+        return cls(KBVQConfig.from_dict(config))
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None):
         # Check every tensor's presence, shape and dtype now, with names, rather than
@@ -185,15 +182,9 @@ class KBVQMoEMethod(FusedMoEMethodBase):
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
         if layer.apply_router_weight_on_input:
             raise NotImplementedError("KBVQ experts do not support apply_router_weight_on_input")
-        p = {n: getattr(layer, n, None) for n in (
-            f"{g}_{s}" for g in ("w13", "w2") for s in ("vq_codes", "vq_codebook", "lr_a", "lr_b", "affine_s",
-                                                         "affine_b"))}
-        return torch.ops.kbvq.moe(
-            x, topk_weights, topk_ids, layer.expert_map,
-            p["w13_vq_codes"], p["w13_vq_codebook"], p["w13_lr_a"], p["w13_lr_b"], p["w13_affine_s"],
-            p["w13_affine_b"],
-            p["w2_vq_codes"], p["w2_vq_codebook"], p["w2_lr_a"], p["w2_lr_b"], p["w2_affine_s"], p["w2_affine_b"],
-        )
+        # the op takes each group's tensors in the format's suffix order (lr_* absent at rank 0)
+        return torch.ops.kbvq.moe(x, topk_weights, topk_ids, layer.expert_map,
+                                  *(getattr(layer, f"{g}_{s}", None) for g in ("w13", "w2") for s in SUFFIXES))
 
 
 class KBVQLinearMethod(LinearMethodBase):
