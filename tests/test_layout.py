@@ -5,17 +5,19 @@ Each rank's runtime tensors are built from the checkpoint by the same loaders vL
 all-reduce sums them, must equal what ``load_kbvq_model``'s modules compute.
 """
 import json
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from tiny_models import ARCH_NAMES
 from vllm_kbvq.archs import ARCHS
 from vllm_kbvq.format import SUFFIXES, FormatError, KBVQConfig
 from vllm_kbvq.layout import GroupLayout, load_tensor, moe_layouts, shared_layout
-from vllm_kbvq.ops import kbvq_linear_torch, kbvq_moe_torch
+from vllm_kbvq.ops import kbvq_linear_torch, kbvq_moe_torch, kbvq_moe_torch_static
 from vllm_kbvq.reference import load_kbvq_model, moe_blocks
 
 ATOL = 2e-5
@@ -71,24 +73,30 @@ def _moe_rank(cfg, arch, tensors, layer, hidden, inter, tp_rank, tp_size, expert
     return params
 
 
-def _moe(x, ids, w, expert_map, p):
-    return kbvq_moe_torch(x, w, ids, expert_map, *(p.get(f"{g}_{s}") for g in ("w13", "w2") for s in SUFFIXES))
+def _moe(x, ids, w, expert_map, p, impl=kbvq_moe_torch):
+    return impl(x, w, ids, expert_map, *(p.get(f"{g}_{s}") for g in ("w13", "w2") for s in SUFFIXES))
 
 
+# the CPU loop, and the CUDA-graph-safe path in its gather (few tokens) and masked (many) regimes
+IMPLS = [(kbvq_moe_torch, 24), (kbvq_moe_torch_static, 1), (kbvq_moe_torch_static, 24)]
+
+
+@pytest.mark.parametrize("impl,n_tokens", IMPLS, ids=["loop", "static-gather", "static-masked"])
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_routed_experts_tp_and_ep_sum_to_reference(arch, kbvq_tiny):
+def test_routed_experts_tp_and_ep_sum_to_reference(arch, impl, n_tokens, kbvq_tiny):
     cfg, model_cfg, spec, tensors, layer, block = _setup(kbvq_tiny(arch))
     n, hidden, inter = spec.num_experts(model_cfg), model_cfg["hidden_size"], spec.expert_intermediate(model_cfg)
-    x = torch.randn(24, hidden, generator=torch.Generator().manual_seed(1))
-    ids, w = _routing(24, n, 2)
+    x = torch.randn(n_tokens, hidden, generator=torch.Generator().manual_seed(1))
+    ids, w = _routing(n_tokens, n, 2)
+    _moe_ = partial(_moe, impl=impl)
     experts = getattr(block, spec.experts_attr)
     with torch.no_grad():
         ref = experts(x, ids, w)
 
-    full = _moe(x, ids, w, None, _moe_rank(cfg, spec, tensors, layer, hidden, inter, 0, 1, range(n)))
+    full = _moe_(x, ids, w, None, _moe_rank(cfg, spec, tensors, layer, hidden, inter, 0, 1, range(n)))
     torch.testing.assert_close(full, ref, atol=ATOL, rtol=0)
 
-    tp = sum(_moe(x, ids, w, None, _moe_rank(cfg, spec, tensors, layer, hidden, inter, r, 2, range(n)))
+    tp = sum(_moe_(x, ids, w, None, _moe_rank(cfg, spec, tensors, layer, hidden, inter, r, 2, range(n)))
              for r in range(2))
     torch.testing.assert_close(tp, ref, atol=ATOL, rtol=0)
 
@@ -98,8 +106,23 @@ def test_routed_experts_tp_and_ep_sum_to_reference(arch, kbvq_tiny):
         local = list(range(r * n // 2, (r + 1) * n // 2))
         expert_map = torch.full((n,), -1, dtype=torch.int32)
         expert_map[local] = torch.arange(len(local), dtype=torch.int32)
-        ep = ep + _moe(x, ids, w, expert_map, _moe_rank(cfg, spec, tensors, layer, hidden, inter, 0, 1, local))
+        ep = ep + _moe_(x, ids, w, expert_map, _moe_rank(cfg, spec, tensors, layer, hidden, inter, 0, 1, local))
     torch.testing.assert_close(ep, ref, atol=ATOL, rtol=0)
+
+
+def test_static_path_has_no_data_dependent_host_work(kbvq_tiny):
+    """fullgraph tracing fails on a host sync (``.tolist()``, ``nonzero``): the CPU loop must fail it."""
+    cfg, model_cfg, spec, tensors, layer, block = _setup(kbvq_tiny("qwen2_moe"))
+    n, hidden, inter = spec.num_experts(model_cfg), model_cfg["hidden_size"], spec.expert_intermediate(model_cfg)
+    p = _moe_rank(cfg, spec, tensors, layer, hidden, inter, 0, 1, range(n))
+    torch._dynamo.reset()
+    for n_tokens in (1, 3, 24):
+        x = torch.randn(n_tokens, hidden, generator=torch.Generator().manual_seed(n_tokens))
+        ids, w = _routing(n_tokens, n, 2)
+        traced = _moe(x, ids, w, None, p, impl=torch.compile(kbvq_moe_torch_static, fullgraph=True, backend="eager"))
+        torch.testing.assert_close(traced, _moe(x, ids, w, None, p), atol=ATOL, rtol=0)
+    with pytest.raises((torch._dynamo.exc.Unsupported, GuardOnDataDependentSymNode), match="unique"):
+        _moe(x, ids, w, None, p, impl=torch.compile(kbvq_moe_torch, fullgraph=True, backend="eager"))
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2"])

@@ -1,0 +1,100 @@
+"""Quantizer speed and memory for one MoE layer at a real model's shapes (random weights), projected to the model.
+
+    python benchmarks/quantize_layer.py --device cuda --out benchmarks/results/quantize_layer.json
+
+Builds one MoE layer with the shapes of ``--shape`` (random weights, random
+correlated calibration activations, routing from a random linear router) on the
+device and runs the quantizer's per-layer step (``quantize_tools.moe_layer.
+quantize_moe_block``: KLT, joint SVD, k-means VQ, BCOS) with the paper's
+settings: 2-bit, 256x4 codebooks, k-means++ and 100 iterations, 256 x 4096
+calibration tokens. Reports seconds per layer, peak device memory, and the
+projected time for all the model's MoE layers (the per-layer forward passes of
+the pipeline are not included: they are small next to k-means).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# name -> (hidden, expert intermediate, routed experts, top-k, shared-expert intermediate, MoE layers)
+SHAPES = {
+    "Qwen1.5-MoE-A2.7B": (2048, 1408, 60, 4, 5632, 24),
+    "Qwen3-30B-A3B": (2048, 768, 128, 8, None, 48),
+    "Mixtral-8x7B": (4096, 14336, 8, 2, None, 32),
+    "DeepSeek-V2-Lite": (2048, 1408, 64, 6, 2816, 26),
+}
+ARCH_OF = {"Qwen1.5-MoE-A2.7B": "qwen2_moe", "Qwen3-30B-A3B": "qwen3_moe", "Mixtral-8x7B": "mixtral",
+           "DeepSeek-V2-Lite": "deepseek_v2"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="Qwen1.5-MoE-A2.7B", choices=list(SHAPES))
+    p.add_argument("--experts", type=int, help="override the number of routed experts (smoke runs)")
+    p.add_argument("--bits", type=int, default=2)
+    p.add_argument("--nsamples", type=int, default=256)
+    p.add_argument("--seqlen", type=int, default=4096)
+    p.add_argument("--kmeans-iters", type=int, default=100)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/quantize_layer.json"))
+    args = p.parse_args(argv)
+
+    from quantize_tools.moe_layer import LayerOptions, quantize_moe_block, ranks_for
+    from vllm_kbvq.archs import ARCHS
+    from vllm_kbvq.format import KBVQConfig
+
+    hidden, inter, n_exp, top_k, shared_inter, n_layers = SHAPES[args.shape]
+    n_exp = args.experts or n_exp
+    top_k = min(top_k, n_exp)
+    dev = torch.device(args.device)
+    opts = LayerOptions(bits=args.bits, kmeans_iters=args.kmeans_iters, compare_plain_vq=False)
+    arch = ARCHS[ARCH_OF[args.shape]]
+    cfg = KBVQConfig(bits=opts.bits, vector_dim=opts.vector_dim, arch=arch.name,
+                     rank=ranks_for(opts, hidden, inter, shared_inter), layers=[0],
+                     shared_intermediate_size=shared_inter, idre=True, bcos=True, rank_ratio=opts.rank_ratio,
+                     damp=opts.damp, kmeans_iters=opts.kmeans_iters, seed=opts.seed)
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    n_tok = args.nsamples * args.seqlen
+    mix = torch.randn(hidden, hidden, generator=g, device=dev) / hidden ** 0.5
+    x = torch.cat([torch.randn(c, hidden, generator=g, device=dev) @ mix
+                   for c in torch.full((n_tok // 65536 + 1,), 65536).tolist()])[:n_tok]
+    router = torch.randn(hidden, n_exp, generator=g, device=dev)
+    topk = torch.cat([(c @ router).topk(top_k, dim=-1).indices for c in x.split(65536)])
+    shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    sshapes = {"gate": (shared_inter, hidden), "up": (shared_inter, hidden), "down": (hidden, shared_inter)}
+
+    def weights(group, wtype):
+        n, (oc, ic) = (n_exp, shapes[wtype]) if group == "experts" else (1, sshapes[wtype])
+        return torch.randn(n, oc, ic, generator=g, device=dev) * 0.02
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    _, report = quantize_moe_block(0, x, topk, weights, arch, n_exp, shared_inter is not None,
+                                   torch.nn.functional.silu, opts, cfg, device=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    result = {
+        "shape": args.shape, "experts": n_exp, "bits": args.bits, "calibration_tokens": n_tok,
+        "kmeans_iters": args.kmeans_iters, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "seconds_per_layer": seconds, "peak_memory_bytes": peak,
+        "activations_bytes": x.numel() * x.element_size(), "moe_layers": n_layers,
+        "projected_total_s": seconds * n_layers,
+    }
+    print(json.dumps(result, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
