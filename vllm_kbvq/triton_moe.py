@@ -40,16 +40,6 @@ _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.flo
 
 
 @triton.jit
-def _decode_tile(idx_ptr, cb_ptr, e, rows, cols, row_ok, col_ok, stride_ie, stride_ir, rows_per_shard,
-                 S: tl.constexpr, K: tl.constexpr, D: tl.constexpr, c: tl.constexpr):
-    """Component ``c`` of the codewords of ``rows x cols`` (vector columns) of expert ``e``, float32."""
-    mask = row_ok[:, None] & col_ok[None, :]
-    codes = tl.load(idx_ptr + e * stride_ie + rows[:, None] * stride_ir + cols[None, :], mask=mask, other=0)
-    book = (e * S + rows // rows_per_shard) * (K * D)
-    return tl.load(cb_ptr + book[:, None] + codes.to(tl.int32) * D + c, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _epilogue_rows(acc, e, rows, row_ok, lr_ptr, bx, kk, kk_ok, s_ptr, b_ptr, stride_le, stride_lr,
                    stride_ae, HAS_LR: tl.constexpr):
     """``(1 + s) * (acc + A bx) + b`` for one row block (``bx`` a vector: one token)."""
@@ -73,25 +63,32 @@ def _vq_gemv(x_ptr, slot_ptr, pw_ptr, idx_ptr, cb_ptr, lr_ptr, bx_ptr, s_ptr, b_
     ``GATED``: the rows are gate rows ``r`` and up rows ``r + n_out``; the output is SiLU(gate)·up.
     """
     pair = tl.program_id(0)
-    e = tl.load(slot_ptr + pair)
+    e = tl.load(slot_ptr + pair).to(tl.int64)  # int64 offsets: e * stride passes 2^31 on large models
     if e >= 0:
         xrow = pair // x_row_div
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < n_out
         acc = tl.zeros((BLOCK_R, BLOCK_J), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_R, BLOCK_J), dtype=tl.float32)
+        comp = tl.arange(0, D)
+        book = (e * S + rows // rows_per_shard) * (K * D)
+        book_up = (e * S + (rows + n_out) // rows_per_shard) * (K * D)
         for j0 in range(0, n_cols, BLOCK_J):
             cols = j0 + tl.arange(0, BLOCK_J)
             col_ok = cols < n_cols
-            for c in tl.static_range(D):
-                xc = tl.load(x_ptr + xrow * stride_x + cols * D + c, mask=col_ok, other=0.0).to(tl.float32)
-                w = _decode_tile(idx_ptr, cb_ptr, e, rows, cols, row_ok, col_ok, stride_ie, stride_ir,
-                                 rows_per_shard, S, K, D, c)
-                acc += w * xc[None, :]
-                if GATED:
-                    w_up = _decode_tile(idx_ptr, cb_ptr, e, rows + n_out, cols, row_ok, col_ok, stride_ie,
-                                        stride_ir, rows_per_shard, S, K, D, c)
-                    acc_up += w_up * xc[None, :]
+            xv = tl.load(x_ptr + xrow * stride_x + cols[:, None] * D + comp[None, :], mask=col_ok[:, None],
+                         other=0.0).to(tl.float32)
+            mask = row_ok[:, None] & col_ok[None, :]
+            codes = tl.load(idx_ptr + e * stride_ie + rows[:, None] * stride_ir + cols[None, :], mask=mask, other=0)
+            w = tl.load(cb_ptr + book[:, None, None] + codes.to(tl.int32)[:, :, None] * D + comp[None, None, :],
+                        mask=mask[:, :, None], other=0.0).to(tl.float32)
+            acc += tl.sum(w * xv[None, :, :], axis=2)
+            if GATED:
+                codes = tl.load(idx_ptr + e * stride_ie + (rows + n_out)[:, None] * stride_ir + cols[None, :],
+                                mask=mask, other=0)
+                w = tl.load(cb_ptr + book_up[:, None, None] + codes.to(tl.int32)[:, :, None] * D
+                            + comp[None, None, :], mask=mask[:, :, None], other=0.0).to(tl.float32)
+                acc_up += tl.sum(w * xv[None, :, :], axis=2)
         kk = tl.arange(0, BLOCK_K)
         kk_ok = kk < n_rank
         bx = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -105,18 +102,28 @@ def _vq_gemv(x_ptr, slot_ptr, pw_ptr, idx_ptr, cb_ptr, lr_ptr, bx_ptr, s_ptr, b_
             y = y * tl.sigmoid(y) * up
         if HAS_WEIGHT:
             y = y * tl.load(pw_ptr + pair).to(tl.float32)
-        tl.store(out_ptr + pair * stride_out + rows, y, mask=row_ok)
+        tl.store(out_ptr + pair.to(tl.int64) * stride_out + rows, y, mask=row_ok)
 
 
 @triton.jit
-def _tile_dot(acc, a, idx_ptr, cb_ptr, e, rows, ks, row_ok, k_ok, stride_ie, stride_ir, rows_per_shard,
-              S: tl.constexpr, K: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr):
-    """``acc += a @ W[rows, ks].T`` with the weight tile decoded from the codes."""
-    mask = k_ok[:, None] & row_ok[None, :]
-    codes = tl.load(idx_ptr + e * stride_ie + rows[None, :] * stride_ir + (ks // D)[:, None], mask=mask, other=0)
+def _tile_dot(acc, a, idx_ptr, cb_ptr, e, rows, k0, n_in, row_ok, stride_ie, stride_ir, rows_per_shard,
+              S: tl.constexpr, K: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc += a @ W[rows, k0:k0+BLOCK_K].T``, the weight tile decoded from the codes.
+
+    Each code is loaded once and its ``D`` codebook components in one vector gather,
+    laid out K-major so ``tl.dot`` needs no transpose. With bfloat16 activations the
+    float16 codewords are rounded to bfloat16 (3 mantissa bits fewer) for the dot.
+    """
+    vc = k0 // D + tl.arange(0, BLOCK_K // D)
+    mask = (vc < n_in // D)[:, None] & row_ok[None, :]
+    codes = tl.load(idx_ptr + e * stride_ie + rows[None, :] * stride_ir + vc[:, None], mask=mask, other=0)
     book = (e * S + rows // rows_per_shard) * (K * D)
-    w = tl.load(cb_ptr + book[None, :] + codes.to(tl.int32) * D + (ks % D)[:, None], mask=mask, other=0.0)
-    return tl.dot(a, w.to(DOT), acc)
+    comp = tl.arange(0, D)
+    w = tl.load(cb_ptr + book[None, None, :] + codes.to(tl.int32)[:, None, :] * D + comp[None, :, None],
+                mask=mask[:, None, :], other=0.0)
+    w = tl.reshape(w, (BLOCK_K, BLOCK_N))
+    return tl.dot(a, w.to(DOT), acc, input_precision=PREC)
 
 
 @triton.jit
@@ -137,11 +144,12 @@ def _vq_grouped_gemm(x_ptr, pairs_ptr, block_slot_ptr, pw_ptr, idx_ptr, cb_ptr, 
                      out_ptr, n_pairs, n_in, n_out, rows_per_shard, n_rank, x_row_div,
                      stride_x, stride_ie, stride_ir, stride_le, stride_lr, stride_bx, stride_ae, stride_out,
                      S: tl.constexpr, K: tl.constexpr, D: tl.constexpr, GATED: tl.constexpr, HAS_LR: tl.constexpr,
-                     HAS_WEIGHT: tl.constexpr, DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_WEIGHT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """One block of ``BLOCK_M`` pairs routed to one expert, times ``BLOCK_N`` output rows."""
     blk = tl.program_id(0)
-    e = tl.load(block_slot_ptr + blk)
+    e = tl.load(block_slot_ptr + blk).to(tl.int64)
     if e >= 0:
         pair = tl.load(pairs_ptr + blk * BLOCK_M + tl.arange(0, BLOCK_M))
         pair_ok = pair < n_pairs
@@ -155,11 +163,11 @@ def _vq_grouped_gemm(x_ptr, pairs_ptr, block_slot_ptr, pw_ptr, idx_ptr, cb_ptr, 
             k_ok = ks < n_in
             a = tl.load(x_ptr + xrow[:, None] * stride_x + ks[None, :], mask=pair_ok[:, None] & k_ok[None, :],
                         other=0.0).to(DOT)
-            acc = _tile_dot(acc, a, idx_ptr, cb_ptr, e, rows, ks, row_ok, k_ok, stride_ie, stride_ir,
-                            rows_per_shard, S, K, D, DOT)
+            acc = _tile_dot(acc, a, idx_ptr, cb_ptr, e, rows, k0, n_in, row_ok, stride_ie, stride_ir,
+                            rows_per_shard, S, K, D, DOT, PREC, BLOCK_N, BLOCK_K)
             if GATED:
-                acc_up = _tile_dot(acc_up, a, idx_ptr, cb_ptr, e, rows + n_out, ks, row_ok, k_ok, stride_ie,
-                                   stride_ir, rows_per_shard, S, K, D, DOT)
+                acc_up = _tile_dot(acc_up, a, idx_ptr, cb_ptr, e, rows + n_out, k0, n_in, row_ok, stride_ie,
+                                   stride_ir, rows_per_shard, S, K, D, DOT, PREC, BLOCK_N, BLOCK_K)
         kk = tl.arange(0, BLOCK_R)
         kk_ok = kk < n_rank
         bx = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -174,7 +182,8 @@ def _vq_grouped_gemm(x_ptr, pairs_ptr, block_slot_ptr, pw_ptr, idx_ptr, cb_ptr, 
             y = y * tl.sigmoid(y) * up
         if HAS_WEIGHT:
             y = y * tl.load(pw_ptr + pair, mask=pair_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + pair[:, None] * stride_out + rows[None, :], y, mask=pair_ok[:, None] & row_ok[None, :])
+        tl.store(out_ptr + pair.to(tl.int64)[:, None] * stride_out + rows[None, :], y,
+                 mask=pair_ok[:, None] & row_ok[None, :])
 
 
 def align_pairs(slots: torch.Tensor, n_local: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,8 +216,17 @@ def align_pairs(slots: torch.Tensor, n_local: int, block_m: int) -> tuple[torch.
     return pairs[:length], block_slot
 
 
-def _group_args(idx, codebook, lr_a, affine_s):
-    """Strides and sizes of one group's tensors, shared by both kernels."""
+def _block_m(pairs_per_expert: float) -> int:
+    """Pairs per grouped-GEMM block: each block decodes its expert's weights again, so larger
+    blocks amortise decoding, but padding every expert's run to the block wastes work."""
+    return 16 if pairs_per_expert <= 16 else 64 if pairs_per_expert < 128 else 128
+
+
+def _group_args(idx, codebook, lr_a, affine_s, affine_b):
+    """Strides and sizes of one group's tensors, shared by both kernels (which assume row-major rows)."""
+    if not (idx.stride(-1) == 1 and codebook.is_contiguous() and affine_s.stride(-1) == 1
+            and affine_b.stride() == affine_s.stride() and (lr_a is None or lr_a.stride(-1) == 1)):
+        raise ValueError("KBVQ kernels need contiguous rows in idx, lr_a, affine_* and a contiguous codebook")
     n_local, rows, _ = idx.shape
     s, k, d = codebook.shape[1:]
     n_rank = 0 if lr_a is None else lr_a.shape[-1]
@@ -221,7 +239,7 @@ def _group_args(idx, codebook, lr_a, affine_s):
 def _vq_matmul(x, bx, slots, pair_weight, x_row_div, idx, codebook, lr_a, affine_s, affine_b, gated, plan):
     """One group (``w13`` when ``gated``, else ``w2`` / a linear) for every pair: ``[P, rows]`` float32."""
     n_pairs = slots.numel()
-    g = _group_args(idx, codebook, lr_a, affine_s)
+    g = _group_args(idx, codebook, lr_a, affine_s, affine_b)
     n_out = idx.shape[1] // (2 if gated else 1)
     out = torch.zeros(n_pairs, n_out, dtype=torch.float32, device=x.device)
     lr = lr_a if lr_a is not None else affine_s
@@ -237,11 +255,15 @@ def _vq_matmul(x, bx, slots, pair_weight, x_row_div, idx, codebook, lr_a, affine
                        BLOCK_R=block_r, BLOCK_J=32, BLOCK_K=max(triton.next_power_of_2(g["n_rank"]), 2), **common)
     else:
         pairs, block_slot, block_m = plan
-        block_n = 32
+        # tiles that compile without register spills on sm90 (Triton 3.6); untimed
+        block_n, block_k, warps = 64, 64, (8 if block_m >= 128 else 4)
         grid = (block_slot.numel(), triton.cdiv(n_out, block_n))
+        # ieee: float32 activations are not rounded to tf32 (half precision ignores it)
+        prec = "ieee" if x.dtype == torch.float32 else "tf32"
         _vq_grouped_gemm[grid](x, pairs, block_slot, pw, idx, codebook, lr, bx_, affine_s, affine_b, out, n_pairs,
-                               x.shape[1], n_out, DOT=_DOT_DTYPES[x.dtype], BLOCK_M=block_m, BLOCK_N=block_n,
-                               BLOCK_K=32, BLOCK_R=max(triton.next_power_of_2(g["n_rank"]), 16), **common)
+                               x.shape[1], n_out, DOT=_DOT_DTYPES[x.dtype], PREC=prec, BLOCK_M=block_m,
+                               BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=max(triton.next_power_of_2(g["n_rank"]), 16),
+                               num_warps=warps, **common)
     return out
 
 
@@ -261,7 +283,7 @@ def kbvq_moe_triton(
     x = x.contiguous()
     plan = None
     if n_tok * top_k > DECODE_MAX_PAIRS_PER_EXPERT * n_local:
-        block_m = 16 if n_tok * top_k <= 8 * n_local else 64
+        block_m = _block_m(n_tok * top_k / n_local)
         plan = (*align_pairs(slots, n_local, block_m), block_m)
     h = _vq_matmul(x, bx13, slots, None, top_k, w13_idx, w13_codebook, w13_lr_a, w13_affine_s, w13_affine_b,
                    True, plan)
@@ -282,7 +304,7 @@ def kbvq_linear_triton(x: torch.Tensor, idx: torch.Tensor, codebook: torch.Tenso
     slots = torch.zeros(n_tok, dtype=torch.int32, device=x.device)
     plan = None
     if n_tok > DECODE_MAX_PAIRS_PER_EXPERT:
-        block_m = 16 if n_tok <= 16 else 64
+        block_m = _block_m(n_tok)
         plan = (*align_pairs(slots, 1, block_m), block_m)
     y = _vq_matmul(xs, bx, slots, None, 1, idx[None], codebook[None], None if lr_a is None else lr_a[None],
                    affine_s[None], affine_b[None], False, plan)
