@@ -31,6 +31,8 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .moe_layer import VQ_METHODS
+
     p = argparse.ArgumentParser(
         prog="kbvq-quantize",
         description=(
@@ -64,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experts routed fewer calibration tokens fit BCOS on all tokens of the layer")
     q.add_argument("--damp", type=float, default=1e-2, help="KLT eigenvalue floor, as a fraction of the mean eigenvalue")
     q.add_argument("--kmeans-iters", type=_positive, default=100, help="Lloyd iterations of k-means")
+    q.add_argument("--vq-method", choices=VQ_METHODS, default="kmeans",
+                   help="how vectors get their codewords: nearest k-means codeword (the paper's default), or "
+                        "gptvq: the same codebook with Hessian-aware assignment and GPTQ-style error feedback")
     q.add_argument("--seed", type=int, default=42, help="seed of calibration sampling and k-means")
     q.add_argument("--no-plain-vq-report", action="store_true",
                    help="skip the plain-VQ comparison in kbvq_report.json (halves k-means time)")
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         bits=args.bits, vector_dim=vector_dim, rank_ratio=0.0 if args.no_idre else args.rank_ratio,
         idre=not args.no_idre and args.rank_ratio > 0, klt=not args.no_klt, bcos=not args.no_bcos,
         bcos_mode=args.bcos_mode, bcos_min_tokens=args.bcos_min_tokens, damp=args.damp,
-        kmeans_iters=args.kmeans_iters, compare_plain_vq=not args.no_plain_vq_report, seed=args.seed,
+        kmeans_iters=args.kmeans_iters, vq_method=args.vq_method, compare_plain_vq=not args.no_plain_vq_report, seed=args.seed,
         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device=device,
     )
     try:

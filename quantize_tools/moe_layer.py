@@ -18,11 +18,13 @@ from vllm_kbvq.packing import pack_codes
 from vllm_kbvq.reference import KBVQLinear
 
 from .bcos import OutputStats, fit_affine
+from .gptvq import gptvq_assign, second_moment
 from .idre import CovarianceAccumulator, identity_klt, joint_svd, klt
 from .vq import vq_dequantize, vq_quantize
 
 __all__ = ["LayerOptions", "quantize_group", "quantize_moe_block"]
 
+VQ_METHODS = ("kmeans", "gptvq")
 _TOKEN_CHUNK = 8192  # tokens per matmul when streaming statistics
 
 
@@ -38,6 +40,7 @@ class LayerOptions:
     bcos_min_tokens: int = 16
     damp: float = 1e-2
     kmeans_iters: int = 100
+    vq_method: str = "kmeans"  # "gptvq": k-means codebook, Hessian-aware assignment (quantize_tools.gptvq)
     compare_plain_vq: bool = True
     seed: int = 42
 
@@ -87,6 +90,8 @@ def quantize_group(
     ``cov`` is the input covariance used for the KLT; ``inputs(e)`` returns the
     calibration inputs member ``e`` sees (its routed tokens, or the fallback).
     """
+    if opts.vq_method not in VQ_METHODS:
+        raise ValueError(f"unknown vq_method {opts.vq_method!r}: one of {', '.join(VQ_METHODS)}")
     n, oc, ic = w.shape
     device = w.device
     rep: dict = {"rank": rank}
@@ -101,6 +106,10 @@ def quantize_group(
         a = b = None
         residual, low_rank = w.float(), None
     codes, codebook = vq_quantize(residual, opts.bits, opts.vector_dim, opts.kmeans_iters, seed)
+    if opts.vq_method == "gptvq":
+        for e in range(n):  # each member's own inputs: routed experts see different tokens
+            h = second_moment(_chunks(inputs(e)), ic, device)
+            codes[e] = gptvq_assign(residual[e], h, codebook[e], opts.damp)
     w_hat = vq_dequantize(codes, codebook)
     if low_rank is not None:
         w_hat = w_hat + low_rank

@@ -165,7 +165,7 @@ def quantize(
         bits=opts.bits, vector_dim=opts.vector_dim, arch=arch.name,
         rank=ranks_for(opts, hidden, inter, shared_inter), layers=moe_layers,
         shared_intermediate_size=shared_inter, idre=opts.idre, bcos=opts.bcos, rank_ratio=opts.rank_ratio,
-        damp=opts.damp, kmeans_iters=opts.kmeans_iters, seed=opts.seed,
+        damp=opts.damp, kmeans_iters=opts.kmeans_iters, vq_method=opts.vq_method, seed=opts.seed,
         calibration={**(calibration_info or {}), "nsamples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1])},
     )
     cfg.validate()

@@ -263,3 +263,19 @@ def test_skipped_plain_vq_comparison_is_reported_as_absent(tiny_model, tmp_path)
     from quantize_tools.report import format_summary
 
     assert "plain VQ not run" in format_summary(report)
+
+
+def test_gptvq_assignment_lowers_calibration_output_error(tiny_model, tmp_path):
+    """Same seed, same k-means codebooks: the Hessian-aware assignment must cut the output error it targets."""
+    model_dir = tiny_model("mixtral")
+    errs = {}
+    for method in ("kmeans", "gptvq"):
+        opts = QuantizeOptions(bits=2, vector_dim=2, kmeans_iters=10, vq_method=method, bcos=False,
+                               compare_plain_vq=False)
+        # enough tokens per expert (about 1000 for 128 inputs) that the Hessian does not overfit
+        report = quantize(model_dir, tmp_path / method, _tokens(n=32), opts, progress=False)
+        assert validate_checkpoint(tmp_path / method).vq_method == method
+        errs[method] = sum(layer["experts"][wt]["rel_err"]["idre_vq"] for layer in report["layers"]
+                           for wt in ("gate", "up", "down"))
+    assert errs["gptvq"] < 0.9 * errs["kmeans"], errs
+    assert _rel_err(model_dir, tmp_path / "gptvq") < _rel_err(model_dir, tmp_path / "kmeans")

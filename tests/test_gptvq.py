@@ -1,0 +1,68 @@
+"""Hessian-aware VQ assignment against independent oracles."""
+import torch
+
+from quantize_tools.gptvq import gptvq_assign, second_moment
+from quantize_tools.vq import _assign_torch, kmeans, to_vectors
+
+
+def _problem(oc=48, ic=64, tokens=2000, d=4, k=16, seed=0, correlated=True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(oc, ic, generator=g)
+    x = torch.randn(tokens, ic, generator=g)
+    if correlated:
+        x = x @ (torch.randn(ic, ic, generator=g) * 0.3 + torch.eye(ic))
+    cb, _ = kmeans(to_vectors(w, d)[None], k, iters=10, seed=seed)
+    return w, x, cb[0]
+
+
+def _nearest(w, cb):
+    d = cb.shape[1]
+    return _assign_torch(to_vectors(w, d)[None], cb[None])[0].reshape(w.shape[0], -1)
+
+
+def _decode(codes, cb):
+    return cb[codes].reshape(codes.shape[0], -1)
+
+
+def test_white_inputs_give_the_nearest_codeword():
+    """With H = c I there is nothing to compensate: the assignment is plain nearest-neighbour."""
+    w, _, cb = _problem()
+    h = torch.eye(w.shape[1], dtype=torch.float64) * 2.5
+    assert torch.equal(gptvq_assign(w, h, cb), _nearest(w, cb))
+
+
+def test_error_feedback_lowers_the_output_error():
+    # many vectors per codeword, as in a real matrix (a codebook fitted to few points leaves little to gain)
+    w, x, cb = _problem(oc=256, ic=128, tokens=4000, k=64)
+    h = second_moment(x.split(500), x.shape[1], "cpu")
+    torch.testing.assert_close(h, (x.double().T @ x.double()) / x.shape[0])
+
+    def out_err(codes):
+        return ((x @ (w - _decode(codes, cb)).T) ** 2).sum().item()
+
+    plain, hessian = out_err(_nearest(w, cb)), out_err(gptvq_assign(w, h, cb))
+    assert hessian < 0.85 * plain, (hessian, plain)
+
+
+def _gptq_columns(w, h, grid, damp):
+    """GPTQ as its paper states it (Frantar et al. 2022, Alg. 1 without lazy batching), scalar grid, float64."""
+    w = w.double().clone()
+    h = h.double().clone()
+    h += damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    codes = torch.empty(w.shape, dtype=torch.int64)
+    for j in range(w.shape[1]):
+        q = (w[:, j, None] - grid.double()[None, :]).abs().argmin(-1)
+        codes[:, j] = q
+        err = (w[:, j] - grid.double()[q]) / u[j, j]
+        w[:, j + 1:] -= err[:, None] * u[j, j + 1:][None, :]
+    return codes
+
+
+def test_vector_dim_one_is_gptq_with_a_fixed_grid():
+    """d = 1: the blocked, lazily updated assignment equals textbook column-by-column GPTQ."""
+    w, x, _ = _problem(oc=20, ic=40, d=1)
+    grid = torch.linspace(-2, 2, 9)
+    h = second_moment([x], x.shape[1], "cpu")
+    got = gptvq_assign(w, h, grid[:, None], damp=1e-2, block=16)
+    assert torch.equal(got, _gptq_columns(w, h, grid, 1e-2))
