@@ -16,12 +16,17 @@ top-k routing (the same for every method):
 
 Times are CUDA-graph replays (``triton.testing.do_bench_cudagraph``), as vLLM runs
 decode. Writes JSON and, if matplotlib is installed, a plot beside it.
+
+``--smoke`` runs the whole script on a CPU at a tiny shape through Triton's
+interpreter: a check that the script works, not a measurement.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,6 +39,7 @@ SHAPES = {
     "DeepSeek-V2-Lite": (2048, 1408, 64, 6),
 }
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+SMOKE_SHAPE = {"tiny": (64, 32, 8, 2)}
 # bits -> (vector dim, index dtype) as the runtime layout holds them
 SETTINGS = {2: (4, torch.uint8), 3: (4, torch.int16)}
 # peak HBM bandwidth, bytes/s, by device-name substring (first match wins)
@@ -91,16 +97,33 @@ def bf16_grouped_moe(x, topk_weights, topk_ids, w13, w2):
     return (out.view(n_tok, top_k, -1) * topk_weights[..., None].to(y.dtype)).sum(1)
 
 
-def bf16_baseline():
-    """(name, fn(x, topk_weights, topk_ids, w13, w2)) of the best fused BF16 MoE importable here."""
+def bf16_baseline(dev):
+    """(name, fn(x, topk_weights, topk_ids, w13, w2)) of the best fused BF16 MoE that runs here.
+
+    vLLM's ``fused_experts`` when it imports and runs (vLLM's CPU build exports a stub
+    that raises), else torch's grouped GEMM.
+    """
     try:
         from vllm.model_executor.layers.fused_moe import fused_experts
-        return "vllm.fused_experts", lambda x, w, i, w13, w2: fused_experts(x, w13, w2, w, i)
-    except Exception:  # noqa: BLE001 - any import failure means: no vLLM here
+
+        def vllm_moe(x, w, i, w13, w2):
+            return fused_experts(x, w13, w2, w, i)
+
+        g = torch.Generator(device=dev).manual_seed(0)
+        w13 = torch.randn(4, 64, 32, generator=g, device=dev).bfloat16()
+        x = torch.randn(3, 32, generator=g, device=dev).bfloat16()
+        ids = torch.tensor([[0, 1], [2, 3], [1, 2]], device=dev, dtype=torch.int32)
+        vllm_moe(x, torch.full((3, 2), 0.5, device=dev), ids, w13, w13[:, :32, :].transpose(1, 2).contiguous())
+        return "vllm.fused_experts", vllm_moe
+    except Exception:  # noqa: BLE001 - no usable vLLM here
         return "torch._grouped_mm", bf16_grouped_moe
 
 
 def time_ms(fn) -> float:
+    if not torch.cuda.is_available():  # --smoke: wall time of one call, only to exercise the script
+        t = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t)
     import triton.testing as tt
     try:
         return tt.do_bench_cudagraph(fn, rep=100)
@@ -112,12 +135,12 @@ def run(shapes, batches, bits_list, rank_ratio, dev) -> dict:
     from vllm_kbvq.triton_moe import kbvq_moe_triton
     from vllm_kbvq.ops import kbvq_moe_torch_static
 
-    name = torch.cuda.get_device_name(dev)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (Triton interpreter, not a measurement)"
     peak = peak_bandwidth(name)
-    base_name, base_fn = bf16_baseline()
+    base_name, base_fn = bf16_baseline(dev)
     rows = []
     for shape in shapes:
-        hidden, inter, n, top_k = SHAPES[shape]
+        hidden, inter, n, top_k = {**SHAPES, **SMOKE_SHAPE}[shape]
         g = torch.Generator(device=dev).manual_seed(1)
         w13 = torch.randn(n, 2 * inter, hidden, generator=g, device=dev, dtype=torch.bfloat16) * 0.02
         w2 = torch.randn(n, hidden, inter, generator=g, device=dev, dtype=torch.bfloat16) * 0.02
@@ -144,7 +167,8 @@ def run(shapes, batches, bits_list, rank_ratio, dev) -> dict:
             rows.append(row)
             print(_fmt(row, bits_list), flush=True)
         del w13, w2, kb
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     return {"device": name, "peak_bandwidth_Bps": peak, "bf16_baseline": base_name, "rank_ratio": rank_ratio,
             "torch": torch.__version__, "rows": rows}
 
@@ -195,11 +219,18 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, nargs="+", default=sorted(SETTINGS), choices=sorted(SETTINGS))
     p.add_argument("--rank-ratio", type=float, default=1 / 128)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/moe_kernels.json"))
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU, tiny shape, Triton interpreter: checks the script runs; measures nothing")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+        shapes, batches, dev = list(SMOKE_SHAPE), [1, 4, 16], torch.device("cpu")
+    elif torch.cuda.is_available():
+        shapes, batches, dev = args.shapes, args.batch, torch.device("cuda")
+    else:
         p.error("needs a CUDA GPU: the Triton kernels and the BF16 baseline are GPU code "
-                "(their CPU checks are tests/test_triton_moe.py under TRITON_INTERPRET=1)")
-    result = run(args.shapes, args.batch, args.bits, args.rank_ratio, torch.device("cuda"))
+                "(--smoke checks the script on a CPU; tests/test_triton_moe.py checks the kernels)")
+    result = run(shapes, batches, args.bits, args.rank_ratio, dev)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")

@@ -148,3 +148,21 @@ def test_kernels_compile_for_sm90():
     r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     assert r.stdout.count("ok ") == 5, r.stdout
+
+
+def test_kernel_benchmark_script_runs(tmp_path):
+    """``benchmarks/moe_kernels.py --smoke``: the GPU benchmark's plumbing, on a CPU (no timing claimed)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "moe_kernels.py"
+    out = tmp_path / "smoke.json"
+    r = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["batch"] for row in result["rows"]] == [1, 4, 16]
+    checked = [row for row in result["rows"] if "kbvq2_max_abs_err_vs_torch" in row]
+    assert checked and all(row[f"kbvq{b}_max_abs_err_vs_torch"] < 1e-2 for row in checked for b in (2, 3))
