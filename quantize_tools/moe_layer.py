@@ -18,7 +18,7 @@ from vllm_kbvq.packing import pack_codes
 from vllm_kbvq.reference import KBVQLinear
 
 from .bcos import OutputStats, fit_affine
-from .gptvq import gptvq_assign, second_moment
+from .gptq import gptvq_assign, second_moment
 from .idre import CovarianceAccumulator, identity_klt, joint_svd, klt
 from .vq import vq_dequantize, vq_quantize
 
@@ -40,7 +40,7 @@ class LayerOptions:
     bcos_min_tokens: int = 16
     damp: float = 1e-2
     kmeans_iters: int = 100
-    vq_method: str = "kmeans"  # "gptvq": k-means codebook, Hessian-aware assignment (quantize_tools.gptvq)
+    vq_method: str = "kmeans"  # "gptvq": k-means codebook, Hessian-aware assignment (quantize_tools.gptq)
     compare_plain_vq: bool = True
     seed: int = 42
 

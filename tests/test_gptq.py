@@ -1,7 +1,7 @@
-"""Hessian-aware VQ assignment against independent oracles."""
+"""GPTQ-style error feedback (scalar and vector) and RTN against independent oracles."""
 import torch
 
-from quantize_tools.gptvq import gptvq_assign, second_moment
+from quantize_tools.gptq import gptq_quantize, gptvq_assign, rtn_quantize, second_moment
 from quantize_tools.vq import _assign_torch, kmeans, to_vectors
 
 
@@ -66,3 +66,30 @@ def test_vector_dim_one_is_gptq_with_a_fixed_grid():
     h = second_moment([x], x.shape[1], "cpu")
     got = gptvq_assign(w, h, grid[:, None], damp=1e-2, block=16)
     assert torch.equal(got, _gptq_columns(w, h, grid, 1e-2))
+
+
+def test_rtn_picks_the_nearest_point_of_each_group_grid():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 32, generator=g)
+    q = rtn_quantize(w, bits=3, group_size=8)
+    for r in range(6):
+        for c0 in range(0, 32, 8):
+            grp = w[r, c0:c0 + 8]
+            lo, hi = min(grp.min().item(), 0.0), max(grp.max().item(), 0.0)
+            scale = (hi - lo) / 7
+            zero = round(-lo / scale)
+            points = torch.tensor([(k - zero) * scale for k in range(8)])
+            brute = points[(grp[:, None] - points[None, :]).abs().argmin(-1)]
+            torch.testing.assert_close(q[r, c0:c0 + 8], brute, atol=1e-6, rtol=0)
+
+
+def test_gptq_with_white_inputs_is_rtn_and_beats_it_on_correlated_ones():
+    w, x, _ = _problem(oc=64, ic=128, tokens=4000)
+    h_white = torch.eye(128, dtype=torch.float64)
+    torch.testing.assert_close(gptq_quantize(w, h_white, 2, 32), rtn_quantize(w, 2, 32), atol=1e-6, rtol=0)
+    h = second_moment([x], 128, "cpu")
+
+    def out_err(q):
+        return ((x @ (w - q).T) ** 2).sum().item()
+
+    assert out_err(gptq_quantize(w, h, 2, 32)) < 0.85 * out_err(rtn_quantize(w, 2, 32))
