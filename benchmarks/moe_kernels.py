@@ -31,15 +31,10 @@ from pathlib import Path
 
 import torch
 
-# name -> (hidden, expert intermediate, routed experts, top-k): the MoE layers of the paper's models
-SHAPES = {
-    "Qwen1.5-MoE-A2.7B": (2048, 1408, 60, 4),
-    "Qwen3-30B-A3B": (2048, 768, 128, 8),
-    "Mixtral-8x7B": (4096, 14336, 8, 2),
-    "DeepSeek-V2-Lite": (2048, 1408, 64, 6),
-}
+from shapes import SHAPES, MoEShape  # benchmarks/ is the script's directory
+
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-SMOKE_SHAPE = {"tiny": (64, 32, 8, 2)}
+SMOKE_SHAPE = {"tiny": MoEShape(64, 32, 8, 2, None, 1, "mixtral")}
 # bits -> (vector dim, index dtype) as the runtime layout holds them
 SETTINGS = {2: (4, torch.uint8), 3: (4, torch.int16)}
 # peak HBM bandwidth, bytes/s, by device-name substring (first match wins)
@@ -140,7 +135,8 @@ def run(shapes, batches, bits_list, rank_ratio, dev) -> dict:
     base_name, base_fn = bf16_baseline(dev)
     rows = []
     for shape in shapes:
-        hidden, inter, n, top_k = {**SHAPES, **SMOKE_SHAPE}[shape]
+        sh = {**SHAPES, **SMOKE_SHAPE}[shape]
+        hidden, inter, n, top_k = sh.hidden, sh.inter, sh.experts, sh.top_k
         g = torch.Generator(device=dev).manual_seed(1)
         w13 = torch.randn(n, 2 * inter, hidden, generator=g, device=dev, dtype=torch.bfloat16) * 0.02
         w2 = torch.randn(n, hidden, inter, generator=g, device=dev, dtype=torch.bfloat16) * 0.02

@@ -21,16 +21,7 @@ from pathlib import Path
 
 import torch
 
-# name -> (hidden, expert intermediate, routed experts, top-k, shared-expert intermediate, MoE layers)
-SHAPES = {
-    "Qwen1.5-MoE-A2.7B": (2048, 1408, 60, 4, 5632, 24),
-    "Qwen3-30B-A3B": (2048, 768, 128, 8, None, 48),
-    "Mixtral-8x7B": (4096, 14336, 8, 2, None, 32),
-    "DeepSeek-V2-Lite": (2048, 1408, 64, 6, 2816, 26),
-}
-ARCH_OF = {"Qwen1.5-MoE-A2.7B": "qwen2_moe", "Qwen3-30B-A3B": "qwen3_moe", "Mixtral-8x7B": "mixtral",
-           "DeepSeek-V2-Lite": "deepseek_v2"}
-
+from shapes import SHAPES  # benchmarks/ is the script's directory
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,12 +39,12 @@ def main(argv=None) -> int:
     from vllm_kbvq.archs import ARCHS
     from vllm_kbvq.format import KBVQConfig
 
-    hidden, inter, n_exp, top_k, shared_inter, n_layers = SHAPES[args.shape]
+    hidden, inter, n_exp, top_k, shared_inter, n_layers, arch_name = SHAPES[args.shape]
     n_exp = args.experts or n_exp
     top_k = min(top_k, n_exp)
     dev = torch.device(args.device)
     opts = LayerOptions(bits=args.bits, kmeans_iters=args.kmeans_iters, compare_plain_vq=False)
-    arch = ARCHS[ARCH_OF[args.shape]]
+    arch = ARCHS[arch_name]
     cfg = KBVQConfig(bits=opts.bits, vector_dim=opts.vector_dim, arch=arch.name,
                      rank=ranks_for(opts, hidden, inter, shared_inter), layers=[0],
                      shared_intermediate_size=shared_inter, idre=True, bcos=True, rank_ratio=opts.rank_ratio,

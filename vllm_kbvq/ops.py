@@ -18,7 +18,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .format import SUFFIXES
+
 logger = logging.getLogger(__name__)
+_LR_B = SUFFIXES.index("lr_b")  # the per-layer basis; the other suffixes are per expert
 
 __all__ = ["dequantize_rows", "kbvq_linear_torch", "kbvq_moe_torch", "kbvq_moe_torch_static", "KERNELS"]
 
@@ -68,8 +71,18 @@ def _expert(e, xf, bx13, b2, w13_idx, w13_codebook, w13_lr_a, w13_affine_s, w13_
                           w2_affine_s[e], w2_affine_b[e])
 
 
-def _moe_prologue(x, topk_ids, expert_map, w13_lr_b, w2_lr_b):
-    """float32 input, local expert slots (-1: held by another expert-parallel rank), ``B x`` for gate/up."""
+def _moe_prologue(x, topk_ids, expert_map, *groups):
+    """What every MoE implementation starts with, from its arguments after ``expert_map``.
+
+    ``groups``: the ``w13`` then the ``w2`` tensors, each in ``format.SUFFIXES`` order.
+    Returns the float32 input, the local expert slots (-1: held by another
+    expert-parallel rank), ``B x`` for gate/up, the down basis in float32, and the
+    per-expert tensors (each group's idx, codebook, lr_a, affine_s, affine_b) in
+    :func:`_expert`'s order.
+    """
+    n = len(SUFFIXES)
+    w13, w2 = groups[:n], groups[n:]
+    w13_lr_b, w2_lr_b = w13[_LR_B], w2[_LR_B]
     xf = x.float()
     ids = topk_ids.long()
     if expert_map is not None:
@@ -77,7 +90,8 @@ def _moe_prologue(x, topk_ids, expert_map, w13_lr_b, w2_lr_b):
     # B x is the same for every routed expert of a token: once per token for gate and up.
     bx13 = xf @ w13_lr_b.float().T if w13_lr_b is not None else None
     b2 = w2_lr_b.float() if w2_lr_b is not None else None  # per layer: convert once, not per expert
-    return xf, ids, bx13, b2
+    experts = tuple(t for g in (w13, w2) for i, t in enumerate(g) if i != _LR_B)
+    return xf, ids, bx13, b2, experts
 
 
 def kbvq_moe_torch(
@@ -94,9 +108,9 @@ def kbvq_moe_torch(
     is decoded once and applied to its tokens: the least work, but the loop is
     data dependent (a host sync on GPU), so this is the CPU path.
     """
-    xf, ids, bx13, b2 = _moe_prologue(x, topk_ids, expert_map, w13_lr_b, w2_lr_b)
-    weights = (w13_idx, w13_codebook, w13_lr_a, w13_affine_s, w13_affine_b,
-               w2_idx, w2_codebook, w2_lr_a, w2_affine_s, w2_affine_b)
+    xf, ids, bx13, b2, weights = _moe_prologue(
+        x, topk_ids, expert_map, w13_idx, w13_codebook, w13_lr_a, w13_lr_b, w13_affine_s, w13_affine_b,
+        w2_idx, w2_codebook, w2_lr_a, w2_lr_b, w2_affine_s, w2_affine_b)
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
     for e in torch.unique(ids).tolist():
         if e < 0:
@@ -107,24 +121,18 @@ def kbvq_moe_torch(
     return out.to(x.dtype)
 
 
-def kbvq_moe_torch_static(
-    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_map: torch.Tensor | None,
-    w13_idx: torch.Tensor, w13_codebook: torch.Tensor, w13_lr_a: torch.Tensor | None, w13_lr_b: torch.Tensor | None,
-    w13_affine_s: torch.Tensor, w13_affine_b: torch.Tensor,
-    w2_idx: torch.Tensor, w2_codebook: torch.Tensor, w2_lr_a: torch.Tensor | None, w2_lr_b: torch.Tensor | None,
-    w2_affine_s: torch.Tensor, w2_affine_b: torch.Tensor,
-) -> torch.Tensor:
-    """:func:`kbvq_moe_torch` with shapes fixed by the input's: no host sync, safe to capture in a CUDA graph.
+def kbvq_moe_torch_static(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                          expert_map: torch.Tensor | None, *groups: torch.Tensor | None) -> torch.Tensor:
+    """:func:`kbvq_moe_torch` (same arguments) with shapes fixed by the input's: no host sync, safe to
+    capture in a CUDA graph.
 
     With at most as many (token, expert) pairs as local experts (decode), each pair's
     expert is gathered and decoded; above that every local expert runs on every token
     and the routing weights (zero where not routed) mask the sum.
     """
-    xf, ids, bx13, b2 = _moe_prologue(x, topk_ids, expert_map, w13_lr_b, w2_lr_b)
-    weights = (w13_idx, w13_codebook, w13_lr_a, w13_affine_s, w13_affine_b,
-               w2_idx, w2_codebook, w2_lr_a, w2_affine_s, w2_affine_b)
+    xf, ids, bx13, b2, weights = _moe_prologue(x, topk_ids, expert_map, *groups)
     n_tok, top_k = ids.shape
-    n_local = w13_idx.shape[0]
+    n_local = weights[0].shape[0]
     if n_tok * top_k <= n_local:
         slot = ids.reshape(-1)
         pair_w = topk_weights.reshape(-1).float() * (slot >= 0)

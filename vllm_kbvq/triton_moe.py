@@ -267,17 +267,13 @@ def _vq_matmul(x, bx, slots, pair_weight, x_row_div, idx, codebook, lr_a, affine
     return out
 
 
-def kbvq_moe_triton(
-    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_map: torch.Tensor | None,
-    w13_idx: torch.Tensor, w13_codebook: torch.Tensor, w13_lr_a: torch.Tensor | None, w13_lr_b: torch.Tensor | None,
-    w13_affine_s: torch.Tensor, w13_affine_b: torch.Tensor,
-    w2_idx: torch.Tensor, w2_codebook: torch.Tensor, w2_lr_a: torch.Tensor | None, w2_lr_b: torch.Tensor | None,
-    w2_affine_s: torch.Tensor, w2_affine_b: torch.Tensor,
-) -> torch.Tensor:
+def kbvq_moe_triton(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    expert_map: torch.Tensor | None, *groups: torch.Tensor | None) -> torch.Tensor:
     """:func:`.ops.kbvq_moe_torch` through the Triton kernels (same arguments, same result)."""
-    xf, ids, bx13, b2 = _moe_prologue(x, topk_ids, expert_map, w13_lr_b, w2_lr_b)
+    xf, ids, bx13, b2, experts = _moe_prologue(x, topk_ids, expert_map, *groups)
+    w13, w2 = experts[:5], experts[5:]  # idx, codebook, lr_a, affine_s, affine_b
     n_tok, top_k = ids.shape
-    n_local = w13_idx.shape[0]
+    n_local = w13[0].shape[0]
     slots = ids.reshape(-1).int().contiguous()
     pair_weight = topk_weights.reshape(-1).float().contiguous()
     x = x.contiguous()
@@ -285,13 +281,11 @@ def kbvq_moe_triton(
     if n_tok * top_k > DECODE_MAX_PAIRS_PER_EXPERT * n_local:
         block_m = _block_m(n_tok * top_k / n_local)
         plan = (*align_pairs(slots, n_local, block_m), block_m)
-    h = _vq_matmul(x, bx13, slots, None, top_k, w13_idx, w13_codebook, w13_lr_a, w13_affine_s, w13_affine_b,
-                   True, plan)
+    h = _vq_matmul(x, bx13, slots, None, top_k, *w13, True, plan)
     bx2 = h @ b2.T if b2 is not None else None
     if plan is not None:
         h = h.to(x.dtype)  # the grouped GEMM multiplies in the activation dtype
-    y = _vq_matmul(h, bx2, slots, pair_weight, 1, w2_idx, w2_codebook, w2_lr_a, w2_affine_s, w2_affine_b,
-                   False, plan)
+    y = _vq_matmul(h, bx2, slots, pair_weight, 1, *w2, False, plan)
     return y.reshape(n_tok, top_k, -1).sum(1).to(x.dtype)
 
 
