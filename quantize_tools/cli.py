@@ -32,6 +32,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .moe_layer import VQ_METHODS
+    from .pipeline import METHODS
 
     p = argparse.ArgumentParser(
         prog="kbvq-quantize",
@@ -52,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
 
     q = p.add_argument_group("quantization")
+    q.add_argument("--method", choices=METHODS, default="kbvq",
+                   help="kbvq, or a scalar baseline for comparison: rtn / gptq (per-group asymmetric; written as a "
+                        "plain checkpoint of dequantized weights, not servable with --quantization kbvq)")
+    q.add_argument("--group-size", type=_positive, default=128, help="rtn / gptq: inputs per scale and zero point")
     q.add_argument("--bits", type=int, choices=(2, 3, 4), default=2, help="bits per weight of the VQ codes")
     q.add_argument("--vector-dim", type=_positive, default=None,
                    help="VQ vector length d (codebook of 2^(bits*d) entries); default 4, or 2 at 4 bits")
@@ -110,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         bcos_mode=args.bcos_mode, bcos_min_tokens=args.bcos_min_tokens, damp=args.damp,
         kmeans_iters=args.kmeans_iters, vq_method=args.vq_method, compare_plain_vq=not args.no_plain_vq_report, seed=args.seed,
         nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device=device,
+        method=args.method, group_size=args.group_size,
     )
     try:
         if args.bits * vector_dim > 16:

@@ -23,12 +23,13 @@ __all__ = ["second_moment", "error_feedback", "gptvq_assign", "gptq_quantize", "
 
 
 def second_moment(chunks: Iterable[torch.Tensor], dim: int, device) -> torch.Tensor:
-    """``X^T X / n`` in float64 over the row chunks of ``X`` (the uncentred input second moment)."""
+    """``X^T X / n`` over the row chunks of ``X`` (the uncentred input second moment); float32 products
+    per chunk, summed in float64."""
     h = torch.zeros(dim, dim, dtype=torch.float64, device=device)
     n = 0
     for x in chunks:
-        x = x.to(device, torch.float64)
-        h += x.T @ x
+        x = x.to(device, torch.float32)
+        h += (x.T @ x).double()
         n += x.shape[0]
     return h / max(n, 1)
 
@@ -106,21 +107,19 @@ def _round(w, scale, zero, bits):
 
 
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Round-to-nearest on a per-row, per-group asymmetric min/max grid; dequantized float32 weights."""
-    oc, ic = w.shape
-    if ic % group_size:
-        raise ValueError(f"input size {ic} is not divisible by the group size {group_size}")
-    g = w.float().reshape(oc, ic // group_size, group_size)
-    scale, zero = _grid(g, bits)
-    return _round(g, scale, zero, bits).reshape(oc, ic)
+    """Round-to-nearest on a per-row, per-group asymmetric min/max grid; dequantized float32 weights.
+    Groups are consecutive ``group_size`` inputs; the last one is shorter when the size does not divide."""
+    out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    for j in range(0, w.shape[1], group_size):
+        g = w[:, j:j + group_size].float()
+        out[:, j:j + group_size] = _round(g, *_grid(g, bits), bits)
+    return out
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, damp: float = 1e-2,
                   block: int = 128) -> torch.Tensor:
     """Scalar GPTQ with the RTN grid of :func:`rtn_quantize`; each group's grid is fitted when the
     sweep reaches it (to the weights as updated so far), as GPTQ does. Dequantized float32 weights."""
-    if w.shape[1] % group_size:
-        raise ValueError(f"input size {w.shape[1]} is not divisible by the group size {group_size}")
     grid = {}
 
     def round_column(j, work, _l_inv):

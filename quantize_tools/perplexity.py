@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from .calibration import token_windows
 
-__all__ = ["text_windows", "perplexity"]
+__all__ = ["text_windows", "perplexity", "window_nll"]
 
 
 def text_windows(tokenizer, texts: list[str], seqlen: int, max_windows: int | None = None) -> torch.Tensor:
@@ -20,14 +20,20 @@ def text_windows(tokenizer, texts: list[str], seqlen: int, max_windows: int | No
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> float:
-    """exp(mean next-token negative log-likelihood) over all predicted tokens of all windows."""
+def window_nll(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> tuple[float, int]:
+    """Sum of next-token negative log-likelihoods over all windows, and how many tokens were predicted."""
     nll, count = 0.0, 0
     device = next(model.parameters()).device
     for i in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress):
         ids = windows[i : i + batch_size].to(device)
         logits = model(ids).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        nll -= logp.gather(-1, ids[:, 1:, None]).sum().item()
+        nll -= logp.gather(-1, ids[:, 1:, None]).double().sum().item()
         count += ids[:, 1:].numel()
+    return nll, count
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> float:
+    """exp(mean next-token negative log-likelihood) over all predicted tokens of all windows."""
+    nll, count = window_nll(model, windows, batch_size, progress)
     return math.exp(nll / count)

@@ -33,7 +33,8 @@ from vllm_kbvq.format import REPORT_FILE, KBVQConfig
 from vllm_kbvq.reference import KBVQExperts, KBVQLinear
 
 from .moe_layer import LayerOptions, quantize_moe_block, ranks_for
-from .report import summarize
+from .report import summarize, summarize_scalar
+from .scalar import SCALAR_METHODS, DenseExperts, quantize_moe_block_scalar
 from .shards import CheckpointError, ShardReader
 
 __all__ = ["QuantizeOptions", "quantize", "QuantizeError"]
@@ -52,6 +53,10 @@ class QuantizeOptions(LayerOptions):
     seqlen: int = 512
     batch_size: int = 4  # calibration samples per forward
     device: str = "cpu"
+    method: str = "kbvq"  # or a scalar baseline (quantize_tools.scalar): "rtn", "gptq"
+    group_size: int = 128  # scalar baselines only
+
+METHODS = ("kbvq",) + SCALAR_METHODS
 
 
 class _StopForward(Exception):
@@ -133,6 +138,8 @@ def quantize(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     t_start = time.time()
+    if opts.method not in METHODS:
+        raise QuantizeError(f"unknown method {opts.method!r}: one of {', '.join(METHODS)}")
     model_dir, output = Path(model_dir), Path(output)
     reader = ShardReader(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
@@ -276,21 +283,31 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
                     x, topk = torch.cat(cap.x), torch.cat(cap.topk)
                     cap.x, cap.topk = [], []
 
-                    def weights(group, wtype, i=i):
-                        if group == "experts":
-                            return torch.stack([reader.get(arch.expert_tensor(i, e, wtype), torch.float32)
-                                                for e in range(n_experts)])
-                        return reader.get(arch.shared_tensor(i, wtype), torch.float32)[None]
+                    def weights(group, wtype, member=None, i=i):
+                        """``[n, oc, ic]`` for the group, or ``[oc, ic]`` of one member."""
+                        if group == "shared_experts":
+                            w = reader.get(arch.shared_tensor(i, wtype), torch.float32)
+                            return w[None] if member is None else w
+                        if member is not None:
+                            return reader.get(arch.expert_tensor(i, member, wtype), torch.float32)
+                        return torch.stack([reader.get(arch.expert_tensor(i, e, wtype), torch.float32)
+                                            for e in range(n_experts)])
 
                     bar.set_postfix_str(f"layer {i}: quantize")
-                    tensors, rep = quantize_moe_block(
-                        i, x, topk, weights, arch, n_experts, shared_inter is not None,
-                        _act_fn(config), opts, cfg, device)
+                    if opts.method == "kbvq":
+                        tensors, rep = quantize_moe_block(
+                            i, x, topk, weights, arch, n_experts, shared_inter is not None,
+                            _act_fn(config), opts, cfg, device)
+                    else:
+                        tensors, rep = quantize_moe_block_scalar(
+                            i, x, topk, weights, arch, n_experts, shared_inter is not None,
+                            _act_fn(config), opts, device)
                     del x, topk
                     rep["seconds"] = round(time.time() - t0, 2)
                     save_file(tensors, str(shard), metadata={"format": "pt"})
                     state["reports"][str(i)] = rep
-                _install_quantized(block, arch, i, n_experts, hidden, inter, shared_inter, cfg, config, tensors, device)
+                install = _install_quantized if opts.method == "kbvq" else _install_dense
+                install(block, arch, i, n_experts, hidden, inter, shared_inter, cfg, config, tensors, device)
             bar.set_postfix_str(f"layer {i}: forward")
             h = run_layer(layer, h)
         layer.to_empty(device="meta")  # free the layer
@@ -298,7 +315,7 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
             state["done"].append(i)
             _write_json_atomic(partial / _PROGRESS, state)
     bar.close()
-    return _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite)
+    return _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, opts)
 
 
 def _act_fn(config):
@@ -323,14 +340,28 @@ def _install_quantized(block, arch, layer, n_experts, hidden, inter, shared_inte
             setattr(mlp, arch.shared_proj_names[wtype], lin)
 
 
+def _install_dense(block, arch, layer, n_experts, hidden, inter, shared_inter, cfg, config, tensors, device):
+    """A scalar baseline's fake-quant weights, as plain modules."""
+    experts = DenseExperts(arch, n_experts, hidden, inter, _act_fn(config), device=device)
+    prefix = arch.expert_prefix.format(layer=layer, expert="")
+    experts.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    setattr(block, arch.experts_attr, experts)
+    if shared_inter:
+        mlp = getattr(block, arch.shared_attr)
+        for wtype in WEIGHT_TYPES:
+            getattr(mlp, arch.shared_proj_names[wtype]).weight.copy_(tensors[arch.shared_tensor(layer, wtype)])
+
+
 def _peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite) -> dict:
-    """Write the remaining tensors, config, tokenizer and report; then move the result into place."""
+def _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, opts) -> dict:
+    """Write the remaining tensors, config, tokenizer and report; then move the result into place.
+
+    A scalar baseline keeps the original config (its checkpoint is a plain one with dequantized weights)."""
     quantized_prefixes = set()
     n_experts = arch.num_experts(_read_config(model_dir))
     for layer in cfg.layers:
@@ -355,13 +386,17 @@ def _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite) -
     _write_json_atomic(partial / "model.safetensors.index.json", {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))})
 
     model_config = _read_config(model_dir)
-    model_config["quantization_config"] = cfg.to_dict()
+    if opts.method == "kbvq":
+        model_config["quantization_config"] = cfg.to_dict()
     _write_json_atomic(partial / "config.json", model_config)
     for f in sorted(model_dir.iterdir()):
         if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".gguf") and f.name not in (
             "config.json", "model.safetensors.index.json", REPORT_FILE):
             shutil.copy2(f, partial / f.name)
-    report = summarize(cfg, state["reports"], partial, _read_config(model_dir), arch)
+    if opts.method == "kbvq":
+        report = summarize(cfg, state["reports"], partial, _read_config(model_dir), arch)
+    else:
+        report = summarize_scalar(opts, cfg, state["reports"], partial, _read_config(model_dir), arch)
     _write_json_atomic(partial / REPORT_FILE, report)
     (partial / _PROGRESS).unlink()
     if output.exists():

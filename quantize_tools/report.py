@@ -7,7 +7,7 @@ import statistics
 from vllm_kbvq.archs import WEIGHT_TYPES
 from vllm_kbvq.format import KBVQConfig, checkpoint_tensors
 
-__all__ = ["summarize", "format_summary"]
+__all__ = ["summarize", "summarize_scalar", "format_summary"]
 
 _BITS = {"F16": 16, "BF16": 16, "F32": 32, "I32": 32, "F64": 64, "I64": 64, "I8": 8, "U8": 8, "I16": 16}
 
@@ -37,9 +37,8 @@ def summarize(cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model_config: dict
         "unquantized_bf16_bytes": 2 * (expert_weights + other_params),
         "bcos_fallback_experts": sum(len(r["bcos_fallback_experts"]) for r in layers),
     }
-    counts = [c for r in layers for c in r["routed_tokens"]]
-    if counts:
-        summary["routed_tokens_per_expert"] = {"min": min(counts), "median": statistics.median(counts), "max": max(counts)}
+    if _routed_counts(layers):
+        summary["routed_tokens_per_expert"] = _routed_counts(layers)
     errs = {}
     for group in ("experts", "shared_experts"):
         for wtype in WEIGHT_TYPES:
@@ -56,8 +55,49 @@ def summarize(cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model_config: dict
     return {"quantization_config": cfg.to_dict(), "summary": summary, "layers": layers}
 
 
+def _routed_counts(layers: list[dict]) -> dict:
+    counts = [c for r in layers for c in r["routed_tokens"]]
+    return {"min": min(counts), "median": statistics.median(counts), "max": max(counts)} if counts else {}
+
+
+def summarize_scalar(opts, cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model_config: dict, arch) -> dict:
+    """Report of an RTN / GPTQ baseline: bits counted as packed ints plus each group's fp16 scale and zero."""
+    from .scalar import scalar_bits_per_weight
+
+    n = arch.num_experts(model_config)
+    hidden = model_config["hidden_size"]
+    inter = arch.expert_intermediate(model_config)
+    si = cfg.shared_intermediate_size or 0
+    bits = weights = 0
+    for members, oc_ic in ((n, [(inter, hidden), (inter, hidden), (hidden, inter)]),
+                           (1 if si else 0, [(si, hidden), (si, hidden), (hidden, si)])):
+        for oc, ic in oc_ic:
+            w = members * oc * ic * len(cfg.layers)
+            if w:
+                bits += w * scalar_bits_per_weight(opts.bits, opts.group_size, ic)
+                weights += w
+    layers = [layer_reports[k] for k in sorted(layer_reports, key=int)]
+    summary = {
+        "method": opts.method, "bits": opts.bits, "group_size": opts.group_size,
+        "expert_weights": weights, "expert_bits_per_weight": bits / weights,
+        "hessian_fallback_experts": sum(len(r["hessian_fallback_experts"]) for r in layers),
+        "mean_output_rel_err": {w: sum(r["rel_err"][w] for r in layers) / len(layers) for w in WEIGHT_TYPES},
+        "routed_tokens_per_expert": _routed_counts(layers),
+    }
+    return {"summary": summary, "layers": layers}
+
+
 def format_summary(report: dict) -> str:
     s = report["summary"]
+    if s.get("method", "kbvq") != "kbvq":
+        lines = [f"{s['method'].upper()} {s['bits']}-bit, group {s['group_size']}: "
+                 f"{s['expert_bits_per_weight']:.3f} bits/weight on the experts (fake-quant checkpoint: "
+                 "dequantized weights, a plain Hugging Face model)",
+                 "mean output relative error on calibration tokens: " +
+                 ", ".join(f"{w} {v:.4f}" for w, v in s["mean_output_rel_err"].items())]
+        if "run" in report:
+            lines.append(f"time {report['run']['seconds']:.0f} s")
+        return "\n".join(lines)
     lines = [
         f"expert weights: {s['expert_bits_per_weight']:.3f} bits/weight; whole checkpoint: "
         f"{s['checkpoint_bits_per_weight']:.3f} bits/weight ({s['checkpoint_bytes'] / 2**20:.1f} MiB vs "

@@ -131,3 +131,24 @@ def test_concurrent_burst_equals_sequential(server):
     assert burst[:6] == sequential
     # and the rest equal their own sequential runs
     assert [_complete(server, p)["text"] for p in prompts[6:]] == burst[6:]
+
+
+def test_eval_through_the_server_matches_the_reference_runtime(server, testbed_kbvq2):
+    """kbvq-eval --server (vLLM's completions endpoint, lm-eval's API client) scores what the in-process runtime scores."""
+    pytest.importorskip("lm_eval")
+    from quantize_tools import evaluate as ev
+
+    tasks = ["wikipedia", "arc_easy", "winogrande"]
+    kw = dict(seqlen=128, ppl_windows=2, limit=6, log_samples=True, progress=False)
+    remote = ev.evaluate(ev.Target("testbed-kbvq2", server=server, tokenizer=str(testbed_kbvq2), batch_size=4),
+                         tasks, **kw)
+    local = ev.evaluate(ev.Target(str(testbed_kbvq2), batch_size=4), tasks, **kw)
+    assert remote["kind"] == "server" and local["kind"] == "kbvq"
+    r, l = remote["perplexity"]["wikipedia"], local["perplexity"]["wikipedia"]
+    assert r["tokens"] == l["tokens"] == 2 * 127
+    assert r["nll"] == pytest.approx(l["nll"], rel=1e-4)
+    for task in ("arc_easy", "winogrande"):
+        for a, b in zip(remote["zero_shot"][task]["samples"], local["zero_shot"][task]["samples"]):
+            assert a["doc_id"] == b["doc_id"]
+            assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=2e-3)
+        assert remote["zero_shot"][task]["acc"] == local["zero_shot"][task]["acc"]

