@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -41,7 +42,7 @@ class Cell:
 
     @property
     def key(self) -> str:
-        slug = self.method.lower().replace(" ", "-").replace("/", "_").replace("+", "plus")
+        slug = re.sub(r"[^a-z0-9]+", "-", self.method.lower()).strip("-")
         return slug if self.bits is None else f"{slug}-w{self.bits}"
 
 
@@ -130,7 +131,7 @@ def _claims(res: dict[str, dict]) -> list[str]:
     fp = ppl("fp")
     lines = []
     for b in (2, 3):
-        k, v, g, gv = ppl(f"kbvq-w{b}"), ppl(f"plain-vq-w{b}"), ppl(f"gptq-g128-w{b}"), ppl(f"kbvqplusgptvq-w{b}")
+        k, v, g, gv = ppl(f"kbvq-w{b}"), ppl(f"plain-vq-w{b}"), ppl(f"gptq-g128-w{b}"), ppl(f"kbvq-gptvq-w{b}")
         if None not in (fp, k, v):
             ratio = (k - fp) / (v - fp)
             lines.append(f"| {b}-bit KBVQ gap to FP ≤ 0.5× plain VQ's gap | {k - fp:.2f} vs {v - fp:.2f} "
@@ -152,8 +153,8 @@ def render(results: Path, doc: Path, plot: bool = True) -> None:
     sep = "|" + "---|" * (head.count("|") - 1)
     main_cells = [c for c in CELLS if not c.sweep]
     sweep = [c for c in CELLS if c.key in ("bcos-only-w2", "kbvq-w2") or c.sweep]
-    sweep.sort(key=lambda c: {"bcos-only-w2": 0, "kbvq-rank-1_256-w2": 1, "kbvq-w2": 2,
-                              "kbvq-rank-1_64-w2": 3, "kbvq-rank-1_32-w2": 4}[c.key])
+    sweep.sort(key=lambda c: {"bcos-only-w2": 0, "kbvq-rank-1-256-w2": 1, "kbvq-w2": 2,
+                              "kbvq-rank-1-64-w2": 3, "kbvq-rank-1-32-w2": 4}[c.key])
     fp = res.get("fp")
     lines = [
         "# Quality on the real-weight testbed",
