@@ -157,6 +157,14 @@ def group_seed(seed: int, layer: int, group: str, wtype: str) -> int:
             WEIGHT_TYPES.index(wtype) * 17) % (2**62)
 
 
+def routed_tokens(topk: torch.Tensor, n_experts: int, min_tokens: int):
+    """Per expert: the indices of the tokens routed to it, their count, and whether the count is below
+    ``min_tokens`` (such experts are fitted on all of the layer's tokens instead)."""
+    token_ids = [torch.where((topk == e).any(-1))[0] for e in range(n_experts)]
+    counts = [int(t.numel()) for t in token_ids]
+    return token_ids, counts, [c < min_tokens for c in counts]
+
+
 def quantize_moe_block(
     layer: int,
     x: torch.Tensor,
@@ -184,9 +192,7 @@ def quantize_moe_block(
         cov_x.add(c)
     cov_x = cov_x.covariance()
 
-    token_ids = [torch.where((topk == e).any(-1))[0] for e in range(n_experts)]
-    counts = [int(t.numel()) for t in token_ids]
-    fallback = [c < opts.bcos_min_tokens for c in counts]
+    token_ids, counts, fallback = routed_tokens(topk, n_experts, opts.bcos_min_tokens)
     report["routed_tokens"] = counts
     report["bcos_fallback_experts"] = [e for e, f in enumerate(fallback) if f]
 

@@ -37,8 +37,9 @@ def summarize(cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model_config: dict
         "unquantized_bf16_bytes": 2 * (expert_weights + other_params),
         "bcos_fallback_experts": sum(len(r["bcos_fallback_experts"]) for r in layers),
     }
-    if _routed_counts(layers):
-        summary["routed_tokens_per_expert"] = _routed_counts(layers)
+    routed = _routed_counts(layers)
+    if routed:
+        summary["routed_tokens_per_expert"] = routed
     errs = {}
     for group in ("experts", "shared_experts"):
         for wtype in WEIGHT_TYPES:

@@ -18,6 +18,7 @@ from vllm_kbvq.archs import WEIGHT_TYPES, ArchSpec
 from vllm_kbvq.reference import KBVQExperts
 
 from .gptq import gptq_quantize, rtn_quantize, second_moment
+from .moe_layer import routed_tokens
 
 __all__ = ["SCALAR_METHODS", "DenseExperts", "scalar_bits_per_weight", "quantize_moe_block_scalar"]
 
@@ -62,9 +63,7 @@ def quantize_moe_block_scalar(layer, x, topk, weights, arch: ArchSpec, n_experts
                               opts, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """RTN or GPTQ (``opts.method``) of one layer's experts; float32 dequantized weights by tensor name."""
     x = x.to(device, torch.float32)
-    token_ids = [torch.where((topk == e).any(-1))[0] for e in range(n_experts)]
-    counts = [int(t.numel()) for t in token_ids]
-    fallback = [c < opts.bcos_min_tokens for c in counts]
+    token_ids, counts, fallback = routed_tokens(topk, n_experts, opts.bcos_min_tokens)
     report = {"layer": layer, "routed_tokens": counts,
               "hessian_fallback_experts": [e for e, f in enumerate(fallback) if f] if opts.method == "gptq" else []}
     out: dict[str, torch.Tensor] = {}
