@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kbvq-installed
+LINT   := $(VENV)-lint
+LINT_STAMP := $(LINT)/.installed
 
 .PHONY: demo test test-fast install clean
 
@@ -19,16 +21,23 @@ $(STAMP): pyproject.toml tests/constraints.txt
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
+# hadolint, yamllint and checkov for tests/test_deploy.py, apart: checkov's pins clash with vLLM's.
+$(LINT_STAMP): deploy/lint-requirements.txt deploy/lint-constraints.txt
+	$(PYTHON) -m venv $(LINT)
+	$(LINT)/bin/python -m pip install --quiet --upgrade pip
+	$(LINT)/bin/python -m pip install --quiet -r deploy/lint-requirements.txt -c deploy/lint-constraints.txt
+	touch $(LINT_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m quantize_tools.demo
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+test: $(STAMP) $(LINT_STAMP)
+	HF_HUB_OFFLINE=1 KBVQ_LINT_BIN=$(abspath $(LINT))/bin $(PY) -m pytest -q
 
-test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+test-fast: $(STAMP) $(LINT_STAMP)
+	HF_HUB_OFFLINE=1 KBVQ_LINT_BIN=$(abspath $(LINT))/bin $(PY) -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(LINT) out

@@ -5,20 +5,11 @@ quantized at 2 bits with light calibration settings so CI can afford it. The ser
 vLLM's default compiled mode; its greedy outputs must equal the reference runtime's, and a
 burst of concurrent requests must return what the same requests return one at a time.
 """
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
-
 from test_vllm import assert_matches_reference
+from vllm_kbvq.server_process import post_json as _post
 
 pytest.importorskip("vllm")
 
@@ -37,50 +28,15 @@ def testbed_kbvq2(tmp_path_factory):
     return d / "q2"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict, timeout=300) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
 @pytest.fixture(scope="module")
 def server(testbed_kbvq2, tmp_path_factory):
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "vllm_kbvq.serve", str(testbed_kbvq2), "--host", "127.0.0.1",
-                             "--port", str(port), "--dtype", "float32", "--max-model-len", "1024",
-                             "--served-model-name", "testbed-kbvq2"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + STARTUP_TIMEOUT_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-6000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.time() > deadline:
-                pytest.fail("server did not become healthy in time")
-            time.sleep(2)
+    from vllm_kbvq.server_process import ServerProcess, free_port
+
+    srv = ServerProcess(testbed_kbvq2, tmp_path_factory.mktemp("server") / "server.log", port=free_port(),
+                        args=("--dtype", "float32", "--max-model-len", "1024", "--served-model-name", "testbed-kbvq2"),
+                        env={"VLLM_CPU_KVCACHE_SPACE": "1"}, startup_timeout=STARTUP_TIMEOUT_S)
+    with srv as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def _complete(base, prompt, max_tokens=8, logprobs=None):

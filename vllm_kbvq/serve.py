@@ -23,25 +23,52 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip().splitlines()[0].strip("`"), USAGE, "vLLM's server options follow:", sep="\n\n")
         sys.argv = ["kbvq-serve", "--help"]
         return _run_server()
-    model, rest = argv[0], argv[1:]
-    if Path(model).exists():
+    try:
+        check_startup(argv[0])
+    except StartupError as e:
+        print(f"kbvq-serve: error: {e}", file=sys.stderr)
+        return 2
+    if not _cuda_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    sys.argv = ["kbvq-serve", *server_argv(argv)]
+    return _run_server()
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+def server_argv(argv: list[str]) -> list[str]:
+    """``CKPT [options]`` as vLLM's own server parser takes it."""
+    return ["--model", argv[0], "--quantization", "kbvq", *argv[1:]]
+
+
+def check_startup(model: str) -> None:
+    """What would otherwise fail minutes later inside vLLM, or with a vaguer message."""
+    if os.environ.get("KBVQ_REQUIRE_GPU") == "1" and not _cuda_available():
+        raise StartupError("this is the GPU build (KBVQ_REQUIRE_GPU=1) but no CUDA device is visible: start the "
+                           "container with GPUs (docker run --gpus all, a compose GPU reservation, or an "
+                           "nvidia.com/gpu resource limit in Kubernetes), or use the CPU image")
+    path = Path(model)
+    if path.exists():
         from .format import FormatError, validate_checkpoint
 
         try:
-            validate_checkpoint(model)
+            validate_checkpoint(path)
         except FormatError as e:
-            print(f"kbvq-serve: error: {e}", file=sys.stderr)
-            return 2
+            raise StartupError(str(e)) from None
+    elif model.startswith(("/", ".", "~")):
+        # a Hugging Face repo id never looks like this, so it was meant as a local checkpoint
+        raise StartupError(f"checkpoint path {model} does not exist (in a container: is the model volume "
+                           "mounted there, and has the quantize job written it?)")
+
+
+def _cuda_available() -> bool:
     try:
         import torch
-
-        on_cpu = not torch.cuda.is_available()
     except ImportError:
-        on_cpu = True
-    if on_cpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    sys.argv = ["kbvq-serve", "--model", model, "--quantization", "kbvq", *rest]
-    return _run_server()
+        return False
+    return torch.cuda.is_available()
 
 
 def _run_server() -> int:
