@@ -242,6 +242,7 @@ def moe_config(plan: ExpertPlan, dense_config, dtype=torch.float32, top_k: int |
     k = e if top_k is None else top_k
     if not 1 <= k <= e:
         raise TestbedError(f"top_k must be between 1 and the expert count {e}, got {top_k}")
+    if plan.layout == "mixtral":
         config = transformers.MixtralConfig(
             **common,
             intermediate_size=plan.expert_size,
