@@ -36,11 +36,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="also score N held-out windows of 512 tokens (default: 0, skip)")
     args = p.parse_args(argv)
 
-    from vllm_kbvq.server_process import ServerError, ServerProcess, port_in_use, post_json
+    from vllm_kbvq.server_process import ServerError, ServerProcess, post_json, require_free_port
 
-    if port_in_use("127.0.0.1", args.port):
-        print(f"demo: error: port {args.port} on 127.0.0.1 is already in use (another server running?); "
-              "stop it or pass --port N", file=sys.stderr)
+    try:  # before minutes of building: ServerProcess checks again when it starts
+        require_free_port("127.0.0.1", args.port)
+    except ServerError as e:
+        print(f"demo: error: {e} (--port N)", file=sys.stderr)
         return 2
 
     from . import cli, testbed
@@ -76,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: error: {e}", file=sys.stderr)
         return 1
 
-    _print_memory(base, qdir, args.bits)
+    _print_memory(qdir, args.bits)
     if args.perplexity:
         _print_perplexity(base, qdir, args.perplexity)
     print(f"\ndone in {time.time() - t0:.0f} s; server stopped. Serve it yourself with:  kbvq-serve {qdir}")
     return 0
 
 
-def _print_memory(base: Path, qdir: Path, bits: int) -> None:
+def _print_memory(qdir: Path, bits: int) -> None:
     s = json.loads((qdir / "kbvq_report.json").read_text())["summary"]
     experts16 = 2 * s["expert_weights"]
     experts_q = s["expert_weights"] * s["expert_bits_per_weight"] / 8

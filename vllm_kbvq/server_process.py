@@ -31,6 +31,12 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def require_free_port(host: str, port: int) -> None:
+    if port_in_use(host, port):
+        raise ServerError(f"port {port} on {host} is already in use (another server running?); "
+                          "stop it or choose another port")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -60,9 +66,7 @@ class ServerProcess:
             return ""
 
     def __enter__(self) -> str:
-        if port_in_use(self.host, self.port):
-            raise ServerError(f"port {self.port} on {self.host} is already in use (another server running?); "
-                              "stop it or choose another port")
+        require_free_port(self.host, self.port)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")
         cmd = [sys.executable, "-m", "vllm_kbvq.serve", self.model, "--host", self.host, "--port", str(self.port),
