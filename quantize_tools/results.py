@@ -1,11 +1,13 @@
-"""One command for the quality table: every method x bit width on the testbed, written to ``docs/results.md``.
+"""One command for the quality tables: every method x bit width on each testbed, written to ``docs/results.md``.
 
-    python -m quantize_tools.results            # runs what is missing, then writes the page
+    python -m quantize_tools.results                     # the all-experts testbed: runs what is missing
+    python -m quantize_tools.results --testbed sparse    # the sparse-routed testbed's table
 
 Each cell (a method at a bit width) is quantized with ``kbvq-quantize`` and scored with
 ``kbvq-eval`` in their own processes, with the exact command lines recorded. A finished cell is
-stored as ``docs/results/<cell>.json`` (metrics, quantizer report summary, times, commands) and is
-not run again, so the table fills in over several invocations; ``--render`` only rewrites the page.
+stored as ``docs/results/[<testbed>/]<cell>.json`` (metrics, quantizer report summary, times, how much
+of the CPU other jobs took meanwhile, commands) and is not run again, so the tables fill in over
+several invocations; ``--render`` only rewrites the page.
 Checkpoints go to ``--work`` and are deleted after scoring unless ``--keep-checkpoints``.
 All cells share one calibration set and one evaluation protocol (see ``CALIB`` and ``EVAL``).
 """
@@ -23,14 +25,47 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CELLS", "Cell", "main"]
+from .testbed import SPARSE_EXPERTS, SPARSE_TOP_K
 
-TESTBED = ("qwen2_moe", 8)  # the demo's testbed: 8 routed experts + a shared expert, all routed
+__all__ = ["CELLS", "TESTBEDS", "Cell", "Testbed", "main"]
+
 CALIB = ["--nsamples", "32", "--seqlen", "512"]  # 16 k tokens of SQuAD Wikipedia paragraphs
 EVAL = ["--tasks", "wikipedia,lambada_text,arc_easy,arc_challenge,piqa,hellaswag,winogrande,lambada",
         "--seqlen", "512", "--ppl-windows", "64", "--limit", "500", "--batch-size", "16"]
 ZERO_SHOT = [("arc_easy", "acc_norm", "ARC-E"), ("arc_challenge", "acc_norm", "ARC-C"), ("piqa", "acc_norm", "PIQA"),
              ("hellaswag", "acc_norm", "HellaSwag"), ("winogrande", "acc", "WinoGr."), ("lambada", "acc", "LAMBADA")]
+
+
+@dataclass(frozen=True)
+class Testbed:
+    key: str
+    experts: int
+    top_k: int | None  # None: every token visits every expert
+    title: str
+    model: str  # the page's description of it
+
+    @property
+    def build_args(self) -> list[str]:
+        return ["--layout", "qwen2_moe", "--experts", str(self.experts)] + (
+            ["--top-k", str(self.top_k)] if self.top_k else [])
+
+    def subdir(self, root: Path) -> Path:
+        """``root`` for the first table (its records predate the second), ``root/<key>`` for the others."""
+        return root if self.key == "all-experts" else root / self.key
+
+
+TESTBEDS = {t.key: t for t in (
+    Testbed("all-experts", 8, None, "The all-experts testbed",
+            "8 routed experts (144 neurons each) and a shared expert (384 neurons) per layer, every token routed "
+            "to every expert, so the FP model equals dense SmolLM2-135M-Instruct (its packaged Q4_1 GGUF, "
+            "dequantized to fp32)."),
+    Testbed("sparse", SPARSE_EXPERTS, SPARSE_TOP_K, "The sparse-routed testbed",
+            f"{SPARSE_EXPERTS} routed experts ({1152 // SPARSE_EXPERTS} neurons each, clustered by co-activation) of "
+            f"which each token visits {SPARSE_TOP_K}, chosen by a router fitted on calibration text, and a shared "
+            "expert (the 384 most-used neurons) per layer (`--top-k`; see `python -m quantize_tools.testbed --help` "
+            "and the routing table below). Its FP model is a different, weaker LM than dense SmolLM2, so compare "
+            "each row with this table's FP row."),
+)}
 
 
 @dataclass(frozen=True)
@@ -67,30 +102,58 @@ CELLS = [Cell("FP", None)] + [
 _CODEBOOK_ROWS = ("kbvq-w3", "kbvq-4096x4-codebooks-w3")
 
 
-def _run(cmd: list[str], log: Path) -> float:
-    t0 = time.time()
+def _busy_cpu_seconds() -> float | None:
+    """CPU time the whole machine has spent busy since boot (Linux ``/proc/stat``), or None."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _run(cmd: list[str], log: Path) -> tuple[float, float | None]:
+    """Wall seconds, and the mean number of cores other processes kept busy meanwhile.
+
+    Times on a shared 2-core machine mean little without the second figure: the page marks
+    a time when other jobs took more than a quarter of a core on average.
+    """
+    t0, busy0, own0 = time.time(), _busy_cpu_seconds(), _children_cpu_seconds()
     with open(log, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc:
         raise RuntimeError(f"command failed (exit {rc}), see {log}: {shlex.join(cmd)}")
-    return time.time() - t0
+    wall, busy1 = time.time() - t0, _busy_cpu_seconds()
+    others = None
+    if busy0 is not None and busy1 is not None:
+        others = round(max(0.0, (busy1 - busy0) - (_children_cpu_seconds() - own0)) / wall, 2)
+    return wall, others
 
 
-def run_cell(cell: Cell, base: Path, work: Path, results: Path, threads: int | None, keep: bool) -> dict:
+def _children_cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_cell(cell: Cell, tb: Testbed, base: Path, work: Path, results: Path, threads: int | None,
+             keep: bool) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     log = work / f"{cell.key}.log"
     py = [sys.executable, "-m"]
     thr = ["--threads", str(threads)] if threads else []
-    rec: dict = {"cell": cell.key, "method": cell.method, "bits": cell.bits, "commands": []}
+    rec: dict = {"cell": cell.key, "testbed": tb.key, "method": cell.method, "bits": cell.bits, "commands": []}
     model = base
     if cell.bits is not None:
         model = work / cell.key
         q = ["kbvq-quantize", "--model", str(base), "--output", str(model), "--bits", str(cell.bits), *cell.args,
              *CALIB, "--no-plain-vq-report", "--overwrite", "--quiet", *thr]
         rec["commands"].append(shlex.join(q))
-        _run(py + ["quantize_tools.cli"] + q[1:], log)
+        rec["quantize_other_cores"] = _run(py + ["quantize_tools.cli"] + q[1:], log)[1]
         report = json.loads((model / "kbvq_report.json").read_text())
         rec["quantize_seconds"] = report["run"]["seconds"]
         rec["expert_bits_per_weight"] = report["summary"]["expert_bits_per_weight"]
@@ -98,7 +161,8 @@ def run_cell(cell: Cell, base: Path, work: Path, results: Path, threads: int | N
     out = work / f"{cell.key}.eval.json"
     e = ["kbvq-eval", "--model", str(model), *EVAL, "--output", str(out), "--overwrite", "--quiet", *thr]
     rec["commands"].append(shlex.join(e))
-    rec["eval_seconds"] = round(_run(py + ["quantize_tools.evaluate"] + e[1:], log), 1)
+    wall, rec["eval_other_cores"] = _run(py + ["quantize_tools.evaluate"] + e[1:], log)
+    rec["eval_seconds"] = round(wall, 1)
     ev = json.loads(out.read_text())
     rec["perplexity"] = {k: v["perplexity"] for k, v in ev["perplexity"].items()}
     rec["zero_shot"] = {k: {m: v for m, v in r.items() if m != "samples"} for k, r in ev["zero_shot"].items()}
@@ -114,22 +178,43 @@ def run_cell(cell: Cell, base: Path, work: Path, results: Path, threads: int | N
 
 # ---- the page ---------------------------------------------------------------------------------
 
+SHARED_CPU = 0.25  # cores taken by other jobs above which a time is marked
+
+
 def _fmt(v, nd=2):
     return "—" if v is None else f"{v:.{nd}f}"
 
 
-def _row(c: Cell, r: dict | None) -> str:
+def _minutes(seconds, others) -> str:
+    if seconds is None:
+        return "—"
+    return f"{seconds / 60:.1f}" + ("*" if others is not None and others > SHARED_CPU else "")
+
+
+def _row(c: Cell, r: dict | None, fallback: bool = False) -> str:
+    extra = 1 if fallback else 0
     if r is None:
-        return f"| {c.method} | {c.bits or 'FP'} | not run yet |" + " |" * (5 + len(ZERO_SHOT))
+        return f"| {c.method} | {c.bits or 'FP'} | not run yet |" + " |" * (5 + len(ZERO_SHOT) + extra)
     zs = [r["zero_shot"].get(t, {}).get(m) for t, m, _ in ZERO_SHOT]
     avg = sum(zs) / len(zs) if all(v is not None for v in zs) else None
     bpw = r.get("expert_bits_per_weight")
-    qt = r.get("quantize_seconds")
-    return "| " + " | ".join([
+    cells = [
         c.method, str(c.bits or "FP"), _fmt(bpw, 3) if bpw else "32 (fp32)",
         _fmt(r["perplexity"].get("wikipedia")), _fmt(r["perplexity"].get("lambada_text")),
         *[_fmt(None if v is None else 100 * v, 1) for v in zs], _fmt(None if avg is None else 100 * avg, 1),
-        "—" if qt is None else f"{qt / 60:.1f}", f"{r['eval_seconds'] / 60:.1f}"]) + " |"
+        _minutes(r.get("quantize_seconds"), r.get("quantize_other_cores")),
+        _minutes(r["eval_seconds"], r.get("eval_other_cores"))]
+    if fallback:
+        n = r.get("quantize_summary", {}).get("bcos_fallback_experts")
+        cells.append("—" if n is None or c.method in _SCALAR else str(n))
+    return "| " + " | ".join(cells) + " |"
+
+
+def _header(fallback: bool = False) -> list[str]:
+    head = ("| method | bits | expert bits/weight | Wikipedia ppl | LAMBADA-text ppl | "
+            + " | ".join(n for _, _, n in ZERO_SHOT) + " | avg | quantize min | eval min |"
+            + (" BCOS fallbacks |" if fallback else ""))
+    return [head, "|" + "---|" * (head.count("|") - 1)]
 
 
 def _claims(res: dict[str, dict]) -> list[str]:
@@ -152,29 +237,68 @@ def _claims(res: dict[str, dict]) -> list[str]:
     return lines
 
 
-def render(results: Path, doc: Path, plot: bool = True) -> None:
+def _records(tb: Testbed, root: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(tb.subdir(root).glob("*.json"))
+            if p.stem != ROUTING_RECORD}
+
+
+ROUTING_RECORD = "routing"  # docs/results/sparse/routing.json: the sparse testbed's (E, k) screening
+
+
+def _routing_section(root: Path) -> list[str]:
+    from . import sparse_testbed
+
+    path = TESTBEDS["sparse"].subdir(root) / f"{ROUTING_RECORD}.json"
+    if not path.is_file():
+        return ["Routing screen not run yet (`python -m quantize_tools.sparse_testbed`)."]
+    return sparse_testbed.screen_table(json.loads(path.read_text()))
+
+
+def _table_section(tb: Testbed, res: dict[str, dict]) -> list[str]:
+    sparse = tb.top_k is not None
+    main_cells = [c for c in CELLS if not c.sweep]
+    lines = [f"## {tb.title}", "", f"**Model.** {tb.model}", "", "### Perplexity and zero-shot accuracy", "",
+             *_header(sparse)]
+    for b in (None, 2, 3, 4):
+        lines += [_row(c, res.get(c.key), sparse) for c in main_cells if c.bits == b]
+    if sparse:
+        lines += ["", "BCOS fallbacks: expert matrices (summed over layers) whose affine correction was fitted on "
+                  "all calibration tokens because fewer than the quantizer's `--bcos-min-tokens` were routed to "
+                  "them (from each checkpoint's `kbvq_report.json`)."]
+    else:
+        keys = {c.key: c for c in CELLS}
+        sweep = [keys[k] for k in ("bcos-only-w2", "kbvq-rank-1-256-w2", "kbvq-w2", "kbvq-rank-1-64-w2",
+                                   "kbvq-rank-1-32-w2")]
+        lines += ["", "### Rank-ratio sweep (2-bit KBVQ; rank 0 is \"BCOS only\")", "", *_header()]
+        lines += [_row(c, res.get(c.key)) for c in sweep]
+        lines += ["", "### Codebook size at 3 bits", "",
+                  "The paper's 3-bit setting, one 4096 x 4 codebook per expert matrix, against the table's 64 x 2: on "
+                  "matrices of 144 x 576 weights the large codebook nearly stores the weights (about 5 vectors per "
+                  "codeword) and costs more bits than the codes.", "", *_header()]
+        lines += [_row(keys[k], res.get(k)) for k in _CODEBOOK_ROWS]
+    notes = [f"- `{k}`: {r['note']}" for k, r in res.items() if r.get("note")]
+    if notes:
+        lines += ["", "Notes on individual cells:", "", *notes]
+    claims = _claims(res)
+    lines += ["", "### The paper's claims, checked on Wikipedia perplexity", "", "| claim | numbers | verdict |",
+              "|---|---|---|", *(claims or ["| (cells not run yet) | | |"])]
+    return lines
+
+
+def render(root: Path, doc: Path, plot: bool = True) -> None:
     from . import corpus, zeroshot
 
-    res = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
-    head = ("| method | bits | expert bits/weight | Wikipedia ppl | LAMBADA-text ppl | "
-            + " | ".join(n for _, _, n in ZERO_SHOT) + " | avg | quantize min | eval min |")
-    sep = "|" + "---|" * (head.count("|") - 1)
-    keys = {c.key: c for c in CELLS}
-    main_cells = [c for c in CELLS if not c.sweep]
-    sweep = [c for c in CELLS if c.key in ("bcos-only-w2", "kbvq-w2") or (c.sweep and c.bits == 2)]
-    sweep.sort(key=lambda c: {"bcos-only-w2": 0, "kbvq-rank-1-256-w2": 1, "kbvq-w2": 2,
-                              "kbvq-rank-1-64-w2": 3, "kbvq-rank-1-32-w2": 4}[c.key])
-    fp = res.get("fp")
+    res = {k: _records(tb, root) for k, tb in TESTBEDS.items()}
     lines = [
-        "# Quality on the real-weight testbed",
+        "# Quality on the real-weight testbeds",
         "",
         "Generated by `python -m quantize_tools.results` from the cell records in `docs/results/`; do not edit by hand.",
         "",
-        "**Model.** The SmolLM2-135M-based Qwen2-MoE testbed (`python -m quantize_tools.testbed`): 8 routed experts "
-        "(144 neurons each) and a shared expert (384 neurons) per layer, every token routed to every expert, so the "
-        "FP model equals dense SmolLM2-135M-Instruct (its packaged Q4_1 GGUF, dequantized to fp32). All routed and "
-        "shared expert matrices are quantized; attention, router, embeddings and `lm_head` stay fp32. 4-bit "
-        "scalar results sit unfairly close to FP, because FP itself came from a 4-bit (Q4_1, group 32) file.",
+        "Both testbeds are Qwen2-MoE models built from SmolLM2-135M-Instruct's real weights "
+        "(`python -m quantize_tools.testbed`): the first keeps it exact (every token visits every expert), the "
+        "second routes each token to a few experts as a real MoE does. All routed and shared expert matrices are "
+        "quantized; attention, router, embeddings and `lm_head` stay fp32. 4-bit scalar results sit unfairly "
+        "close to FP, because FP itself came from a 4-bit (Q4_1, group 32) file.",
         "",
         f"**Calibration** (every method): `{' '.join(CALIB)}`, i.e. 32 windows of 512 tokens of "
         f"{corpus.CALIBRATION_CORPUS}.",
@@ -187,38 +311,29 @@ def render(results: Path, doc: Path, plot: bool = True) -> None:
         "",
         "Bits per weight count every stored tensor of the quantized matrices (codes, codebooks, low-rank factors, "
         "affine parameters for KBVQ; packed integers plus an fp16 scale and zero point per group of 128 inputs for "
-        "RTN/GPTQ, whose checkpoints here hold the dequantized values). Times are wall-clock on the 2-core CPU "
-        "machine; eval minutes include loading.",
+        "RTN/GPTQ, whose checkpoints here hold the dequantized values). Times are wall-clock minutes on the 2-core "
+        f"CPU machine; eval minutes include loading; a time marked * was taken while other jobs kept more than "
+        f"{SHARED_CPU} of a core busy on average, so it is inflated (records before this measurement carry a note "
+        "where known).",
         "",
-        "## Perplexity and zero-shot accuracy",
-        "",
-        head, sep,
     ]
-    for b in (None, 2, 3, 4):
-        lines += [_row(c, res.get(c.key)) for c in main_cells if c.bits == b]
-    lines += ["", "## Rank-ratio sweep (2-bit KBVQ; rank 0 is \"BCOS only\")", "", head, sep]
-    lines += [_row(c, res.get(c.key)) for c in sweep]
-    lines += ["", "## Codebook size at 3 bits", "",
-              "The paper's 3-bit setting, one 4096 x 4 codebook per expert matrix, against the table's 64 x 2: on "
-              "matrices of 144 x 576 weights the large codebook nearly stores the weights (about 5 vectors per codeword) "
-              "and costs more bits than the codes.", "", head, sep]
-    lines += [_row(keys[k], res.get(k)) for k in _CODEBOOK_ROWS]
-    notes = [f"- `{k}`: {r['note']}" for k, r in res.items() if r.get("note")]
-    if notes:
-        lines += ["", "Notes on individual cells:", "", *notes]
-    lines += ["", "## The paper's claims, checked on Wikipedia perplexity", "", "| claim | numbers | verdict |",
-              "|---|---|---|", *_claims(res)]
-    if fp is None or not _claims(res):
-        lines.append("| (cells not run yet) | | |")
+    lines += _table_section(TESTBEDS["all-experts"], res["all-experts"])
+    lines += ["", *_table_section(TESTBEDS["sparse"], res["sparse"])]
+    lines += ["", "### Routing: FP perplexity of sparse settings against the dense model", "", *_routing_section(root)]
     if plot and _plot(res, doc.parent / "results_ppl_vs_bpw.png"):
-        lines += ["", "## Perplexity against bits per weight", "", "![perplexity vs bits per weight](results_ppl_vs_bpw.png)"]
-    lines += ["", "## Commands", "", "```", f"python -m quantize_tools.testbed --layout {TESTBED[0]} --experts {TESTBED[1]} "
-              "--output out/results/testbed  # the FP model", *[c for r in res.values() for c in r["commands"]], "```", ""]
+        lines += ["", "## Perplexity against bits per weight", "",
+                  "![perplexity vs bits per weight](results_ppl_vs_bpw.png)"]
+    lines += ["", "## Commands", ""]
+    for k, tb in TESTBEDS.items():
+        work = tb.subdir(Path("out/results"))
+        lines += [f"{tb.title}:", "", "```",
+                  f"python -m quantize_tools.testbed {' '.join(tb.build_args)} --output {work / 'testbed'}"
+                  "  # the FP model", *[c for r in res[k].values() for c in r["commands"]], "```", ""]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines))
 
 
-def _plot(res: dict, path: Path) -> bool:
+def _plot(res: dict[str, dict[str, dict]], path: Path) -> bool:
     try:
         import matplotlib
 
@@ -226,19 +341,21 @@ def _plot(res: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, _ in _METHODS:
-        pts = sorted((r["expert_bits_per_weight"], r["perplexity"]["wikipedia"]) for r in res.values()
-                     if r["method"] == method and r.get("expert_bits_per_weight"))
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=method)
-    if "fp" in res:
-        ax.axhline(res["fp"]["perplexity"]["wikipedia"], color="k", ls="--", label="FP")
-    ax.set_xlabel("expert bits per weight")
-    ax.set_ylabel("Wikipedia (DROP) perplexity, 512-token windows")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(TESTBEDS), figsize=(12, 4.5), sharey=True)
+    for ax, (k, tb) in zip(axes, TESTBEDS.items()):
+        for method, _ in _METHODS:
+            pts = sorted((r["expert_bits_per_weight"], r["perplexity"]["wikipedia"]) for r in res[k].values()
+                         if r["method"] == method and r.get("expert_bits_per_weight"))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        if "fp" in res[k]:
+            ax.axhline(res[k]["fp"]["perplexity"]["wikipedia"], color="k", ls="--", label="FP")
+        ax.set_title(tb.title, fontsize=10)
+        ax.set_xlabel("expert bits per weight")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Wikipedia (DROP) perplexity, 512-token windows")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -248,37 +365,44 @@ def _plot(res: dict, path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m quantize_tools.results", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, default=Path("out/results"), help="checkpoints and logs")
+    p.add_argument("--testbed", choices=list(TESTBEDS), default="all-experts",
+                   help="which table to run cells of (default: all-experts); the page always shows both")
+    p.add_argument("--work", type=Path, default=Path("out/results"),
+                   help="testbeds, checkpoints and logs (the sparse table's under <work>/sparse)")
     p.add_argument("--doc", type=Path, default=Path("docs/results.md"), help="the page to write")
-    p.add_argument("--records", type=Path, default=Path("docs/results"), help="one JSON per finished cell")
+    p.add_argument("--records", type=Path, default=Path("docs/results"),
+                   help="one JSON per finished cell (the sparse table's under <records>/sparse)")
     p.add_argument("--cells", default=None, help="comma-separated cell keys to run (default: all missing); "
                                                    "see --list")
-    p.add_argument("--list", action="store_true", help="list the cells and whether each is done")
+    p.add_argument("--list", action="store_true", help="list the testbed's cells and whether each is done")
     p.add_argument("--render", action="store_true", help="only rewrite the page from the records")
     p.add_argument("--threads", type=int, default=None, help="torch threads for each step")
     p.add_argument("--keep-checkpoints", action="store_true")
     args = p.parse_args(argv)
-    keys = {c.key: c for c in CELLS}
+    tb = TESTBEDS[args.testbed]
+    cells = [c for c in CELLS if tb.top_k is None or not c.sweep]  # sweeps only on the first table
+    keys = {c.key: c for c in cells}
+    records, work = tb.subdir(args.records), tb.subdir(args.work)
     if args.list:
-        for c in CELLS:
-            print(f"{c.key:28s} {'done' if (args.records / f'{c.key}.json').is_file() else 'missing'}")
+        for c in cells:
+            print(f"{c.key:28s} {'done' if (records / f'{c.key}.json').is_file() else 'missing'}")
         return 0
     if not args.render:
-        todo = [c for c in CELLS if not (args.records / f"{c.key}.json").is_file()]
+        todo = [c for c in cells if not (records / f"{c.key}.json").is_file()]
         if args.cells:
             unknown = [k for k in args.cells.split(",") if k not in keys]
             if unknown:
-                print(f"unknown cell(s) {', '.join(unknown)}; see --list", file=sys.stderr)
+                print(f"unknown cell(s) {', '.join(unknown)} for the {tb.key} testbed; see --list", file=sys.stderr)
                 return 2
             todo = [keys[k] for k in args.cells.split(",")]
-        base = args.work / "testbed"
+        base = work / "testbed"
         if todo and not (base / "config.json").is_file():
             from . import testbed
 
-            testbed.build_testbed(*TESTBED, base, overwrite=True)
+            testbed.build_testbed("qwen2_moe", tb.experts, base, top_k=tb.top_k, overwrite=True)
         for i, c in enumerate(todo, 1):
-            print(f"[{i}/{len(todo)}] {c.key}", flush=True)
-            rec = run_cell(c, base, args.work, args.records, args.threads, args.keep_checkpoints)
+            print(f"[{i}/{len(todo)}] {tb.key}: {c.key}", flush=True)
+            rec = run_cell(c, tb, base, work, records, args.threads, args.keep_checkpoints)
             print(f"    wikipedia ppl {rec['perplexity'].get('wikipedia', float('nan')):.2f}; "
                   f"eval {rec['eval_seconds'] / 60:.1f} min", flush=True)
             render(args.records, args.doc)

@@ -115,28 +115,51 @@ def fit_layer(x: torch.Tensor, gate, up, down, experts: int, k: int, shared: int
     return groups, shared_ix, router, LayerFit(err, counts.tolist())
 
 
+class _StopAtFFN(Exception):
+    pass
+
+
 def sparsify(model, dense_sd: dict, plan, tokens: torch.Tensor, top_k: int, *, seed: int = 0,
              batch_size: int = 4, progress=None) -> list[LayerFit]:
-    """Turn the exact testbed ``model`` (fused experts, all routed) into a top-k sparse one, in place."""
+    """Turn the exact testbed ``model`` (fused experts, all routed) into a top-k sparse one, in place.
+
+    One pass per layer: attention runs once, the FFN input and the residual are captured there
+    (the forward stops at the FFN), and the next layer's input is residual + the new sparse FFN.
+    """
     layers = model.model.layers
     h = model.model.embed_tokens(tokens)
     pos = torch.arange(tokens.shape[1])[None]
     pe = model.model.rotary_emb(h[:1], pos)
 
-    def run(layer, hs):
-        return torch.cat([_out(layer(hs[i:i + batch_size], attention_mask=None, position_ids=pos,
-                                     position_embeddings=pe)) for i in range(0, hs.shape[0], batch_size)])
+    def to_ffn(layer, hs):
+        """(residual, FFN input) after the layer's attention, per batch of windows."""
+        res, ffn_in = [], []
+
+        def stop(m, a):
+            ffn_in.append(a[0])
+            raise _StopAtFFN
+
+        hooks = [layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: res.append(a[0])),
+                 layer.mlp.register_forward_pre_hook(stop)]
+        try:
+            for i in range(0, hs.shape[0], batch_size):
+                try:
+                    layer(hs[i:i + batch_size], attention_mask=None, position_ids=pos, position_embeddings=pe)
+                except _StopAtFFN:
+                    pass
+        finally:
+            for hk in hooks:
+                hk.remove()
+        return res, ffn_in
 
     fits = []
     with torch.no_grad():
         for li, layer in enumerate(layers):
-            seen = []
-            hook = layer.mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
-            run(layer, h)  # only the FFN input is needed: this layer's FFN is replaced below
-            hook.remove()
+            res, ffn_in = to_ffn(layer, h)
             src = f"model.layers.{li}.mlp."
             gate, up, down = (dense_sd[src + n] for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"))
-            groups, shared_ix, router, fit = fit_layer(torch.cat(seen), gate, up, down, plan.experts, top_k,
+            x = torch.cat([b.reshape(-1, b.shape[-1]) for b in ffn_in])
+            groups, shared_ix, router, fit = fit_layer(x, gate, up, down, plan.experts, top_k,
                                                        plan.shared_size, seed=seed + li)
             mlp = layer.mlp
             mlp.gate.weight.copy_(router)
@@ -147,7 +170,7 @@ def sparsify(model, dense_sd: dict, plan, tokens: torch.Tensor, top_k: int, *, s
                 mlp.shared_expert.gate_proj.weight.copy_(gate[shared_ix])
                 mlp.shared_expert.up_proj.weight.copy_(up[shared_ix])
                 mlp.shared_expert.down_proj.weight.copy_(down[:, shared_ix] * 2)  # sigmoid(0) = 0.5
-            h = run(layer, h)
+            h = torch.cat([r + _out(mlp(f)) for r, f in zip(res, ffn_in)])
             fits.append(fit)
             if progress:
                 progress(f"layer {li}: top-{top_k} FFN error {fit.rel_err:.3f}, tokens per expert "
@@ -191,3 +214,119 @@ def routed_token_summary(fits: list[LayerFit]) -> dict:
             "mean_ffn_rel_err": sum(f.rel_err for f in fits) / len(fits)}
 
 
+
+
+# ---- choosing the default: FP perplexity of a few (E, k) against the dense model ----------------
+
+SCREEN_SETTINGS = ((16, 2, None), (16, 4, None), (16, 8, None), (16, 12, None))  # (E, k, shared or default)
+SCREEN_WINDOWS, SCREEN_SEQLEN = 64, 512  # the results table's Wikipedia perplexity protocol
+WITHIN = 0.15  # the default is the sparsest setting whose FP perplexity is within 15 % of dense
+
+
+def active_fraction(experts: int, top_k: int, shared: int) -> float:
+    """Share of the dense FFN's neurons a token uses: the shared expert plus k of E routed groups."""
+    from .testbed import DENSE_INTERMEDIATE
+
+    return (shared + top_k * (DENSE_INTERMEDIATE - shared) / experts) / DENSE_INTERMEDIATE
+
+
+def screen(settings=SCREEN_SETTINGS, windows: int = SCREEN_WINDOWS, progress: bool = True) -> dict:
+    """Build each (E, k) Qwen2-MoE testbed in memory and score it like the FP row of the tables."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from . import corpus
+    from .perplexity import perplexity, text_windows
+    from .testbed import build_moe_model, expert_plan, load_dense_model
+
+    dense, tok = load_dense_model()
+    tokens = router_calibration(tok)
+    win = text_windows(tok, corpus.heldout_texts(), SCREEN_SEQLEN, windows)
+    dense_ppl = perplexity(dense, win, 4, progress=False)
+    rows = []
+    for experts, top_k, shared in tqdm(settings, desc="sparse settings", disable=not progress):
+        shared = expert_plan("qwen2_moe", experts, shared).shared_size
+        t0 = time.time()
+        model = build_moe_model("qwen2_moe", experts, dense, shared_size=shared, top_k=top_k, router_tokens=tokens)
+        built = time.time() - t0
+        ppl = perplexity(model, win, 4, progress=False)
+        rows.append({"experts": experts, "top_k": top_k, "shared": shared,
+                     "active_fraction": active_fraction(experts, top_k, shared), "perplexity": ppl,
+                     "vs_dense": ppl / dense_ppl - 1, "build_seconds": round(built, 1),
+                     **model.config.testbed["routed_tokens_per_expert"]})
+        del model
+    ok = [r for r in rows if r["vs_dense"] <= WITHIN]
+    best = min(ok, key=lambda r: r["active_fraction"]) if ok else None
+    return {"dense_perplexity": dense_ppl,
+            "evaluation": f"{corpus.HELDOUT_CORPUS}: {win.shape[0]} windows of {SCREEN_SEQLEN} tokens",
+            "router_calibration": f"{corpus.CALIBRATION_CORPUS}: {tokens.shape[0]} x {tokens.shape[1]} tokens",
+            "within": WITHIN, "settings": rows,
+            "sparsest_within": None if best is None else [best["experts"], best["top_k"]]}
+
+
+def screen_table(rec: dict) -> list[str]:
+    """Markdown for the page: one row per setting."""
+    lines = [f"Dense SmolLM2-135M: Wikipedia perplexity {rec['dense_perplexity']:.2f} ({rec['evaluation']}). "
+             f"Routers and experts fitted on {rec['router_calibration']}; routed tokens per expert are counted "
+             "on those tokens over all layers (each token counts once per expert it visits).", "",
+             "| experts | top-k | shared neurons | FFN neurons a token uses | FP perplexity | vs dense | "
+             "mean FFN rel. error | routed tokens per expert (min / median / max) | build s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rec["settings"]:
+        lines.append(f"| {r['experts']} | {r['top_k']} | {r['shared']} | {100 * r['active_fraction']:.0f} % | "
+                     f"{r['perplexity']:.2f} | {100 * r['vs_dense']:+.0f} % | {r['mean_ffn_rel_err']:.3f} | "
+                     f"{r['min']} / {r['median']} / {r['max']} | {r['build_seconds']:.0f} |")
+    best = rec["sparsest_within"]
+    lines += ["", f"Sparsest setting within {100 * rec['within']:.0f} % of dense: "
+              + (f"{best[0]} experts, top-{best[1]}." if best else "none of these.")]
+    from .testbed import SPARSE_CHOICE
+
+    return lines + ["", SPARSE_CHOICE]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import os
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="python -m quantize_tools.sparse_testbed",
+                                description="Screen sparse testbed settings: FP perplexity of each (E, k) "
+                                            "against dense SmolLM2, routed-token counts; writes JSON.")
+    p.add_argument("--settings", default=",".join(f"{e}:{k}" + (f":{s}" if s else "") for e, k, s in SCREEN_SETTINGS),
+                   help="comma-separated EXPERTS:TOP_K or EXPERTS:TOP_K:SHARED_NEURONS (default: %(default)s)")
+    p.add_argument("--windows", type=int, default=SCREEN_WINDOWS, help="512-token Wikipedia windows to score")
+    p.add_argument("--output", type=Path, default=Path("docs/results/sparse/routing.json"),
+                   help="JSON record, rendered into docs/results.md by python -m quantize_tools.results "
+                        "(default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    a = p.parse_args(argv)
+    from .testbed import TestbedError, expert_plan
+
+    try:
+        settings = [tuple(int(v) for v in s.split(":")) for s in a.settings.split(",")]
+        if any(len(s) not in (2, 3) for s in settings):
+            raise ValueError
+        settings = [(s[0], s[1], s[2] if len(s) == 3 else None) for s in settings]
+        for e, k, sh in settings:
+            expert_plan("qwen2_moe", e, sh)
+            if not 1 <= k < e:
+                raise TestbedError(f"top-k {k} must be between 1 and {e - 1} for {e} experts")
+    except TestbedError as exc:
+        p.error(f"--settings: {exc}")
+    except ValueError:
+        p.error(f"--settings: expected EXPERTS:TOP_K[:SHARED] like 16:4,16:8:768, got {a.settings!r}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rec = screen(settings, a.windows)
+    a.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = a.output.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=2) + "\n")
+    os.replace(tmp, a.output)
+    print("\n".join(screen_table(rec)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

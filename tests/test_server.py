@@ -15,6 +15,7 @@ pytest.importorskip("vllm")
 
 STARTUP_TIMEOUT_S = 600
 BURST = 32
+SERVED_NAME = "testbed-kbvq2"
 
 
 @pytest.fixture(scope="session")
@@ -33,30 +34,30 @@ def server(testbed_kbvq2, tmp_path_factory):
     from vllm_kbvq.server_process import ServerProcess, free_port
 
     srv = ServerProcess(testbed_kbvq2, tmp_path_factory.mktemp("server") / "server.log", port=free_port(),
-                        args=("--dtype", "float32", "--max-model-len", "1024", "--served-model-name", "testbed-kbvq2"),
+                        args=("--dtype", "float32", "--max-model-len", "1024", "--served-model-name", SERVED_NAME),
                         env={"VLLM_CPU_KVCACHE_SPACE": "1"}, startup_timeout=STARTUP_TIMEOUT_S)
     with srv as base:
         yield base
 
 
 def _complete(base, prompt, max_tokens=8, logprobs=None):
-    body = {"model": "testbed-kbvq2", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     if logprobs:
         body["logprobs"] = logprobs
     return _post(f"{base}/v1/completions", body)["choices"][0]
 
 
-def test_completions_match_reference(server, testbed_kbvq2):
+def greedy_over_http(base: str, model_dir, texts, max_tokens=6) -> tuple[list, list]:
+    """Token-id prompts of ``texts``, and the server's greedy ids with top-5 logprobs for each."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(testbed_kbvq2)
-    texts = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
     prompts = [tok(t).input_ids for t in texts]
     results = []
     for ids in prompts:
         # token-id prompts and per-token logprobs; "ignore_eos" keeps the length fixed
-        choice = _post(f"{server}/v1/completions", {
-            "model": "testbed-kbvq2", "prompt": ids, "max_tokens": 6, "temperature": 0, "logprobs": 5,
+        choice = _post(f"{base}/v1/completions", {
+            "model": SERVED_NAME, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "logprobs": 5,
             "ignore_eos": True, "return_tokens_as_token_ids": True})["choices"][0]
         lp = choice["logprobs"]
         results.append({
@@ -64,6 +65,12 @@ def test_completions_match_reference(server, testbed_kbvq2):
             "logprobs": [{k.split(":")[1]: v for k, v in top.items()} for top in lp["top_logprobs"]],
         })
         assert choice["text"] == tok.decode(results[-1]["ids"])
+    return prompts, results
+
+
+def test_completions_match_reference(server, testbed_kbvq2):
+    texts = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
+    prompts, results = greedy_over_http(server, testbed_kbvq2, texts)
     # 30 layers of float32 summation-order noise: a looser bound than the 2-layer tiny models
     worst = assert_matches_reference(testbed_kbvq2, results, prompts, atol=1e-3)
     print(f"testbed: max top-5 logprob difference vLLM vs reference {worst:.2e}")
@@ -71,7 +78,7 @@ def test_completions_match_reference(server, testbed_kbvq2):
 
 def test_chat_completion(server):
     out = _post(f"{server}/v1/chat/completions", {
-        "model": "testbed-kbvq2", "max_tokens": 16, "temperature": 0,
+        "model": SERVED_NAME, "max_tokens": 16, "temperature": 0,
         "messages": [{"role": "user", "content": "What is the capital of France?"}]})
     msg = out["choices"][0]["message"]
     assert msg["role"] == "assistant" and msg["content"].strip()
@@ -96,7 +103,7 @@ def test_eval_through_the_server_matches_the_reference_runtime(server, testbed_k
 
     tasks = ["wikipedia", "arc_easy", "winogrande"]
     kw = dict(seqlen=128, ppl_windows=2, limit=6, log_samples=True, progress=False)
-    remote = ev.evaluate(ev.Target("testbed-kbvq2", server=server, tokenizer=str(testbed_kbvq2), batch_size=4),
+    remote = ev.evaluate(ev.Target(SERVED_NAME, server=server, tokenizer=str(testbed_kbvq2), batch_size=4),
                          tasks, **kw)
     local = ev.evaluate(ev.Target(str(testbed_kbvq2), batch_size=4), tasks, **kw)
     assert remote["kind"] == "server" and local["kind"] == "kbvq"

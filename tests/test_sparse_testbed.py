@@ -82,3 +82,16 @@ def test_bad_top_k_is_refused_by_name(tmp_path, capsys):
         tb.main(["--experts", "8", "--top-k", "0", "--output", str(tmp_path / "y")])
     assert "--top-k must be between 1 and --experts (8), got 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_sparse_build_is_deterministic_and_routes_top_k(dense):
+    """Same calibration tokens, same bytes; and the model really routes each token to k of E experts."""
+    tok = tb.load_dense_model()[1]
+    tokens = st.router_calibration(tok)[:2, :128]
+    a = tb.build_moe_model("qwen2_moe", 16, dense, top_k=4, router_tokens=tokens)
+    b = tb.build_moe_model("qwen2_moe", 16, dense, top_k=4, router_tokens=tokens)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.config.num_experts_per_tok == 4 and a.config.norm_topk_prob
+    counts = a.config.testbed["routed_tokens_per_expert"]
+    assert counts["min"] < counts["max"]  # uneven, as in a trained MoE
