@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 import urllib.error
@@ -20,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from .cli import _positive
+from .files import write_json_atomic
 
 __all__ = ["PERPLEXITY_SETS", "ZERO_SHOT", "EvalError", "Target", "evaluate", "main"]
 
@@ -225,10 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if k not in ("n", "samples"))
         print(f"{name:14s} {metrics}  (n={r['n']})")
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.output.with_name(args.output.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, args.output)
+        write_json_atomic(args.output, result)
         print(f"wrote {args.output}")
     return 0
 

@@ -32,6 +32,8 @@ from vllm_kbvq.archs import WEIGHT_TYPES, arch_for_config
 from vllm_kbvq.format import REPORT_FILE, KBVQConfig
 from vllm_kbvq.reference import KBVQExperts, KBVQLinear
 
+from .files import write_json_atomic
+from .layerwise import run_layer, stop_before
 from .moe_layer import LayerOptions, quantize_moe_block, ranks_for
 from .report import summarize, summarize_scalar
 from .scalar import SCALAR_METHODS, DenseExperts, quantize_moe_block_scalar
@@ -59,21 +61,11 @@ class QuantizeOptions(LayerOptions):
 METHODS = ("kbvq",) + SCALAR_METHODS
 
 
-class _StopForward(Exception):
-    pass
+class _ExpertsStandIn(torch.nn.Module):
+    """Takes the experts' place while their routed inputs are captured, so their weights are never loaded."""
 
-
-class _Capture(torch.nn.Module):
-    """Stands in for the experts during the capture pass: records the routed inputs, then stops the forward."""
-
-    def __init__(self):
-        super().__init__()
-        self.x, self.topk = [], []
-
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        self.x.append(hidden_states.detach().reshape(-1, hidden_states.shape[-1]))
-        self.topk.append(top_k_index.detach().reshape(hidden_states.shape[0], -1))
-        raise _StopForward
+    def forward(self, *args):
+        raise RuntimeError("the experts stand-in runs only under layerwise.stop_before")
 
 
 def _fingerprint(model_dir: Path, opts: QuantizeOptions, tokens: torch.Tensor) -> str:
@@ -82,14 +74,6 @@ def _fingerprint(model_dir: Path, opts: QuantizeOptions, tokens: torch.Tensor) -
     h.update(str(model_dir.resolve()).encode())
     h.update(tokens.numpy().tobytes())
     return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
@@ -195,7 +179,7 @@ def quantize(
         raise
     report["run"] = {"seconds": round(time.time() - t_start, 1), "peak_memory_bytes": _peak_memory_bytes(device),
                      "device": str(device)}
-    _write_json_atomic(output / REPORT_FILE, report)
+    write_json_atomic(output / REPORT_FILE, report)
     return report
 
 
@@ -232,7 +216,7 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
                 f"--resume: {partial} was made with other options, model or calibration data; "
                 "rerun with the same arguments or use --overwrite"
             )
-    _write_json_atomic(partial / _PROGRESS, state)
+    write_json_atomic(partial / _PROGRESS, state)
 
     emb = reader.get("model.embed_tokens.weight", torch.float32)
     h = emb[tokens].to(device)  # [N, L, hidden]
@@ -242,14 +226,6 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
     pe = rotary(h[:1], pos)  # (cos, sin), or one complex tensor (DeepSeek-V2)
     bs = max(1, opts.batch_size)
 
-    def run_layer(layer, hs):
-        outs = []
-        for i in range(0, hs.shape[0], bs):
-            b = hs[i : i + bs]
-            o = layer(b, attention_mask=None, position_ids=pos, position_embeddings=pe)
-            outs.append(o[0] if isinstance(o, tuple) else o)
-        return torch.cat(outs)
-
     bar = tqdm(range(len(layers)), desc="kbvq layers", unit="layer", disable=not progress)
     for i in bar:
         layer = layers[i]
@@ -257,7 +233,7 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
         block = getattr(layer, arch.moe_attr) if is_moe else None
         expert_names = _expert_names(reader, arch, i, n_experts, shared_inter) if is_moe else set()
         if is_moe:
-            setattr(block, arch.experts_attr, _Capture())
+            setattr(block, arch.experts_attr, _ExpertsStandIn())
         layer.to_empty(device=device)
         params = _layer_params(reader, arch, i, expert_names)
         missing, unexpected = layer.load_state_dict(params, strict=False)
@@ -274,14 +250,11 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
                 else:
                     t0 = time.time()
                     bar.set_postfix_str(f"layer {i}: capture")
-                    cap = getattr(block, arch.experts_attr)
-                    for j in range(0, h.shape[0], bs):
-                        try:
-                            layer(h[j : j + bs], attention_mask=None, position_ids=pos, position_embeddings=pe)
-                        except _StopForward:
-                            pass
-                    x, topk = torch.cat(cap.x), torch.cat(cap.topk)
-                    cap.x, cap.topk = [], []
+                    with stop_before(getattr(block, arch.experts_attr)) as seen:  # (hidden, top-k ids, weights)
+                        run_layer(layer, h, pos, pe, bs)
+                    x = torch.cat([a[0].reshape(-1, a[0].shape[-1]) for a in seen])
+                    topk = torch.cat([a[1].reshape(a[0].shape[0], -1) for a in seen])
+                    del seen
 
                     def weights(group, wtype, member=None, i=i):
                         """``[n, oc, ic]`` for the group, or ``[oc, ic]`` of one member."""
@@ -309,11 +282,11 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
                 install = _install_quantized if opts.method == "kbvq" else _install_dense
                 install(block, arch, i, n_experts, hidden, inter, shared_inter, cfg, config, tensors, device)
             bar.set_postfix_str(f"layer {i}: forward")
-            h = run_layer(layer, h)
+            h = run_layer(layer, h, pos, pe, bs)
         layer.to_empty(device="meta")  # free the layer
         if is_moe and i not in state["done"]:
             state["done"].append(i)
-            _write_json_atomic(partial / _PROGRESS, state)
+            write_json_atomic(partial / _PROGRESS, state)
     bar.close()
     return _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, opts)
 
@@ -383,12 +356,12 @@ def _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, o
             for name in handle.keys():
                 weight_map[name] = final_name
         os.replace(f, partial / final_name)
-    _write_json_atomic(partial / "model.safetensors.index.json", {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))})
+    write_json_atomic(partial / "model.safetensors.index.json", {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))})
 
     model_config = _read_config(model_dir)
     if opts.method == "kbvq":
         model_config["quantization_config"] = cfg.to_dict()
-    _write_json_atomic(partial / "config.json", model_config)
+    write_json_atomic(partial / "config.json", model_config)
     for f in sorted(model_dir.iterdir()):
         if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".gguf") and f.name not in (
             "config.json", "model.safetensors.index.json", REPORT_FILE):
@@ -397,7 +370,7 @@ def _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, o
         report = summarize(cfg, state["reports"], partial, _read_config(model_dir), arch)
     else:
         report = summarize_scalar(opts, cfg, state["reports"], partial, _read_config(model_dir), arch)
-    _write_json_atomic(partial / REPORT_FILE, report)
+    write_json_atomic(partial / REPORT_FILE, report)
     (partial / _PROGRESS).unlink()
     if output.exists():
         if not overwrite and any(output.iterdir()):

@@ -25,13 +25,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import write_json_atomic
 from .testbed import SPARSE_EXPERTS, SPARSE_TOP_K
 
 __all__ = ["CELLS", "TESTBEDS", "Cell", "Testbed", "main"]
 
 CALIB = ["--nsamples", "32", "--seqlen", "512"]  # 16 k tokens of SQuAD Wikipedia paragraphs
+PPL_SEQLEN, PPL_WINDOWS = 512, 64  # the perplexity protocol; the routing screen scores the same windows
 EVAL = ["--tasks", "wikipedia,lambada_text,arc_easy,arc_challenge,piqa,hellaswag,winogrande,lambada",
-        "--seqlen", "512", "--ppl-windows", "64", "--limit", "500", "--batch-size", "16"]
+        "--seqlen", str(PPL_SEQLEN), "--ppl-windows", str(PPL_WINDOWS), "--limit", "500", "--batch-size", "16"]
 ZERO_SHOT = [("arc_easy", "acc_norm", "ARC-E"), ("arc_challenge", "acc_norm", "ARC-C"), ("piqa", "acc_norm", "PIQA"),
              ("hellaswag", "acc_norm", "HellaSwag"), ("winogrande", "acc", "WinoGr."), ("lambada", "acc", "LAMBADA")]
 
@@ -167,10 +169,7 @@ def run_cell(cell: Cell, tb: Testbed, base: Path, work: Path, results: Path, thr
     rec["perplexity"] = {k: v["perplexity"] for k, v in ev["perplexity"].items()}
     rec["zero_shot"] = {k: {m: v for m, v in r.items() if m != "samples"} for k, r in ev["zero_shot"].items()}
     rec["versions"] = ev["versions"]
-    results.mkdir(parents=True, exist_ok=True)
-    tmp = results / f"{cell.key}.json.tmp"
-    tmp.write_text(json.dumps(rec, indent=2) + "\n")
-    os.replace(tmp, results / f"{cell.key}.json")
+    write_json_atomic(results / f"{cell.key}.json", rec)
     if not keep and cell.bits is not None:
         shutil.rmtree(model, ignore_errors=True)
     return rec

@@ -24,6 +24,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from .layerwise import run_layer, stop_before
+
 # Router logits this small give top-k weights within ~1 % of equal; only their ranking matters.
 ROUTER_LOGIT_STD = 0.02
 RIDGE = 1e-3  # of the mean eigenvalue of X^T X
@@ -115,10 +117,6 @@ def fit_layer(x: torch.Tensor, gate, up, down, experts: int, k: int, shared: int
     return groups, shared_ix, router, LayerFit(err, counts.tolist())
 
 
-class _StopAtFFN(Exception):
-    pass
-
-
 def sparsify(model, dense_sd: dict, plan, tokens: torch.Tensor, top_k: int, *, seed: int = 0,
              batch_size: int = 4, progress=None) -> list[LayerFit]:
     """Turn the exact testbed ``model`` (fused experts, all routed) into a top-k sparse one, in place.
@@ -133,24 +131,11 @@ def sparsify(model, dense_sd: dict, plan, tokens: torch.Tensor, top_k: int, *, s
 
     def to_ffn(layer, hs):
         """(residual, FFN input) after the layer's attention, per batch of windows."""
-        res, ffn_in = [], []
-
-        def stop(m, a):
-            ffn_in.append(a[0])
-            raise _StopAtFFN
-
-        hooks = [layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: res.append(a[0])),
-                 layer.mlp.register_forward_pre_hook(stop)]
-        try:
-            for i in range(0, hs.shape[0], batch_size):
-                try:
-                    layer(hs[i:i + batch_size], attention_mask=None, position_ids=pos, position_embeddings=pe)
-                except _StopAtFFN:
-                    pass
-        finally:
-            for hk in hooks:
-                hk.remove()
-        return res, ffn_in
+        norm = layer.post_attention_layernorm
+        with stop_before(norm) as seen:
+            run_layer(layer, hs, pos, pe, batch_size)
+        res = [a[0] for a in seen]
+        return res, [norm(r) for r in res]
 
     fits = []
     with torch.no_grad():
@@ -219,7 +204,6 @@ def routed_token_summary(fits: list[LayerFit]) -> dict:
 # ---- choosing the default: FP perplexity of a few (E, k) against the dense model ----------------
 
 SCREEN_SETTINGS = ((16, 2, None), (16, 4, None), (16, 8, None), (16, 12, None))  # (E, k, shared or default)
-SCREEN_WINDOWS, SCREEN_SEQLEN = 64, 512  # the results table's Wikipedia perplexity protocol
 WITHIN = 0.15  # the default is the sparsest setting whose FP perplexity is within 15 % of dense
 
 
@@ -230,19 +214,21 @@ def active_fraction(experts: int, top_k: int, shared: int) -> float:
     return (shared + top_k * (DENSE_INTERMEDIATE - shared) / experts) / DENSE_INTERMEDIATE
 
 
-def screen(settings=SCREEN_SETTINGS, windows: int = SCREEN_WINDOWS, progress: bool = True) -> dict:
-    """Build each (E, k) Qwen2-MoE testbed in memory and score it like the FP row of the tables."""
+def screen(settings=SCREEN_SETTINGS, windows: int | None = None, progress: bool = True) -> dict:
+    """Build each (E, k) Qwen2-MoE testbed in memory and score it like the FP row of the tables
+    (their Wikipedia windows; ``windows`` fewer for a quick look)."""
     import time
 
     from tqdm.auto import tqdm
 
     from . import corpus
     from .perplexity import perplexity, text_windows
+    from .results import PPL_SEQLEN, PPL_WINDOWS
     from .testbed import build_moe_model, expert_plan, load_dense_model
 
     dense, tok = load_dense_model()
     tokens = router_calibration(tok)
-    win = text_windows(tok, corpus.heldout_texts(), SCREEN_SEQLEN, windows)
+    win = text_windows(tok, corpus.heldout_texts(), PPL_SEQLEN, windows or PPL_WINDOWS)
     dense_ppl = perplexity(dense, win, 4, progress=False)
     rows = []
     for experts, top_k, shared in tqdm(settings, desc="sparse settings", disable=not progress):
@@ -259,7 +245,7 @@ def screen(settings=SCREEN_SETTINGS, windows: int = SCREEN_WINDOWS, progress: bo
     ok = [r for r in rows if r["vs_dense"] <= WITHIN]
     best = min(ok, key=lambda r: r["active_fraction"]) if ok else None
     return {"dense_perplexity": dense_ppl,
-            "evaluation": f"{corpus.HELDOUT_CORPUS}: {win.shape[0]} windows of {SCREEN_SEQLEN} tokens",
+            "evaluation": f"{corpus.HELDOUT_CORPUS}: {win.shape[0]} windows of {PPL_SEQLEN} tokens",
             "router_calibration": f"{corpus.CALIBRATION_CORPUS}: {tokens.shape[0]} x {tokens.shape[1]} tokens",
             "within": WITHIN, "settings": rows,
             "sparsest_within": None if best is None else [best["experts"], best["top_k"]]}
@@ -287,16 +273,18 @@ def screen_table(rec: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import json
-    import os
     from pathlib import Path
+
+    from .files import write_json_atomic
+    from .results import PPL_WINDOWS
 
     p = argparse.ArgumentParser(prog="python -m quantize_tools.sparse_testbed",
                                 description="Screen sparse testbed settings: FP perplexity of each (E, k) "
                                             "against dense SmolLM2, routed-token counts; writes JSON.")
     p.add_argument("--settings", default=",".join(f"{e}:{k}" + (f":{s}" if s else "") for e, k, s in SCREEN_SETTINGS),
                    help="comma-separated EXPERTS:TOP_K or EXPERTS:TOP_K:SHARED_NEURONS (default: %(default)s)")
-    p.add_argument("--windows", type=int, default=SCREEN_WINDOWS, help="512-token Wikipedia windows to score")
+    p.add_argument("--windows", type=int, default=None,
+                   help="Wikipedia windows to score (default: the results tables' %d)" % PPL_WINDOWS)
     p.add_argument("--output", type=Path, default=Path("docs/results/sparse/routing.json"),
                    help="JSON record, rendered into docs/results.md by python -m quantize_tools.results "
                         "(default: %(default)s)")
@@ -320,10 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     rec = screen(settings, a.windows)
-    a.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=2) + "\n")
-    os.replace(tmp, a.output)
+    write_json_atomic(a.output, rec)
     print("\n".join(screen_table(rec)))
     return 0
 

@@ -1,0 +1,47 @@
+"""Running a model one decoder layer at a time over calibration windows.
+
+The quantizer (and the sparse testbed builder) never run the whole model: they push every
+window through one layer, keep what they need, and move to the next. Capturing the input of a
+module inside the layer and stopping there saves the rest of the layer's compute, and lets the
+quantizer leave the experts' weights unloaded while it gathers their routed inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class StopForward(Exception):
+    """Ends a layer's forward once a capture has what it needs."""
+
+
+@contextlib.contextmanager
+def stop_before(module: torch.nn.Module):
+    """Within the block, each call of ``module`` records its positional inputs and ends the forward.
+
+    Yields the list the inputs go to (one tuple per batch). ``module`` itself never runs.
+    """
+    seen: list[tuple] = []
+
+    def hook(_m, args):
+        seen.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        raise StopForward
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def run_layer(layer: torch.nn.Module, hs: torch.Tensor, pos: torch.Tensor, pe, batch_size: int):
+    """``layer`` over the windows ``hs`` in batches of ``batch_size``: its output, or None if a capture stopped it."""
+    outs = []
+    for i in range(0, hs.shape[0], max(1, batch_size)):
+        try:
+            o = layer(hs[i:i + batch_size], attention_mask=None, position_ids=pos, position_embeddings=pe)
+        except StopForward:
+            continue
+        outs.append(o[0] if isinstance(o, tuple) else o)
+    return torch.cat(outs) if outs else None
