@@ -84,10 +84,10 @@ class Target:
     def lm(self):
         """The lm-eval model object for zero-shot tasks."""
         if self.server is None:
-            from lm_eval.models.huggingface import HFLM
+            from .shared_prefix import SharedPrefixHFLM
 
-            return HFLM(pretrained=self.hf_model, tokenizer=self.tokenizer, batch_size=self.batch_size,
-                        max_length=self.max_length)
+            return SharedPrefixHFLM(pretrained=self.hf_model, tokenizer=self.tokenizer, batch_size=self.batch_size,
+                                    max_length=self.max_length)
         from lm_eval.models.openai_completions import LocalCompletionsAPI
 
         return LocalCompletionsAPI(base_url=f"{self.server}/v1/completions", model=self.model,

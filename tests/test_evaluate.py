@@ -113,3 +113,39 @@ def test_cli_errors_name_the_problem(tmp_path, tiny_model, capsys):
     assert "mmlu" in capsys.readouterr().err
     assert ev.main(["--model", str(tmp_path / "nope"), "--tasks", "wikipedia"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2"])
+def test_shared_context_scoring_equals_lm_eval_hflm(tiny_model, arch):
+    """The shared-context scorer returns lm-eval HFLM's (log-likelihood, greedy) for every request:
+    contexts shared by several continuations, one-token continuations, and left truncation."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantize_tools.shared_prefix import SharedPrefixHFLM
+
+    path = tiny_model(arch)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    g = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return torch.randint(3, 320, (n,), generator=g).tolist()
+
+    requests = []
+    for n_ctx, n_choices in [(9, 4), (31, 4), (5, 2), (17, 1), (60, 3), (2, 2)]:
+        ctx = ids(n_ctx)
+        requests += [(("c", "x"), ctx, ids(int(torch.randint(1, 9, (1,), generator=g)))) for _ in range(n_choices)]
+    requests.append((("c", "x"), ids(40), ids(6)))  # truncated from the left at max_length 32
+    requests.append((("c", "x"), ids(3), [7]))
+    # the model itself (whatever its argmax) is the greedy continuation of one request
+    ctx = ids(12)
+    with torch.no_grad():
+        nxt = int(model(torch.tensor([ctx])).logits[0, -1].argmax())
+    requests.append((("c", "x"), ctx, [nxt]))
+
+    want = HFLM(pretrained=model, tokenizer=tok, batch_size=5, max_length=32)._loglikelihood_tokens(requests, True)
+    got = SharedPrefixHFLM(pretrained=model, tokenizer=tok, batch_size=5, max_length=32)._loglikelihood_tokens(requests, True)
+    assert [ok for _, ok in got] == [ok for _, ok in want]
+    assert got[-1][1]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-4)
