@@ -21,6 +21,7 @@ import resource
 import shutil
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -206,6 +207,7 @@ def _check_checkpoint(reader, arch, moe_layers, n_experts, shared_inter, hidden,
 def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, opts, moe_layers, n_experts, hidden,
          inter, shared_inter, overwrite, resume, progress, device) -> dict:
     layers = model.model.layers
+    backend = _BACKENDS[opts.method]
     fingerprint = _fingerprint(model_dir, opts, tokens)
     state = {"fingerprint": fingerprint, "done": [], "reports": {}}
     if resume:
@@ -267,20 +269,13 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
                                             for e in range(n_experts)])
 
                     bar.set_postfix_str(f"layer {i}: quantize")
-                    if opts.method == "kbvq":
-                        tensors, rep = quantize_moe_block(
-                            i, x, topk, weights, arch, n_experts, shared_inter is not None,
-                            _act_fn(config), opts, cfg, device)
-                    else:
-                        tensors, rep = quantize_moe_block_scalar(
-                            i, x, topk, weights, arch, n_experts, shared_inter is not None,
-                            _act_fn(config), opts, device)
+                    tensors, rep = backend.quantize_block(i, x, topk, weights, arch, n_experts, shared_inter is not None,
+                                                          _act_fn(config), opts, cfg, device)
                     del x, topk
                     rep["seconds"] = round(time.time() - t0, 2)
                     save_file(tensors, str(shard), metadata={"format": "pt"})
                     state["reports"][str(i)] = rep
-                install = _install_quantized if opts.method == "kbvq" else _install_dense
-                install(block, arch, i, n_experts, hidden, inter, shared_inter, cfg, config, tensors, device)
+                backend.install(block, arch, i, n_experts, hidden, inter, shared_inter, cfg, config, tensors, device)
             bar.set_postfix_str(f"layer {i}: forward")
             h = run_layer(layer, h, pos, pe, bs)
         layer.to_empty(device="meta")  # free the layer
@@ -358,18 +353,16 @@ def _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, o
         os.replace(f, partial / final_name)
     write_json_atomic(partial / "model.safetensors.index.json", {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))})
 
+    backend = _BACKENDS[opts.method]
     model_config = _read_config(model_dir)
-    if opts.method == "kbvq":
+    if backend.quant_config:
         model_config["quantization_config"] = cfg.to_dict()
     write_json_atomic(partial / "config.json", model_config)
     for f in sorted(model_dir.iterdir()):
         if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".gguf") and f.name not in (
             "config.json", "model.safetensors.index.json", REPORT_FILE):
             shutil.copy2(f, partial / f.name)
-    if opts.method == "kbvq":
-        report = summarize(cfg, state["reports"], partial, _read_config(model_dir), arch)
-    else:
-        report = summarize_scalar(opts, cfg, state["reports"], partial, _read_config(model_dir), arch)
+    report = backend.summarize(opts, cfg, state["reports"], partial, _read_config(model_dir), arch)
     write_json_atomic(partial / REPORT_FILE, report)
     (partial / _PROGRESS).unlink()
     if output.exists():
@@ -378,6 +371,27 @@ def _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, o
         shutil.rmtree(output)
     os.replace(partial, output)
     return report
+
+
+@dataclass(frozen=True)
+class _Backend:
+    """What differs between KBVQ and the scalar baselines; the layer streaming around it is shared."""
+
+    quantize_block: Callable  # (layer, x, topk, weights, arch, n_experts, shared, act_fn, opts, cfg, device)
+    install: Callable  # the quantized experts into the block, for the forward that feeds the next layer
+    summarize: Callable  # (opts, cfg, layer_reports, ckpt_dir, model_config, arch) -> report
+    quant_config: bool  # config.json carries quantization_config (scalar checkpoints are plain ones)
+
+
+def _scalar_block(layer, x, topk, weights, arch, n_experts, shared, act_fn, opts, cfg, device):
+    return quantize_moe_block_scalar(layer, x, topk, weights, arch, n_experts, shared, act_fn, opts, device)
+
+
+_BACKENDS = {
+    "kbvq": _Backend(quantize_moe_block, _install_quantized, lambda opts, *rest: summarize(*rest), True),
+    **{m: _Backend(_scalar_block, _install_dense, summarize_scalar, False) for m in SCALAR_METHODS},
+}
+assert set(_BACKENDS) == set(METHODS)
 
 
 def _read_config(model_dir: Path) -> dict:
