@@ -154,10 +154,21 @@ def evaluate(target: Target, tasks: list[str], seqlen: int = 2048, ppl_windows: 
         from .zeroshot import run_zero_shot
 
         t0 = time.time()
-        result["zero_shot"] = run_zero_shot(target.lm(), zs, limit, log_samples)
+        lm = target.lm()
+        result["settings"]["zero_shot_scorer"] = _scorer_name(lm)
+        result["zero_shot"] = run_zero_shot(lm, zs, limit, log_samples)
         result["seconds"]["zero_shot"] = round(time.time() - t0, 1)
     result["versions"] = _versions()
     return result
+
+
+def _scorer_name(lm) -> str:
+    """Which code computed the zero-shot log-likelihoods, for the record."""
+    from .shared_prefix import SharedPrefixHFLM, shares_contexts
+
+    if isinstance(lm, SharedPrefixHFLM) and lm.mixed_precision_dtype is None and shares_contexts(lm.model):
+        return "shared contexts (quantize_tools.shared_prefix)"
+    return f"lm-eval {type(lm).__mro__[1 if isinstance(lm, SharedPrefixHFLM) else 0].__name__}"
 
 
 def _versions() -> dict:

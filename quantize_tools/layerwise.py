@@ -37,8 +37,8 @@ def stop_before(module: torch.nn.Module):
 
 def run_layer(layer: torch.nn.Module, hs: torch.Tensor, pos: torch.Tensor, pe, batch_size: int):
     """``layer`` over the windows ``hs`` in batches of ``batch_size``: its output, or None if a capture stopped it."""
-    outs = []
-    for i in range(0, hs.shape[0], max(1, batch_size)):
+    outs, batch_size = [], max(1, batch_size)
+    for i in range(0, hs.shape[0], batch_size):
         try:
             o = layer(hs[i:i + batch_size], attention_mask=None, position_ids=pos, position_embeddings=pe)
         except StopForward:

