@@ -75,7 +75,7 @@ class Target:
             if self.kind == "kbvq":
                 from vllm_kbvq.reference import load_kbvq_model
 
-                self._hf = load_kbvq_model(self.model, device=self.device)
+                self._hf = load_kbvq_model(self.model, device=self.device, cache_weights=True)
             else:
                 self._hf = AutoModelForCausalLM.from_pretrained(self.model, dtype=torch.float32,
                                                                 device_map=self.device).eval()
@@ -164,11 +164,9 @@ def evaluate(target: Target, tasks: list[str], seqlen: int = 2048, ppl_windows: 
 
 def _scorer_name(lm) -> str:
     """Which code computed the zero-shot log-likelihoods, for the record."""
-    from .shared_prefix import SharedPrefixHFLM, shares_contexts
+    from .shared_prefix import SharedPrefixHFLM
 
-    if isinstance(lm, SharedPrefixHFLM) and lm.mixed_precision_dtype is None and shares_contexts(lm.model):
-        return "shared contexts (quantize_tools.shared_prefix)"
-    return f"lm-eval {type(lm).__mro__[1 if isinstance(lm, SharedPrefixHFLM) else 0].__name__}"
+    return lm.scorer if isinstance(lm, SharedPrefixHFLM) else f"lm-eval {type(lm).__name__}"
 
 
 def _versions() -> dict:

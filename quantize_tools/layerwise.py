@@ -17,18 +17,26 @@ class StopForward(Exception):
 
 
 @contextlib.contextmanager
-def stop_before(module: torch.nn.Module):
-    """Within the block, each call of ``module`` records its positional inputs and ends the forward.
+def stop_before(module: torch.nn.Module, names: tuple[str, ...] = ()):
+    """Within the block, each call of ``module`` records its inputs and ends the forward.
 
-    Yields the list the inputs go to (one tuple per batch). ``module`` itself never runs.
+    Yields the list the inputs go to (one tuple per batch, in call order). ``names`` are the
+    parameter names of the inputs, so that a caller passing some of them by keyword records the
+    same tuple. ``module`` itself never runs.
     """
     seen: list[tuple] = []
 
-    def hook(_m, args):
-        seen.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    def hook(_m, args, kwargs):
+        rest = [n for n in names[len(args):] if n in kwargs]
+        unknown = sorted(set(kwargs) - set(rest))
+        if unknown:
+            raise RuntimeError(f"{type(module).__name__} was called with keyword input(s) {', '.join(unknown)}, "
+                               f"which layerwise.stop_before does not know the place of (names: {names})")
+        inputs = tuple(args) + tuple(kwargs[n] for n in rest)
+        seen.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in inputs))
         raise StopForward
 
-    handle = module.register_forward_pre_hook(hook)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield seen
     finally:

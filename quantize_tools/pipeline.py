@@ -62,6 +62,10 @@ class QuantizeOptions(LayerOptions):
 METHODS = ("kbvq",) + SCALAR_METHODS
 
 
+# transformers' fused experts modules take (hidden_states, top_k_index, top_k_weights)
+EXPERTS_INPUTS = ("hidden_states", "top_k_index", "top_k_weights")
+
+
 class _ExpertsStandIn(torch.nn.Module):
     """Takes the experts' place while their routed inputs are captured, so their weights are never loaded."""
 
@@ -252,7 +256,7 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
                 else:
                     t0 = time.time()
                     bar.set_postfix_str(f"layer {i}: capture")
-                    with stop_before(getattr(block, arch.experts_attr)) as seen:  # (hidden, top-k ids, weights)
+                    with stop_before(getattr(block, arch.experts_attr), EXPERTS_INPUTS) as seen:
                         run_layer(layer, h, pos, pe, bs)
                     x = torch.cat([a[0].reshape(-1, a[0].shape[-1]) for a in seen])
                     topk = torch.cat([a[1].reshape(a[0].shape[0], -1) for a in seen])

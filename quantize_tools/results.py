@@ -105,6 +105,7 @@ CELLS = [Cell("FP", None)] + [
     # the sparse testbed's 72-neuron experts make a 256 x 4 codebook cost 0.4 bits/weight, so 2-bit VQ
     # there spends ~2.65 bits/weight: GPTQ with groups of 64 (~2.57) is the scalar baseline at about equal bits
     Cell("GPTQ g64", 2, ("--method", "gptq", "--group-size", "64"), testbed="sparse")]
+CELL_BY_KEY = {c.key: c for c in CELLS}
 
 
 def cells_for(tb: Testbed) -> list[Cell]:
@@ -284,8 +285,7 @@ def _table_section(tb: Testbed, res: dict[str, dict]) -> list[str]:
                   "all calibration tokens because fewer than the quantizer's `--bcos-min-tokens` were routed to "
                   "them (from each checkpoint's `kbvq_report.json`)."]
     else:
-        keys = {c.key: c for c in CELLS}
-        sweep = [keys[k] for k in ("bcos-only-w2", "kbvq-rank-1-256-w2", "kbvq-w2", "kbvq-rank-1-64-w2",
+        sweep = [CELL_BY_KEY[k] for k in ("bcos-only-w2", "kbvq-rank-1-256-w2", "kbvq-w2", "kbvq-rank-1-64-w2",
                                    "kbvq-rank-1-32-w2")]
         lines += ["", "### Rank-ratio sweep (2-bit KBVQ; rank 0 is \"BCOS only\")", "", *_header()]
         lines += [_row(c, res.get(c.key)) for c in sweep]
@@ -293,7 +293,7 @@ def _table_section(tb: Testbed, res: dict[str, dict]) -> list[str]:
                   "The paper's 3-bit setting, one 4096 x 4 codebook per expert matrix, against the table's 64 x 2: on "
                   "matrices of 144 x 576 weights the large codebook nearly stores the weights (about 5 vectors per "
                   "codeword) and costs more bits than the codes.", "", *_header()]
-        lines += [_row(keys[k], res.get(k)) for k in _CODEBOOK_ROWS]
+        lines += [_row(CELL_BY_KEY[k], res.get(k)) for k in _CODEBOOK_ROWS]
     notes = [f"- `{k}`: {r['note']}" for k, r in res.items() if r.get("note")]
     if notes:
         lines += ["", "Notes on individual cells:", "", *notes]
@@ -404,7 +404,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     tb = TESTBEDS[args.testbed]
     cells = cells_for(tb)
-    keys = {c.key: c for c in cells}
     records, work = tb.subdir(args.records), tb.subdir(args.work)
     if args.list:
         for c in cells:
@@ -413,11 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.render:
         todo = [c for c in cells if not (records / f"{c.key}.json").is_file()]
         if args.cells:
-            unknown = [k for k in args.cells.split(",") if k not in keys]
+            unknown = [k for k in args.cells.split(",") if k not in {c.key for c in cells}]
             if unknown:
                 print(f"unknown cell(s) {', '.join(unknown)} for the {tb.key} testbed; see --list", file=sys.stderr)
                 return 2
-            todo = [keys[k] for k in args.cells.split(",")]
+            todo = [CELL_BY_KEY[k] for k in args.cells.split(",")]
         base = work / "testbed"
         if todo and not (base / "config.json").is_file():
             from . import testbed

@@ -139,8 +139,18 @@ def shares_contexts(model) -> bool:
 class SharedPrefixHFLM(HFLM):
     """lm-eval's ``HFLM`` with :func:`score_requests` as its log-likelihood path (everything else unchanged)."""
 
+    @property
+    def shares(self) -> bool:
+        """Whether this model gets :func:`score_requests`; otherwise HFLM's own path runs."""
+        return self.backend == "causal" and self.mixed_precision_dtype is None and shares_contexts(self.model)
+
+    @property
+    def scorer(self) -> str:
+        """Which code computes the log-likelihoods, for the record."""
+        return "shared contexts (quantize_tools.shared_prefix)" if self.shares else "lm-eval HFLM"
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-        if self.backend != "causal" or self.mixed_precision_dtype is not None or not shares_contexts(self.model):
+        if not self.shares:
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
 
         def hook(i, answer):

@@ -122,7 +122,7 @@ def test_shared_context_scoring_equals_lm_eval_hflm(tiny_model, arch):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantize_tools.shared_prefix import SharedPrefixHFLM, shares_contexts
+    from quantize_tools.shared_prefix import SharedPrefixHFLM
 
     path = tiny_model(arch)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -146,10 +146,11 @@ def test_shared_context_scoring_equals_lm_eval_hflm(tiny_model, arch):
             greedy.append(int(model(torch.tensor([ctx + greedy])).logits[0, -1].argmax()))
     requests += [(("c", "x"), ctx, greedy[:1]), (("c", "x"), ctx, greedy)]
 
-    assert shares_contexts(model)  # the shared path runs, not lm-eval's fallback
     want = HFLM(pretrained=model, tokenizer=tok, batch_size=5, max_length=32)._loglikelihood_tokens(requests, True)
     # batch size 2: several context chunks, each with several continuation batches
-    got = SharedPrefixHFLM(pretrained=model, tokenizer=tok, batch_size=2, max_length=32)._loglikelihood_tokens(requests, True)
+    shared = SharedPrefixHFLM(pretrained=model, tokenizer=tok, batch_size=2, max_length=32)
+    assert shared.shares  # the shared path runs, not lm-eval's fallback
+    got = shared._loglikelihood_tokens(requests, True)
     assert [ok for _, ok in got] == [ok for _, ok in want]
     assert got[-2][1] and got[-1][1]
     assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-4)

@@ -77,6 +77,12 @@ def test_default_2bit_settings_and_report(tiny_model, tmp_path):
         assert e["rel_err"]["idre_vq_bcos"] <= e["rel_err"]["idre_vq"] + 1e-12
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "q" / f).is_file()
+    # the evaluation's weight cache changes nothing, bit for bit, and is not part of the checkpoint
+    plain, cached = load_kbvq_model(tmp_path / "q"), load_kbvq_model(tmp_path / "q", cache_weights=True)
+    ids = _tokens(2, 48, seed=5)
+    assert torch.equal(_logits(plain, ids), _logits(cached, ids))
+    assert plain.state_dict().keys() == cached.state_dict().keys()
+    assert all(m.vq_cache is not None for m in cached.modules() if hasattr(m, "vq_cache"))
 
 
 def test_reference_weight_matches_independent_dequantization(tiny_model, tmp_path):

@@ -40,9 +40,20 @@ class KBVQLinear(nn.Module):
                                                        requires_grad=False))
         if rank == 0 or not owns_basis:
             self.lr_b = None  # a routed expert reads its layer's basis from expert 0
+        self.register_buffer("vq_cache", None, persistent=False)
 
     def vq_weight(self) -> torch.Tensor:
+        if self.vq_cache is not None:
+            return self.vq_cache
         return dequantize(self.vq_codes, self.vq_codebook, self.in_features)
+
+    def cache_vq_weight(self) -> None:
+        """Keep the dequantized weight: later calls cost what a dense layer's do, bit for bit the same.
+
+        Only valid while the codes and codebook stay as they are (a loaded, frozen model).
+        """
+        self.vq_cache = None
+        self.vq_cache = self.vq_weight()
 
     def weight_fp32(self, basis: torch.Tensor | None = None) -> torch.Tensor:
         """The effective weight before the affine (``W_vq + A B``), for tests and analysis."""
@@ -200,8 +211,14 @@ def _register_with_transformers() -> None:
 _register_with_transformers()
 
 
-def load_kbvq_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """A transformers model running the KBVQ checkpoint at ``path`` through this reference runtime."""
+def load_kbvq_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    cache_weights: bool = False):
+    """A transformers model running the KBVQ checkpoint at ``path`` through this reference runtime.
+
+    ``cache_weights`` dequantizes every VQ matrix once at load (float32, so the memory of an
+    unquantized model) instead of on every call: for long evaluations, whose outputs it leaves
+    bit-identical.
+    """
     from transformers import AutoModelForCausalLM
 
     from .format import FormatError, validate_checkpoint
@@ -212,5 +229,9 @@ def load_kbvq_model(path: str | Path, device: str | torch.device = "cpu", dtype:
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         if info.get(kind):
             raise FormatError(f"{path}: {kind.replace('_', ' ')} when loading: {sorted(info[kind])[:5]}")
+    if cache_weights:
+        for m in model.modules():
+            if isinstance(m, KBVQLinear):
+                m.cache_vq_weight()
     model.eval()
     return model
