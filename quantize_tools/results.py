@@ -106,6 +106,8 @@ CELLS = [Cell("FP", None)] + [
     # there spends ~2.65 bits/weight: GPTQ with groups of 64 (~2.57) is the scalar baseline at about equal bits
     Cell("GPTQ g64", 2, ("--method", "gptq", "--group-size", "64"), testbed="sparse")]
 CELL_BY_KEY = {c.key: c for c in CELLS}
+# table rows within a bit width: the scalar baselines together, then the VQ family
+_ROW_ORDER = ("FP", "RTN g128", "GPTQ g128", "GPTQ g64", *(m for m, _ in _METHODS if m not in _SCALAR))
 
 
 def cells_for(tb: Testbed) -> list[Cell]:
@@ -279,7 +281,8 @@ def _table_section(tb: Testbed, res: dict[str, dict]) -> list[str]:
     lines = [f"## {tb.title}", "", f"**Model.** {tb.model}", "", "### Perplexity and zero-shot accuracy", "",
              *_header(sparse)]
     for b in (None, 2, 3, 4):
-        lines += [_row(c, res.get(c.key), sparse) for c in main_cells if c.bits == b]
+        row_cells = sorted((c for c in main_cells if c.bits == b), key=lambda c: _ROW_ORDER.index(c.method))
+        lines += [_row(c, res.get(c.key), sparse) for c in row_cells]
     if sparse:
         lines += ["", "BCOS fallbacks: expert matrices (summed over layers) whose affine correction was fitted on "
                   "all calibration tokens because fewer than the quantizer's `--bcos-min-tokens` were routed to "
