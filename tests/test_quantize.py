@@ -83,6 +83,9 @@ def test_default_2bit_settings_and_report(tiny_model, tmp_path):
     assert torch.equal(_logits(plain, ids), _logits(cached, ids))
     assert plain.state_dict().keys() == cached.state_dict().keys()
     assert all(m.vq_cache is not None for m in cached.modules() if hasattr(m, "vq_cache"))
+    # a dtype cast after caching rebuilds the cache from the cast codebook instead of keeping a stale one
+    plain, cached = plain.to(torch.bfloat16), cached.to(torch.bfloat16)
+    assert torch.equal(_logits(plain, ids), _logits(cached, ids))
 
 
 def test_reference_weight_matches_independent_dequantization(tiny_model, tmp_path):

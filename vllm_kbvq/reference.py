@@ -44,6 +44,8 @@ class KBVQLinear(nn.Module):
 
     def vq_weight(self) -> torch.Tensor:
         if self.vq_cache is not None:
+            if self.vq_cache.dtype != torch.float32:  # the module was cast after caching: rebuild
+                self.cache_vq_weight()
             return self.vq_cache
         return dequantize(self.vq_codes, self.vq_codebook, self.in_features)
 
