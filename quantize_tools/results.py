@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -32,8 +33,10 @@ __all__ = ["CELLS", "TESTBEDS", "Cell", "Testbed", "main"]
 
 CALIB = ["--nsamples", "32", "--seqlen", "512"]  # 16 k tokens of SQuAD Wikipedia paragraphs
 PPL_SEQLEN, PPL_WINDOWS = 512, 64  # the perplexity protocol; the routing screen scores the same windows
+_PPL = ["--seqlen", str(PPL_SEQLEN), "--ppl-windows", str(PPL_WINDOWS)]
 EVAL = ["--tasks", "wikipedia,lambada_text,arc_easy,arc_challenge,piqa,hellaswag,winogrande,lambada",
-        "--seqlen", str(PPL_SEQLEN), "--ppl-windows", str(PPL_WINDOWS), "--limit", "500", "--batch-size", "16"]
+        *_PPL, "--limit", "500", "--batch-size", "16"]
+EVAL_PPL = ["--tasks", "wikipedia,lambada_text", *_PPL, "--batch-size", "16"]  # the seed repeats: perplexity only
 ZERO_SHOT = [("arc_easy", "acc_norm", "ARC-E"), ("arc_challenge", "acc_norm", "ARC-C"), ("piqa", "acc_norm", "PIQA"),
              ("hellaswag", "acc_norm", "HellaSwag"), ("winogrande", "acc", "WinoGr."), ("lambada", "acc", "LAMBADA")]
 
@@ -75,8 +78,9 @@ class Cell:
     method: str  # row label
     bits: int | None  # None: the FP model
     args: tuple[str, ...] = ()  # kbvq-quantize arguments beyond --model/--output/--bits and CALIB
-    sweep: bool = False  # part of the rank-ratio sweep only
+    sweep: bool = False  # a side study (rank sweep, codebook size, seed repeats): first table only
     testbed: str | None = None  # run on that testbed only
+    ppl_only: bool = False  # scored with EVAL_PPL
 
     @property
     def key(self) -> str:
@@ -98,10 +102,16 @@ _SCALAR = ("RTN g128", "GPTQ g128")
 # testbed's matrices have 83k weights, so that codebook alone costs 3.2 bits/weight; the table's
 # 3-bit VQ rows use vectors of 2 (64 x 2 codebooks, 0.02 bits/weight) so that "3-bit" is ~3 bits.
 _VQ_ARGS = {3: ("--vector-dim", "2")}
+# The quantizer's seed draws the calibration windows and k-means' starting codewords: the 2-bit
+# BCOS-only and KBVQ cells (seed 42) repeated with these seeds show how far a result moves by chance.
+SPREAD_SEEDS = (1, 2)
+_SPREAD_METHODS = ("BCOS only", "KBVQ")
 CELLS = [Cell("FP", None)] + [
     Cell(m, b, a + (() if m in _SCALAR else _VQ_ARGS.get(b, ()))) for b in (2, 3, 4) for m, a in _METHODS] + [
     Cell(f"KBVQ rank {r}", 2, ("--rank-ratio", r), sweep=True) for r in ("1/256", "1/64", "1/32")] + [
     Cell("KBVQ, 4096x4 codebooks", 3, ("--vector-dim", "4"), sweep=True)] + [
+    Cell(f"{m}, seed {s}", 2, a + ("--seed", str(s)), sweep=True, ppl_only=True)
+    for m, a in _METHODS if m in _SPREAD_METHODS for s in SPREAD_SEEDS] + [
     # the sparse testbed's 72-neuron experts make a 256 x 4 codebook cost 0.4 bits/weight, so 2-bit VQ
     # there spends ~2.65 bits/weight: GPTQ with groups of 64 (~2.57) is the scalar baseline at about equal bits
     Cell("GPTQ g64", 2, ("--method", "gptq", "--group-size", "64"), testbed="sparse")]
@@ -173,13 +183,14 @@ def run_cell(cell: Cell, tb: Testbed, base: Path, work: Path, results: Path, thr
         rec["expert_bits_per_weight"] = report["summary"]["expert_bits_per_weight"]
         rec["quantize_summary"] = {k: v for k, v in report["summary"].items() if k != "layers"}
     out = work / f"{cell.key}.eval.json"
-    e = ["kbvq-eval", "--model", str(model), *EVAL, "--output", str(out), "--overwrite", "--quiet", *thr]
+    e = ["kbvq-eval", "--model", str(model), *(EVAL_PPL if cell.ppl_only else EVAL), "--output", str(out),
+         "--overwrite", "--quiet", *thr]
     rec["commands"].append(shlex.join(e))
     wall, rec["eval_other_cores"] = _run(py + ["quantize_tools.evaluate"] + e[1:], log)
     rec["eval_seconds"] = round(wall, 1)
     ev = json.loads(out.read_text())
     rec["perplexity"] = {k: v["perplexity"] for k, v in ev["perplexity"].items()}
-    rec["zero_shot"] = {k: {m: v for m, v in r.items() if m != "samples"} for k, r in ev["zero_shot"].items()}
+    rec["zero_shot"] = {k: {m: v for m, v in r.items() if m != "samples"} for k, r in ev.get("zero_shot", {}).items()}
     rec["versions"] = ev["versions"]
     rec["zero_shot_scorer"] = ev["settings"].get("zero_shot_scorer")
     write_json_atomic(results / f"{cell.key}.json", rec)
@@ -233,7 +244,7 @@ def _header(fallback: bool = False) -> list[str]:
 
 def _claims(tb: Testbed, res: dict[str, dict]) -> list[str]:
     def ppl(key):
-        return res.get(key, {}).get("perplexity", {}).get("wikipedia")
+        return _wiki(res, key)
 
     def bpw(key):
         v = res[key].get("expert_bits_per_weight")
@@ -297,12 +308,83 @@ def _table_section(tb: Testbed, res: dict[str, dict]) -> list[str]:
                   "matrices of 144 x 576 weights the large codebook nearly stores the weights (about 5 vectors per "
                   "codeword) and costs more bits than the codes.", "", *_header()]
         lines += [_row(CELL_BY_KEY[k], res.get(k)) for k in _CODEBOOK_ROWS]
+        lines += ["", *_spread_section(res)]
     notes = [f"- `{k}`: {r['note']}" for k, r in res.items() if r.get("note")]
     if notes:
         lines += ["", "Notes on individual cells:", "", *notes]
     claims = _claims(tb, res)
     lines += ["", "### The paper's claims, checked on Wikipedia perplexity", "", "| claim | numbers | verdict |",
               "|---|---|---|", *(claims or ["| (cells not run yet) | | |"])]
+    return lines
+
+
+def _wiki(res: dict, key: str) -> float | None:
+    return res.get(key, {}).get("perplexity", {}).get("wikipedia")
+
+
+def _spread_section(res: dict[str, dict]) -> list[str]:
+    seeds = " / ".join(["42", *map(str, SPREAD_SEEDS)])
+    lines = [f"### Run-to-run spread (2 bits; quantizer seeds {seeds})", "",
+             "The quantizer's `--seed` draws the calibration windows and k-means' starting codewords; the testbed, "
+             "the evaluation and every other setting are fixed. Spread is (max − min) / mean. A difference between "
+             "two cells that is smaller than their spread here is not evidence that one method is better.", "",
+             f"| method | expert bits/weight | Wikipedia ppl, seeds {seeds} | mean | spread | "
+             f"LAMBADA-text ppl, seeds {seeds} | mean | spread |", "|" + "---|" * 8]
+    ranges = {}
+    for m in _SPREAD_METHODS:
+        keys = [next(c.key for c in CELLS if c.method == m and c.bits == 2)] + [
+            c.key for c in CELLS if c.method.startswith(f"{m}, seed ")]
+        row = [m, _fmt(res.get(keys[0], {}).get("expert_bits_per_weight"), 3)]
+        for task in ("wikipedia", "lambada_text"):
+            vals = [res.get(k, {}).get("perplexity", {}).get(task) for k in keys]
+            got = [v for v in vals if v is not None]
+            mean = sum(got) / len(got) if got else None
+            complete = len(got) == len(vals)
+            row += [" / ".join(_fmt(v) for v in vals), _fmt(mean),
+                    f"{100 * (max(got) - min(got)) / mean:.1f} %" if complete else "—"]
+            if task == "wikipedia" and complete:
+                ranges[m] = (min(got), max(got), mean)
+        lines.append("| " + " | ".join(row) + " |")
+    if len(ranges) == 2:
+        (lo_a, hi_a, mean_a), (lo_b, hi_b, mean_b) = (ranges[m] for m in _SPREAD_METHODS)
+        overlap = lo_a <= hi_b and lo_b <= hi_a
+        lines += ["", f"{_SPREAD_METHODS[1]}'s mean Wikipedia perplexity is {100 * (mean_b / mean_a - 1):+.1f} % "
+                  f"against {_SPREAD_METHODS[0]}'s; their ranges over the seeds ({lo_a:.2f}–{hi_a:.2f} and "
+                  f"{lo_b:.2f}–{hi_b:.2f}) {'overlap' if overlap else 'do not overlap'}."]
+    return lines
+
+
+_GAP_COLUMNS = ("IDRE only", "BCOS only", "KBVQ", "KBVQ + GPTVQ", "GPTQ g128")
+
+
+def _testbeds_section(res: dict[str, dict[str, dict]]) -> list[str]:
+    """Gap ratios to plain VQ within each testbed, so that the testbeds' different FP models cancel out."""
+    def ratio(r, method, b):
+        fp, plain = _wiki(r, "fp"), _wiki(r, f"plain-vq-w{b}")
+        m = _wiki(r, next(c.key for c in CELLS if c.method == method and c.bits == b))
+        return None if None in (fp, plain, m) else (m - fp) / (plain - fp)
+
+    lines = ["## What differs between the testbeds", "",
+             "Each entry is a method's Wikipedia perplexity gap to its own testbed's FP model, divided by plain VQ's "
+             "gap on the same testbed at the same bit width (below 1: better than plain VQ). Dividing by plain VQ "
+             "cancels the two testbeds' different FP models; the last row of each bit width is sparse ÷ all-experts.",
+             "", "| bits | testbed | " + " | ".join(_GAP_COLUMNS) + " |", "|" + "---|" * (2 + len(_GAP_COLUMNS))]
+    moved = []
+    for b in (2, 3, 4):
+        rows = {k: [ratio(res[k], m, b) for m in _GAP_COLUMNS] for k in TESTBEDS}
+        if all(v is None for r in rows.values() for v in r):
+            continue
+        lines += [f"| {b} | {k} | " + " | ".join(_fmt(v, 3) for v in r) + " |" for k, r in rows.items()]
+        a, sp = rows["all-experts"], rows["sparse"]
+        factors = [None if None in (x, y) or x <= 0 or y <= 0 else y / x for x, y in zip(a, sp)]
+        lines.append(f"| {b} | sparse ÷ all-experts | " + " | ".join(_fmt(f, 2) for f in factors) + " |")
+        if all(f is not None for f in factors):
+            i = max(range(len(factors)), key=lambda j: abs(math.log(factors[j])))
+            rest = [f for j, f in enumerate(factors) if j != i]
+            moved.append(f"at {b} bits {_GAP_COLUMNS[i]} ({a[i]:.3f} → {sp[i]:.3f}; the other columns' factors "
+                         f"lie in {min(rest):.2f}–{max(rest):.2f})")
+    if moved:
+        lines += ["", "The column that moves most between the testbeds: " + "; ".join(moved) + "."]
     return lines
 
 
@@ -346,6 +428,7 @@ def render(root: Path, doc: Path, plot: bool = True) -> None:
     lines += _table_section(TESTBEDS["all-experts"], res["all-experts"])
     lines += ["", *_table_section(TESTBEDS["sparse"], res["sparse"])]
     lines += ["", "### Routing: FP perplexity of sparse settings against the dense model", "", *_routing_section(root)]
+    lines += ["", *_testbeds_section(res)]
     if plot and _plot(res, doc.parent / "results_ppl_vs_bpw.png"):
         lines += ["", "## Perplexity against bits per weight", "",
                   "![perplexity vs bits per weight](results_ppl_vs_bpw.png)"]
