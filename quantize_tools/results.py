@@ -103,14 +103,20 @@ _SCALAR = ("RTN g128", "GPTQ g128")
 # 3-bit VQ rows use vectors of 2 (64 x 2 codebooks, 0.02 bits/weight) so that "3-bit" is ~3 bits.
 _VQ_ARGS = {3: ("--vector-dim", "2")}
 # The quantizer's seed draws the calibration windows and k-means' starting codewords: the 2-bit
-# BCOS-only and KBVQ cells (seed 42) repeated with these seeds show how far a result moves by chance.
+# BCOS-only and KBVQ cells (the default seed) repeated with these seeds show how far a result moves by chance.
 SPREAD_SEEDS = (1, 2)
 _SPREAD_METHODS = ("BCOS only", "KBVQ")
+
+
+def _seed_method(method: str, seed: int) -> str:
+    return f"{method}, seed {seed}"
+
+
 CELLS = [Cell("FP", None)] + [
     Cell(m, b, a + (() if m in _SCALAR else _VQ_ARGS.get(b, ()))) for b in (2, 3, 4) for m, a in _METHODS] + [
     Cell(f"KBVQ rank {r}", 2, ("--rank-ratio", r), sweep=True) for r in ("1/256", "1/64", "1/32")] + [
     Cell("KBVQ, 4096x4 codebooks", 3, ("--vector-dim", "4"), sweep=True)] + [
-    Cell(f"{m}, seed {s}", 2, a + ("--seed", str(s)), sweep=True, ppl_only=True)
+    Cell(_seed_method(m, s), 2, a + ("--seed", str(s)), sweep=True, ppl_only=True)
     for m, a in _METHODS if m in _SPREAD_METHODS for s in SPREAD_SEEDS] + [
     # the sparse testbed's 72-neuron experts make a 256 x 4 codebook cost 0.4 bits/weight, so 2-bit VQ
     # there spends ~2.65 bits/weight: GPTQ with groups of 64 (~2.57) is the scalar baseline at about equal bits
@@ -190,7 +196,7 @@ def run_cell(cell: Cell, tb: Testbed, base: Path, work: Path, results: Path, thr
     rec["eval_seconds"] = round(wall, 1)
     ev = json.loads(out.read_text())
     rec["perplexity"] = {k: v["perplexity"] for k, v in ev["perplexity"].items()}
-    rec["zero_shot"] = {k: {m: v for m, v in r.items() if m != "samples"} for k, r in ev.get("zero_shot", {}).items()}
+    rec["zero_shot"] = {k: {m: v for m, v in r.items() if m != "samples"} for k, r in ev["zero_shot"].items()}
     rec["versions"] = ev["versions"]
     rec["zero_shot_scorer"] = ev["settings"].get("zero_shot_scorer")
     write_json_atomic(results / f"{cell.key}.json", rec)
@@ -323,7 +329,9 @@ def _wiki(res: dict, key: str) -> float | None:
 
 
 def _spread_section(res: dict[str, dict]) -> list[str]:
-    seeds = " / ".join(["42", *map(str, SPREAD_SEEDS)])
+    from .moe_layer import LayerOptions
+
+    seeds = " / ".join(map(str, (LayerOptions.seed, *SPREAD_SEEDS)))
     lines = [f"### Run-to-run spread (2 bits; quantizer seeds {seeds})", "",
              "The quantizer's `--seed` draws the calibration windows and k-means' starting codewords; the testbed, "
              "the evaluation and every other setting are fixed. Spread is (max − min) / mean. A difference between "
@@ -332,8 +340,7 @@ def _spread_section(res: dict[str, dict]) -> list[str]:
              f"LAMBADA-text ppl, seeds {seeds} | mean | spread |", "|" + "---|" * 8]
     ranges = {}
     for m in _SPREAD_METHODS:
-        keys = [next(c.key for c in CELLS if c.method == m and c.bits == 2)] + [
-            c.key for c in CELLS if c.method.startswith(f"{m}, seed ")]
+        keys = [Cell(m, 2).key] + [Cell(_seed_method(m, s), 2).key for s in SPREAD_SEEDS]
         row = [m, _fmt(res.get(keys[0], {}).get("expert_bits_per_weight"), 3)]
         for task in ("wikipedia", "lambada_text"):
             vals = [res.get(k, {}).get("perplexity", {}).get(task) for k in keys]
@@ -360,8 +367,8 @@ _GAP_COLUMNS = ("IDRE only", "BCOS only", "KBVQ", "KBVQ + GPTVQ", "GPTQ g128")
 def _testbeds_section(res: dict[str, dict[str, dict]]) -> list[str]:
     """Gap ratios to plain VQ within each testbed, so that the testbeds' different FP models cancel out."""
     def ratio(r, method, b):
-        fp, plain = _wiki(r, "fp"), _wiki(r, f"plain-vq-w{b}")
-        m = _wiki(r, next(c.key for c in CELLS if c.method == method and c.bits == b))
+        fp, plain = _wiki(r, "fp"), _wiki(r, Cell("plain VQ", b).key)
+        m = _wiki(r, Cell(method, b).key)
         return None if None in (fp, plain, m) else (m - fp) / (plain - fp)
 
     lines = ["## What differs between the testbeds", "",
