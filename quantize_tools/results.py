@@ -361,7 +361,7 @@ def _spread_section(res: dict[str, dict]) -> list[str]:
     return lines
 
 
-_GAP_COLUMNS = ("IDRE only", "BCOS only", "KBVQ", "KBVQ + GPTVQ", "GPTQ g128")
+_GAP_COLUMNS = ("IDRE only", "BCOS only", "KBVQ", "KBVQ + GPTVQ", "RTN g128", "GPTQ g128")
 
 
 def _testbeds_section(res: dict[str, dict[str, dict]]) -> list[str]:
@@ -376,7 +376,8 @@ def _testbeds_section(res: dict[str, dict[str, dict]]) -> list[str]:
              "gap on the same testbed at the same bit width (below 1: better than plain VQ). Dividing by plain VQ "
              "cancels the two testbeds' different FP models; the last row of each bit width is sparse ÷ all-experts.",
              "", "| bits | testbed | " + " | ".join(_GAP_COLUMNS) + " |", "|" + "---|" * (2 + len(_GAP_COLUMNS))]
-    moved = []
+    moved, split = [], []
+    rtn, gptq = _GAP_COLUMNS.index("RTN g128"), _GAP_COLUMNS.index("GPTQ g128")
     for b in (2, 3, 4):
         rows = {k: [ratio(res[k], m, b) for m in _GAP_COLUMNS] for k in TESTBEDS}
         if all(v is None for r in rows.values() for v in r):
@@ -385,6 +386,10 @@ def _testbeds_section(res: dict[str, dict[str, dict]]) -> list[str]:
         a, sp = rows["all-experts"], rows["sparse"]
         factors = [None if None in (x, y) or x <= 0 or y <= 0 else y / x for x, y in zip(a, sp)]
         lines.append(f"| {b} | sparse ÷ all-experts | " + " | ".join(_fmt(f, 2) for f in factors) + " |")
+        if None not in (factors[rtn], factors[gptq]):
+            over = [g / r for g, r in ((a[gptq], a[rtn]), (sp[gptq], sp[rtn]))]
+            split.append(f"at {b} bits {factors[gptq]:.2f} = {factors[rtn]:.2f} × {over[1] / over[0]:.2f} "
+                         f"(GPTQ's gap ÷ RTN's {over[0]:.3f} → {over[1]:.3f})")
         if all(f is not None for f in factors):
             i = max(range(len(factors)), key=lambda j: abs(math.log(factors[j])))
             rest = [f for j, f in enumerate(factors) if j != i]
@@ -392,6 +397,9 @@ def _testbeds_section(res: dict[str, dict[str, dict]]) -> list[str]:
                          f"lie in {min(rest):.2f}–{max(rest):.2f})")
     if moved:
         lines += ["", "The column that moves most between the testbeds: " + "; ".join(moved) + "."]
+    if split:
+        lines += ["", "GPTQ g128's factor is RTN g128's (the scalar grid against plain VQ's codebook) times the "
+                  "factor of GPTQ's gap over RTN's (what the Hessian-aware rounding adds): " + "; ".join(split) + "."]
     return lines
 
 

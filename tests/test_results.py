@@ -47,11 +47,12 @@ def test_two_tables_and_their_claims(tmp_path):
 
 def test_seed_spread_and_testbed_comparison(tmp_path):
     recs, doc = tmp_path / "records", tmp_path / "results.md"
-    for sub, fp, plain, kbvq, gptq in (("", 10.0, 50.0, 20.0, 30.0), ("sparse", 20.0, 120.0, 40.0, 30.0)):
+    for sub, fp, plain, kbvq, rtn, gptq in (("", 10.0, 50.0, 20.0, 40.0, 30.0), ("sparse", 20.0, 120.0, 40.0, 70.0, 30.0)):
         _record(recs, sub, "fp", "FP", None, fp)
         _record(recs, sub, "plain-vq-w3", "plain VQ", 3, plain, bpw=3.1)
         _record(recs, sub, "kbvq-w3", "KBVQ", 3, kbvq, bpw=3.2)
         _record(recs, sub, "gptq-g128-w3", "GPTQ g128", 3, gptq, bpw=3.3)
+        _record(recs, sub, "rtn-g128-w3", "RTN g128", 3, rtn, bpw=3.3)
         for key, m in (("idre-only-w3", "IDRE only"), ("bcos-only-w3", "BCOS only"), ("kbvq-gptvq-w3", "KBVQ + GPTVQ")):
             _record(recs, sub, key, m, 3, (fp + plain) / 2, bpw=3.2)
     for key, method, ppl in (("bcos-only-w2", "BCOS only", 60.0), ("bcos-only-seed-1-w2", "BCOS only, seed 1", 66.0),
@@ -64,11 +65,14 @@ def test_seed_spread_and_testbed_comparison(tmp_path):
     assert "| BCOS only | 2.300 | 60.00 / 66.00 / 54.00 | 60.00 | 20.0 % |" in page
     assert "| KBVQ | 2.300 | 57.00 / 59.00 / — | 58.00 | — |" in page
     assert "mean Wikipedia perplexity is" not in page  # no comparison until both rows are complete
-    # gap ratios: all-experts KBVQ (20-10)/(50-10) = 0.25, GPTQ 0.5; sparse KBVQ (40-20)/100 = 0.2, GPTQ 0.1
-    assert "| 3 | all-experts | 0.500 | 0.500 | 0.250 | 0.500 | 0.500 |" in page
-    assert "| 3 | sparse | 0.500 | 0.500 | 0.200 | 0.500 | 0.100 |" in page
-    assert "| 3 | sparse ÷ all-experts | 1.00 | 1.00 | 0.80 | 1.00 | 0.20 |" in page
-    assert "at 3 bits GPTQ g128 (0.500 → 0.100; the other columns' factors lie in 0.80–1.00)" in page
+    # gap ratios: all-experts KBVQ (20-10)/(50-10) = 0.25, RTN 0.75, GPTQ 0.5; sparse KBVQ (40-20)/100 = 0.2,
+    # RTN 0.5, GPTQ 0.1
+    assert "| 3 | all-experts | 0.500 | 0.500 | 0.250 | 0.500 | 0.750 | 0.500 |" in page
+    assert "| 3 | sparse | 0.500 | 0.500 | 0.200 | 0.500 | 0.500 | 0.100 |" in page
+    assert "| 3 | sparse ÷ all-experts | 1.00 | 1.00 | 0.80 | 1.00 | 0.67 | 0.20 |" in page
+    assert "at 3 bits GPTQ g128 (0.500 → 0.100; the other columns' factors lie in 0.67–1.00)" in page
+    # GPTQ's gap over RTN's: (30-10)/(40-10) = 0.667 all-experts, (30-20)/(70-20) = 0.2 sparse; 0.2 = 0.67 x 0.30
+    assert "at 3 bits 0.20 = 0.67 × 0.30 (GPTQ's gap ÷ RTN's 0.667 → 0.200)" in page
     _record(recs, "", "kbvq-seed-2-w2", "KBVQ, seed 2", 2, 70.0, bpw=2.3)
     results.render(recs, doc, plot=False)
     # KBVQ now 57 / 59 / 70: mean 62, +3.3 % against BCOS only's 60, and the ranges overlap
