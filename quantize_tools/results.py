@@ -277,10 +277,11 @@ def _claims(tb: Testbed, res: dict[str, dict]) -> list[str]:
 
 def _records(tb: Testbed, root: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(tb.subdir(root).glob("*.json"))
-            if p.stem != ROUTING_RECORD}
+            if p.stem not in (ROUTING_RECORD, MATRIX_ERRORS_RECORD)}
 
 
 ROUTING_RECORD = "routing"  # docs/results/sparse/routing.json: the sparse testbed's (E, k) screening
+MATRIX_ERRORS_RECORD = "matrix_errors"  # docs/results/matrix_errors.json: both testbeds' matrices on FP inputs
 
 
 def _routing_section(root: Path) -> list[str]:
@@ -364,7 +365,7 @@ def _spread_section(res: dict[str, dict]) -> list[str]:
 _GAP_COLUMNS = ("IDRE only", "BCOS only", "KBVQ", "KBVQ + GPTVQ", "RTN g128", "GPTQ g128")
 
 
-def _testbeds_section(res: dict[str, dict[str, dict]]) -> list[str]:
+def _testbeds_section(res: dict[str, dict[str, dict]], root: Path) -> list[str]:
     """Gap ratios to plain VQ within each testbed, so that the testbeds' different FP models cancel out."""
     def ratio(r, method, b):
         fp, plain = _wiki(r, "fp"), _wiki(r, Cell("plain VQ", b).key)
@@ -400,6 +401,12 @@ def _testbeds_section(res: dict[str, dict[str, dict]]) -> list[str]:
     if split:
         lines += ["", "GPTQ g128's factor is RTN g128's (the scalar grid against plain VQ's codebook) times the "
                   "factor of GPTQ's gap over RTN's (what the Hessian-aware rounding adds): " + "; ".join(split) + "."]
+    from . import matrix_errors
+
+    path = root / f"{MATRIX_ERRORS_RECORD}.json"
+    lines += ["", "### Each matrix alone, on the FP model's inputs", ""]
+    lines += matrix_errors.table(json.loads(path.read_text())) if path.is_file() else [
+        "Not run yet (`python -m quantize_tools.matrix_errors`)."]
     return lines
 
 
@@ -443,7 +450,7 @@ def render(root: Path, doc: Path, plot: bool = True) -> None:
     lines += _table_section(TESTBEDS["all-experts"], res["all-experts"])
     lines += ["", *_table_section(TESTBEDS["sparse"], res["sparse"])]
     lines += ["", "### Routing: FP perplexity of sparse settings against the dense model", "", *_routing_section(root)]
-    lines += ["", *_testbeds_section(res)]
+    lines += ["", *_testbeds_section(res, root)]
     if plot and _plot(res, doc.parent / "results_ppl_vs_bpw.png"):
         lines += ["", "## Perplexity against bits per weight", "",
                   "![perplexity vs bits per weight](results_ppl_vs_bpw.png)"]
