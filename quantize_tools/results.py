@@ -147,7 +147,7 @@ def _run(cmd: list[str], log: Path) -> tuple[float, float | None]:
     """Wall seconds, and the mean number of cores other processes kept busy meanwhile.
 
     Times on a shared 2-core machine mean little without the second figure: the page marks
-    a time when other jobs took more than a quarter of a core on average.
+    a time when other jobs took more than ``SHARED_CPU`` of a core on average.
     """
     t0, busy0, own0 = time.time(), _busy_cpu_seconds(), _children_cpu_seconds()
     with open(log, "a") as f:
