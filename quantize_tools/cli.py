@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=METHODS, default=QuantizeOptions.method,
                    help="kbvq, or a scalar baseline for comparison: rtn / gptq (per-group asymmetric; written as a "
                         "plain checkpoint of dequantized weights, not servable with --quantization kbvq)")
-    q.add_argument("--group-size", type=_positive, default=QuantizeOptions.group_size, help="rtn / gptq: inputs per scale and zero point")
-    q.add_argument("--bits", type=int, choices=(2, 3, 4), default=QuantizeOptions.bits, help="bits per weight of the VQ codes")
+    q.add_argument("--group-size", type=_positive, default=QuantizeOptions.group_size,
+                   help="rtn / gptq: inputs per scale and zero point")
+    q.add_argument("--bits", type=int, choices=(2, 3, 4), default=QuantizeOptions.bits,
+                   help="bits per weight of the VQ codes")
     q.add_argument("--vector-dim", type=_positive, default=None,
                    help="VQ vector length d (codebook of 2^(bits*d) entries); default 4, or 2 at 4 bits")
     q.add_argument("--rank-ratio", type=_ratio, default=QuantizeOptions.rank_ratio,
@@ -69,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="affine fit: the paper's mean/std matching, or the least-squares slope")
     q.add_argument("--bcos-min-tokens", type=_positive, default=QuantizeOptions.bcos_min_tokens,
                    help="experts routed fewer calibration tokens fit BCOS on all tokens of the layer")
-    q.add_argument("--damp", type=float, default=QuantizeOptions.damp, help="KLT eigenvalue floor, as a fraction of the mean eigenvalue")
-    q.add_argument("--kmeans-iters", type=_positive, default=QuantizeOptions.kmeans_iters, help="Lloyd iterations of k-means")
+    q.add_argument("--damp", type=float, default=QuantizeOptions.damp,
+                   help="KLT eigenvalue floor, as a fraction of the mean eigenvalue")
+    q.add_argument("--kmeans-iters", type=_positive, default=QuantizeOptions.kmeans_iters,
+                   help="Lloyd iterations of k-means")
     q.add_argument("--vq-method", choices=VQ_METHODS, default=QuantizeOptions.vq_method,
                    help="how vectors get their codewords: nearest k-means codeword (the paper's default), or "
                         "gptvq: the same codebook with Hessian-aware assignment and GPTQ-style error feedback")
@@ -87,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=None, help="torch device for the math (default: cuda if available, else cpu)")
-    r.add_argument("--batch-size", type=_positive, default=QuantizeOptions.batch_size, help="calibration sequences per forward pass")
+    r.add_argument("--batch-size", type=_positive, default=QuantizeOptions.batch_size,
+                   help="calibration sequences per forward pass")
     r.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     return p

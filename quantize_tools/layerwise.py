@@ -24,6 +24,19 @@ def stop_before(module: torch.nn.Module, names: tuple[str, ...] = ()):
     parameter names of the inputs, so that a caller passing some of them by keyword records the
     same tuple. ``module`` itself never runs.
     """
+    with _recording(module, names, stop=True) as seen:
+        yield seen
+
+
+@contextlib.contextmanager
+def record_inputs(module: torch.nn.Module, names: tuple[str, ...] = ()):
+    """As :func:`stop_before`, but ``module`` and the rest of the forward run: for capturing inside a whole model."""
+    with _recording(module, names, stop=False) as seen:
+        yield seen
+
+
+@contextlib.contextmanager
+def _recording(module: torch.nn.Module, names: tuple[str, ...], stop: bool):
     seen: list[tuple] = []
 
     def hook(_m, args, kwargs):
@@ -31,10 +44,11 @@ def stop_before(module: torch.nn.Module, names: tuple[str, ...] = ()):
         unknown = sorted(set(kwargs) - set(rest))
         if unknown:
             raise RuntimeError(f"{type(module).__name__} was called with keyword input(s) {', '.join(unknown)}, "
-                               f"which layerwise.stop_before does not know the place of (names: {names})")
+                               f"which layerwise cannot place among its inputs (names: {names})")
         inputs = tuple(args) + tuple(kwargs[n] for n in rest)
         seen.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in inputs))
-        raise StopForward
+        if stop:
+            raise StopForward
 
     handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:

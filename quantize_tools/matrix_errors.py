@@ -21,6 +21,7 @@ the ones ``python -m quantize_tools.results`` builds (``--all-experts``, ``--spa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -29,33 +30,28 @@ import torch
 from tqdm import tqdm
 
 
-def capture(model_dir: Path, tokens: torch.Tensor, layers: list[int], batch: int):
-    """FP inputs of the chosen layers' experts: ``{layer: (x [T, hidden], topk [T, k])}``."""
+def capture(model_dir: Path, token_sets: list[torch.Tensor], layers: list[int], batch: int):
+    """FP inputs of the chosen layers' experts, per token set: ``[{layer: (x [T, hidden], topk [T, k])}]``."""
     from transformers import AutoModelForCausalLM
 
-    from .pipeline import EXPERTS_INPUTS
     from vllm_kbvq.archs import arch_for_config
+
+    from .layerwise import record_inputs
+    from .pipeline import EXPERTS_INPUTS
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     arch = arch_for_config(model.config)
-    seen: dict[int, list] = {i: [] for i in layers}
-    hooks = []
-    for i in layers:
-        experts = getattr(getattr(model.model.layers[i], arch.moe_attr), arch.experts_attr)
-
-        def hook(_m, args, kwargs, i=i):
-            got = dict(zip(EXPERTS_INPUTS, args)) | {k: v for k, v in kwargs.items() if k in EXPERTS_INPUTS}
-            x = got["hidden_states"].reshape(-1, got["hidden_states"].shape[-1])
-            seen[i].append((x.clone(), got["top_k_index"].reshape(x.shape[0], -1).clone()))
-
-        hooks.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
-    with torch.no_grad():
-        for b in range(0, tokens.shape[0], batch):
-            model(tokens[b:b + batch], use_cache=False)
-    for h in hooks:
-        h.remove()
-    return model.config, arch, {i: (torch.cat([a for a, _ in v]), torch.cat([t for _, t in v]))
-                                for i, v in seen.items()}
+    captured = []
+    for tokens in token_sets:
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            seen = {i: stack.enter_context(record_inputs(
+                getattr(getattr(model.model.layers[i], arch.moe_attr), arch.experts_attr), EXPERTS_INPUTS))
+                for i in layers}
+            for b in range(0, tokens.shape[0], batch):
+                model(tokens[b:b + batch], use_cache=False)
+        captured.append({i: (torch.cat([a[0].reshape(-1, a[0].shape[-1]) for a in v]),
+                             torch.cat([a[1].reshape(a[0].shape[0], -1) for a in v])) for i, v in seen.items()})
+    return model.config, arch, captured
 
 
 def concentration(h: torch.Tensor) -> float:
@@ -87,8 +83,7 @@ def testbed_errors(label: str, model_dir: Path, tokens, test_tokens, layers, arg
     from .moe_layer import LayerOptions, group_seed
     from .shards import ShardReader
 
-    config, arch, inputs = capture(model_dir, tokens, layers, args.batch)
-    _, _, test_inputs = capture(model_dir, test_tokens, layers, args.batch)
+    config, arch, (inputs, test_inputs) = capture(model_dir, [tokens, test_tokens], layers, args.batch)
     act = ACT2FN[config.hidden_act]
     reader = ShardReader(model_dir)
     n_experts = arch.num_experts(config)
@@ -127,6 +122,10 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
+    from .moe_layer import LayerOptions
+    from .pipeline import QuantizeOptions
+    from .results import CALIB_SAMPLES, CALIB_SEQLEN
+
     p = argparse.ArgumentParser(prog="python -m quantize_tools.matrix_errors", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--all-experts", type=Path, default=Path("out/results/testbed"))
@@ -134,9 +133,9 @@ def main(argv=None) -> int:
     p.add_argument("--layers", default="0,6,12,18,24,29", help="comma-separated decoder layers")
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--vector-dim", type=int, default=2, help="plain VQ's vector length (the 3-bit cells' 2)")
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--nsamples", type=int, default=32)
-    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--group-size", type=int, default=QuantizeOptions.group_size)
+    p.add_argument("--nsamples", type=int, default=CALIB_SAMPLES, help="calibration windows (the results cells')")
+    p.add_argument("--seqlen", type=int, default=CALIB_SEQLEN)
     p.add_argument("--test-windows", type=int, default=16, help="held-out windows of --seqlen tokens to score on")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
@@ -166,7 +165,6 @@ def main(argv=None) -> int:
     from .calibration import calibration_tokens, token_windows
     from .corpus import CALIBRATION_CORPUS, HELDOUT_CORPUS, calibration_texts, heldout_texts
     from .files import write_json_atomic
-    from .moe_layer import LayerOptions
 
     t0 = time.time()
     result = {"bits": args.bits, "vector_dim": args.vector_dim, "group_size": args.group_size,

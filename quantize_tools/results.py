@@ -31,7 +31,8 @@ from .testbed import SPARSE_EXPERTS, SPARSE_TOP_K
 
 __all__ = ["CELLS", "TESTBEDS", "Cell", "Testbed", "main"]
 
-CALIB = ["--nsamples", "32", "--seqlen", "512"]  # 16 k tokens of SQuAD Wikipedia paragraphs
+CALIB_SAMPLES, CALIB_SEQLEN = 32, 512  # 16 k tokens of SQuAD Wikipedia paragraphs
+CALIB = ["--nsamples", str(CALIB_SAMPLES), "--seqlen", str(CALIB_SEQLEN)]
 PPL_SEQLEN, PPL_WINDOWS = 512, 64  # the perplexity protocol; the routing screen scores the same windows
 _PPL = ["--seqlen", str(PPL_SEQLEN), "--ppl-windows", str(PPL_WINDOWS)]
 EVAL = ["--tasks", "wikipedia,lambada_text,arc_easy,arc_challenge,piqa,hellaswag,winogrande,lambada",
@@ -365,7 +366,7 @@ def _spread_section(res: dict[str, dict]) -> list[str]:
 _GAP_COLUMNS = ("IDRE only", "BCOS only", "KBVQ", "KBVQ + GPTVQ", "RTN g128", "GPTQ g128")
 
 
-def _testbeds_section(res: dict[str, dict[str, dict]], root: Path) -> list[str]:
+def _testbeds_section(res: dict[str, dict[str, dict]]) -> list[str]:
     """Gap ratios to plain VQ within each testbed, so that the testbeds' different FP models cancel out."""
     def ratio(r, method, b):
         fp, plain = _wiki(r, "fp"), _wiki(r, Cell("plain VQ", b).key)
@@ -401,13 +402,16 @@ def _testbeds_section(res: dict[str, dict[str, dict]], root: Path) -> list[str]:
     if split:
         lines += ["", "GPTQ g128's factor is RTN g128's (the scalar grid against plain VQ's codebook) times the "
                   "factor of GPTQ's gap over RTN's (what the Hessian-aware rounding adds): " + "; ".join(split) + "."]
+    return lines
+
+
+def _matrix_errors_section(root: Path) -> list[str]:
     from . import matrix_errors
 
     path = root / f"{MATRIX_ERRORS_RECORD}.json"
-    lines += ["", "### Each matrix alone, on the FP model's inputs", ""]
-    lines += matrix_errors.table(json.loads(path.read_text())) if path.is_file() else [
-        "Not run yet (`python -m quantize_tools.matrix_errors`)."]
-    return lines
+    if not path.is_file():
+        return ["Not run yet (`python -m quantize_tools.matrix_errors`)."]
+    return matrix_errors.table(json.loads(path.read_text()))
 
 
 def render(root: Path, doc: Path, plot: bool = True) -> None:
@@ -425,7 +429,7 @@ def render(root: Path, doc: Path, plot: bool = True) -> None:
         "quantized; attention, router, embeddings and `lm_head` stay fp32. 4-bit scalar results sit unfairly "
         "close to FP, because FP itself came from a 4-bit (Q4_1, group 32) file.",
         "",
-        f"**Calibration** (every method): `{' '.join(CALIB)}`, i.e. 32 windows of 512 tokens of "
+        f"**Calibration** (every method): `{' '.join(CALIB)}`, i.e. {CALIB_SAMPLES} windows of {CALIB_SEQLEN} tokens of "
         f"{corpus.CALIBRATION_CORPUS}.",
         "",
         f"**Evaluation**: `kbvq-eval {' '.join(EVAL)}`. Perplexity over 64 non-overlapping 512-token windows of "
@@ -450,7 +454,8 @@ def render(root: Path, doc: Path, plot: bool = True) -> None:
     lines += _table_section(TESTBEDS["all-experts"], res["all-experts"])
     lines += ["", *_table_section(TESTBEDS["sparse"], res["sparse"])]
     lines += ["", "### Routing: FP perplexity of sparse settings against the dense model", "", *_routing_section(root)]
-    lines += ["", *_testbeds_section(res, root)]
+    lines += ["", *_testbeds_section(res)]
+    lines += ["", "### Each matrix alone, on the FP model's inputs", "", *_matrix_errors_section(root)]
     if plot and _plot(res, doc.parent / "results_ppl_vs_bpw.png"):
         lines += ["", "## Perplexity against bits per weight", "",
                   "![perplexity vs bits per weight](results_ppl_vs_bpw.png)"]

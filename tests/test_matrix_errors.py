@@ -7,8 +7,6 @@ from quantize_tools import matrix_errors, results
 from quantize_tools.gptq import rtn_quantize
 
 
-
-
 def test_output_error_is_weight_error_on_an_orthonormal_basis_and_gptq_beats_rtn_out_of_sample():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(32, 64, generator=gen)
