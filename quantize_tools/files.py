@@ -15,3 +15,13 @@ def write_json_atomic(path: Path, obj) -> None:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def normal_permissions(directory: Path) -> None:
+    """mkdtemp makes 0700 dirs and safetensors writes 0600 files: give the usual umask modes, so a
+    server running as another user can read the checkpoint."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -18,31 +18,14 @@ from vllm_kbvq.packing import pack_codes
 from vllm_kbvq.reference import KBVQLinear
 
 from .bcos import OutputStats, fit_affine
+from .options import VQ_METHODS, LayerOptions
 from .gptq import gptvq_assign, second_moment
 from .idre import CovarianceAccumulator, identity_klt, joint_svd, klt
 from .vq import vq_dequantize, vq_quantize
 
 __all__ = ["LayerOptions", "quantize_group", "quantize_moe_block"]
 
-VQ_METHODS = ("kmeans", "gptvq")
 _TOKEN_CHUNK = 8192  # tokens per matmul when streaming statistics
-
-
-@dataclass
-class LayerOptions:
-    bits: int = 2
-    vector_dim: int = 4
-    rank_ratio: float = 1 / 128
-    idre: bool = True
-    klt: bool = True  # False: plain SVD of the stacked weights (ablation)
-    bcos: bool = True
-    bcos_mode: str = "moment"
-    bcos_min_tokens: int = 16
-    damp: float = 1e-2
-    kmeans_iters: int = 100
-    vq_method: str = "kmeans"  # "gptvq": k-means codebook, Hessian-aware assignment (quantize_tools.gptq)
-    compare_plain_vq: bool = True
-    seed: int = 42
 
 
 @dataclass

@@ -30,36 +30,21 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vllm_kbvq.archs import WEIGHT_TYPES, arch_for_config
-from vllm_kbvq.format import REPORT_FILE, KBVQConfig
+from vllm_kbvq.format import REPORT_FILE, KBVQConfig, load_json
 from vllm_kbvq.reference import KBVQExperts, KBVQLinear
 
-from .files import write_json_atomic
+from .files import normal_permissions, write_json_atomic
 from .layerwise import run_layer, stop_before
-from .moe_layer import LayerOptions, quantize_moe_block, ranks_for
+from .moe_layer import quantize_moe_block, ranks_for
+from .options import METHODS, SCALAR_METHODS, QuantizeError, QuantizeOptions
 from .report import summarize, summarize_scalar
-from .scalar import SCALAR_METHODS, DenseExperts, quantize_moe_block_scalar
+from .scalar import DenseExperts, quantize_moe_block_scalar
 from .shards import CheckpointError, ShardReader
 
-__all__ = ["QuantizeOptions", "quantize", "QuantizeError"]
+__all__ = ["QuantizeOptions", "quantize", "QuantizeError", "preflight", "check_output", "check_device"]
 
-PARTIAL_SUFFIX = ".kbvq-partial"
+PARTIAL_SUFFIX = ".kbvq-partial"  # the run's folder until it is complete
 _PROGRESS = "progress.json"
-
-
-class QuantizeError(ValueError):
-    pass
-
-
-@dataclass
-class QuantizeOptions(LayerOptions):
-    nsamples: int = 128
-    seqlen: int = 512
-    batch_size: int = 4  # calibration samples per forward
-    device: str = "cpu"
-    method: str = "kbvq"  # or a scalar baseline (quantize_tools.scalar): "rtn", "gptq"
-    group_size: int = 128  # scalar baselines only
-
-METHODS = ("kbvq",) + SCALAR_METHODS
 
 
 # transformers' fused experts modules take (hidden_states, top_k_index, top_k_weights)
@@ -81,22 +66,127 @@ def _fingerprint(model_dir: Path, opts: QuantizeOptions, tokens: torch.Tensor) -
     return h.hexdigest()
 
 
-def _prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
-    partial = output.parent / (output.name + PARTIAL_SUFFIX)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise QuantizeError(f"output directory {output} already exists and is not empty; pass --overwrite to replace it")
-    if resume:
+def partial_dir(output: Path) -> Path:
+    """Where a run writes before its result is complete."""
+    return output.parent / (output.name + PARTIAL_SUFFIX)
+
+
+def is_kbvq_output(directory: Path) -> bool:
+    """A finished kbvq-quantize output: it holds ``kbvq_report.json``, which every run writes last."""
+    return (directory / REPORT_FILE).is_file()
+
+
+def check_output(model_dir: Path, output: Path, overwrite: bool = False, resume: bool | str = False) -> None:
+    """Refuse, before any work, an output that would lose what a user had.
+
+    The output (and its partial folder) may not be, contain or lie inside the input model,
+    symlinks resolved, whatever ``overwrite`` says; ``overwrite`` replaces only a previous
+    kbvq-quantize output (see :func:`is_kbvq_output`) or an interrupted run's partial folder.
+    """
+    model = Path(model_dir).resolve()
+    for target in (output, partial_dir(output)):
+        t = target.resolve()
+        if t == model or model in t.parents or t in model.parents:
+            raise QuantizeError(f"--output {output} overlaps --model {model_dir} ({t} and {model}): write the "
+                                "quantized checkpoint to a separate directory")
+    if output.exists() or output.is_symlink():
+        if not output.is_dir():
+            raise QuantizeError(f"--output {output} exists and is not a directory")
+        if any(output.iterdir()):
+            if not is_kbvq_output(output):
+                raise QuantizeError(
+                    f"--output {output} is not empty and is not a kbvq-quantize output (it has no {REPORT_FILE}); "
+                    "--overwrite replaces only an earlier kbvq-quantize output: choose another --output")
+            if not overwrite and resume != "auto":  # auto: decided once the run's fingerprint is known
+                raise QuantizeError(f"--output {output} already holds a kbvq-quantize output; pass --overwrite "
+                                    "to replace it")
+    partial = partial_dir(output)
+    if resume == "auto":
+        pass  # continue the interrupted run if it has these settings, else start over
+    elif resume:
         if not (partial / _PROGRESS).is_file():
             raise QuantizeError(f"--resume: no interrupted run found at {partial}")
-        return partial
+    elif partial.exists() and not overwrite:
+        raise QuantizeError(
+            f"an interrupted run left {partial}; pass --resume to continue it or --overwrite to start over")
+    parent = output.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QuantizeError(f"--output {output}: cannot write in {parent}")
+
+
+def _prepare_output(model_dir: Path, output: Path, overwrite: bool, resume: bool | str, fingerprint: str) -> bool:
+    """Make the partial folder ready; True when an interrupted run is continued."""
+    check_output(model_dir, output, overwrite, resume)
+    partial = partial_dir(output)
+    state = _read_progress(partial)
+    if resume and state is not None:
+        if state.get("fingerprint") == fingerprint:
+            return True
+        if resume != "auto":
+            raise QuantizeError(f"--resume: {partial} was made with other options, model or calibration data; "
+                                "rerun with the same arguments or use --overwrite")
+        print(f"kbvq-quantize: {partial} holds an interrupted run with other settings; starting over")
     if partial.exists():
-        if not overwrite:
-            raise QuantizeError(
-                f"an interrupted run left {partial}; pass --resume to continue it or --overwrite to start over"
-            )
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    return partial
+    return False
+
+
+def _read_progress(partial: Path) -> dict | None:
+    """The state an interrupted run left (``None``: there is none)."""
+    if not (partial / _PROGRESS).is_file():
+        return None
+    state = load_json(partial / _PROGRESS, QuantizeError)
+    return state if isinstance(state, dict) else None
+
+
+def check_device(spec: str | None) -> torch.device:
+    """The device to compute on (``None``: CUDA if there is one), or an error naming ``--device``."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise QuantizeError(f"--device {spec!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise QuantizeError(f"--device {spec}: only cpu and cuda are supported")
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise QuantizeError(f"--device {spec}: no CUDA device is available (torch {torch.__version__} is {build}); "
+                            "use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise QuantizeError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def preflight(model_dir: str | Path, output: str | Path, opts: QuantizeOptions, overwrite: bool = False,
+              resume: bool | str = False) -> None:
+    """Every check that needs no tensor data, so a bad option or path fails in seconds, not minutes."""
+    opts.validate()
+    check_device(opts.device)
+    model_dir, output = Path(model_dir), Path(output)
+    reader = ShardReader(model_dir)
+    config = load_json(model_dir / "config.json", CheckpointError)
+    arch = arch_for_config(config)
+    try:
+        n_experts = arch.num_experts(config)
+        widths = {"hidden_size": config["hidden_size"], arch.expert_intermediate_attr: arch.expert_intermediate(config)}
+    except (KeyError, TypeError, ValueError):
+        n_experts, widths = 0, {}
+    if n_experts < 2:
+        raise QuantizeError(f"{model_dir}: config has {n_experts} routed experts ({arch.num_experts_attr}); "
+                            "not a Mixture-of-Experts model")
+    if opts.method == "kbvq":
+        for name, width in widths.items():
+            if not isinstance(width, int) or width % opts.vector_dim:
+                raise QuantizeError(f"{model_dir}: layer width {name}={width} is not divisible by --vector-dim "
+                                    f"{opts.vector_dim}")
+    del reader
+    check_output(model_dir, output, overwrite, resume)
 
 
 def _layer_params(reader: ShardReader, arch, layer: int, expert_names: set[str]) -> dict[str, torch.Tensor]:
@@ -119,7 +209,7 @@ def quantize(
     tokens: torch.Tensor,
     opts: QuantizeOptions,
     overwrite: bool = False,
-    resume: bool = False,
+    resume: bool | str = False,
     calibration_info: dict | None = None,
     progress: bool = True,
 ) -> dict:
@@ -127,24 +217,15 @@ def quantize(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     t_start = time.time()
-    if opts.method not in METHODS:
-        raise QuantizeError(f"unknown method {opts.method!r}: one of {', '.join(METHODS)}")
     model_dir, output = Path(model_dir), Path(output)
+    preflight(model_dir, output, opts, overwrite, resume)
     reader = ShardReader(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     arch = arch_for_config(config)
-    try:
-        n_experts = arch.num_experts(config)
-    except KeyError:
-        n_experts = 0
-    if n_experts < 2:
-        raise QuantizeError(f"{model_dir}: config has {n_experts} routed experts ({arch.num_experts_attr}); not a Mixture-of-Experts model")
-    device = torch.device(opts.device)
+    n_experts = arch.num_experts(config)
+    device = check_device(opts.device)
     hidden = config.hidden_size
     inter = arch.expert_intermediate(config)
-    for d in (hidden, inter):
-        if d % opts.vector_dim:
-            raise QuantizeError(f"{model_dir}: layer width {d} is not divisible by --vector-dim {opts.vector_dim}")
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
@@ -157,6 +238,9 @@ def quantize(
         lin = getattr(getattr(getattr(layers[moe_layers[0]], arch.moe_attr), arch.shared_attr),
                       arch.shared_proj_names["gate"])
         shared_inter = lin.out_features
+        if opts.method == "kbvq" and shared_inter % opts.vector_dim:
+            raise QuantizeError(f"{model_dir}: shared-expert width {shared_inter} is not divisible by --vector-dim "
+                                f"{opts.vector_dim}")
     cfg = KBVQConfig(
         bits=opts.bits, vector_dim=opts.vector_dim, arch=arch.name,
         rank=ranks_for(opts, hidden, inter, shared_inter), layers=moe_layers,
@@ -167,10 +251,21 @@ def quantize(
     cfg.validate()
 
     _check_checkpoint(reader, arch, moe_layers, n_experts, shared_inter, hidden, inter)
-    partial = _prepare_output(output, overwrite, resume)
+    fingerprint = _fingerprint(model_dir, opts, tokens)
+    partial = partial_dir(output)
+    if resume == "auto" and is_kbvq_output(output):
+        previous = load_json(output / REPORT_FILE, QuantizeError)
+        if isinstance(previous, dict) and previous.get("run", {}).get("fingerprint") == fingerprint:
+            if progress:
+                print(f"kbvq-quantize: {output} already holds the result of these settings; nothing to do")
+            return previous
+        if not overwrite:
+            raise QuantizeError(f"--output {output} holds a kbvq-quantize output of other settings; pass --overwrite "
+                                "to replace it")
+    resumed = _prepare_output(model_dir, output, overwrite, resume, fingerprint)  # checked again: time has passed
     try:
         report = _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, opts, moe_layers,
-                      n_experts, hidden, inter, shared_inter, overwrite, resume, progress, device)
+                      n_experts, hidden, inter, shared_inter, overwrite, resumed, fingerprint, progress, device)
     except BaseException:
         # Keep an interrupted run only when it has finished layers to resume from.
         done = []
@@ -183,7 +278,7 @@ def quantize(
             print(f"kbvq-quantize: interrupted; {len(done)} finished layer(s) kept in {partial} (use --resume)")
         raise
     report["run"] = {"seconds": round(time.time() - t_start, 1), "peak_memory_bytes": _peak_memory_bytes(device),
-                     "device": str(device)}
+                     "device": str(device), "fingerprint": fingerprint}
     write_json_atomic(output / REPORT_FILE, report)
     return report
 
@@ -209,19 +304,15 @@ def _check_checkpoint(reader, arch, moe_layers, n_experts, shared_inter, hidden,
 
 
 def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, opts, moe_layers, n_experts, hidden,
-         inter, shared_inter, overwrite, resume, progress, device) -> dict:
+         inter, shared_inter, overwrite, resumed, fingerprint, progress, device) -> dict:
     layers = model.model.layers
     backend = _BACKENDS[opts.method]
-    fingerprint = _fingerprint(model_dir, opts, tokens)
     state = {"fingerprint": fingerprint, "done": [], "reports": {}}
-    if resume:
-        with open(partial / _PROGRESS) as f:
-            state = json.load(f)
-        if state.get("fingerprint") != fingerprint:
-            raise QuantizeError(
-                f"--resume: {partial} was made with other options, model or calibration data; "
-                "rerun with the same arguments or use --overwrite"
-            )
+    if resumed:
+        state = _read_progress(partial)
+        if progress:
+            print(f"kbvq-quantize: resuming the interrupted run in {partial}: {len(state['done'])} of "
+                  f"{len(moe_layers)} MoE layers already done")
     write_json_atomic(partial / _PROGRESS, state)
 
     emb = reader.get("model.embed_tokens.weight", torch.float32)
@@ -369,12 +460,27 @@ def _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, o
     report = backend.summarize(opts, cfg, state["reports"], partial, _read_config(model_dir), arch)
     write_json_atomic(partial / REPORT_FILE, report)
     (partial / _PROGRESS).unlink()
-    if output.exists():
-        if not overwrite and any(output.iterdir()):
-            raise QuantizeError(f"output directory {output} appeared during the run; result left in {partial}")
-        shutil.rmtree(output)
-    os.replace(partial, output)
+    normal_permissions(partial)
+    _move_into_place(partial, output, overwrite)
     return report
+
+
+def _move_into_place(partial: Path, output: Path, overwrite: bool) -> None:
+    """Rename the finished run to ``output``; an earlier KBVQ output there is set aside, then deleted."""
+    old = None
+    if output.exists() and any(output.iterdir()):
+        if not (overwrite and is_kbvq_output(output)):
+            raise QuantizeError(f"--output {output} was filled by something else during the run; the result is "
+                                f"left in {partial}")
+        old = output.parent / f".{output.name}.kbvq-old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(output, old)
+    elif output.exists():
+        output.rmdir()
+    os.replace(partial, output)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,8 @@ from vllm_kbvq.reference import KBVQExperts
 from .gptq import gptq_quantize, rtn_quantize, second_moment
 from .moe_layer import routed_tokens
 
-__all__ = ["SCALAR_METHODS", "DenseExperts", "scalar_bits_per_weight", "quantize_moe_block_scalar"]
+__all__ = ["DenseExperts", "scalar_bits_per_weight", "quantize_moe_block_scalar"]
 
-SCALAR_METHODS = ("rtn", "gptq")
 _GROUP_META_BITS = 32  # fp16 scale + fp16 zero point per group
 
 

@@ -6,17 +6,26 @@ even where transformers fuses experts in memory).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from vllm_kbvq.format import load_json
 
 __all__ = ["ShardReader", "CheckpointError"]
 
 
 class CheckpointError(ValueError):
     """The input checkpoint is missing, incomplete or unreadable."""
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); it may be truncated or still "
+                              "being copied") from None
 
 
 class ShardReader:
@@ -28,24 +37,26 @@ class ShardReader:
             raise CheckpointError(f"{self.dir} has no config.json: not a Hugging Face model directory")
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = load_json(index, CheckpointError)
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no \"weight_map\" object")
             for file in sorted(set(weight_map.values())):
                 if not (self.dir / file).is_file():
                     raise CheckpointError(f"{index} names {file}, which is missing from {self.dir}")
             self.files = {name: self.dir / file for name, file in weight_map.items()}
+            self._handles = {self.dir / file: _open(self.dir / file) for file in set(weight_map.values())}
         else:
             shards = sorted(self.dir.glob("*.safetensors"))
             if not shards:
                 raise CheckpointError(
                     f"no *.safetensors weights in {self.dir} (convert .bin checkpoints with save_pretrained first)"
                 )
-            self.files = {}
+            self.files, self._handles = {}, {}
             for shard in shards:
-                with safe_open(str(shard), framework="pt") as h:
-                    for name in h.keys():
-                        self.files[name] = shard
-        self._handles: dict[Path, object] = {}
+                self._handles[shard] = h = _open(shard)
+                for name in h.keys():
+                    self.files[name] = shard
 
     def names(self) -> list[str]:
         return sorted(self.files)
@@ -58,8 +69,11 @@ class ShardReader:
             raise CheckpointError(f"tensor {name} is not in the checkpoint {self.dir}")
         file = self.files[name]
         if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
-        t = self._handles[file].get_tensor(name)
+            self._handles[file] = _open(file)
+        try:
+            t = self._handles[file].get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: tensor {name} cannot be read ({e})") from None
         if dtype is not None:
             t = t.to(dtype)
         if t.is_floating_point() and not torch.isfinite(t).all():

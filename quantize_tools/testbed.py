@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from .files import normal_permissions
+
 __all__ = [
     "DENSE_INTERMEDIATE",
     "GGUF_FILE",
@@ -508,16 +510,6 @@ def _prepare_output(output: Path, overwrite: bool) -> None:
             )
 
 
-def _normal_permissions(directory: Path) -> None:
-    """mkdtemp makes 0700 dirs (and safetensors may land 0600): give the usual umask modes, so a
-    server running as another user can read the checkpoint."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for path in directory.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
 def _save_model(model, directory: Path) -> None:
     kwargs = {}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
@@ -593,7 +585,7 @@ def build_testbed(
         say(f"writing {output}")
         _save_model(model, tmp)
         tokenizer.save_pretrained(tmp)
-        _normal_permissions(tmp)
+        normal_permissions(tmp)
         _prepare_output(output, overwrite)  # re-check: something may have appeared meanwhile
         if output.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))

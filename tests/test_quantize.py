@@ -236,7 +236,7 @@ def test_bad_inputs(tiny_model, tmp_path, capsys):
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("user data")
-    _fails(capsys, _cli(good, existing, "--calib", str(calib)), "already exists", "--overwrite")
+    _fails(capsys, _cli(good, existing, "--calib", str(calib)), "not a kbvq-quantize output", "choose another")
     assert (existing / "keep.txt").read_text() == "user data"
 
     with pytest.raises(SystemExit) as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ArchSpec", "ARCHS", "arch_for_config", "WEIGHT_TYPES", "UnsupportedArchitectureError"]
+__all__ = ["ArchSpec", "ARCHS", "arch_for_config", "config_value", "WEIGHT_TYPES", "UnsupportedArchitectureError"]
 
 # Canonical weight types; each arch maps them to its own projection names.
 WEIGHT_TYPES = ("gate", "up", "down")
@@ -50,10 +50,10 @@ class ArchSpec:
         return f"{self.shared_prefix.format(layer=layer)}.{self.shared_proj_names[wtype]}.{suffix}"
 
     def num_experts(self, config) -> int:
-        return int(_cfg(config, self.num_experts_attr))
+        return int(config_value(config, self.num_experts_attr))
 
     def expert_intermediate(self, config) -> int:
-        return int(_cfg(config, self.expert_intermediate_attr))
+        return int(config_value(config, self.expert_intermediate_attr))
 
     def to_memory_name(self, ckpt_name: str) -> str:
         for src, dst in self.ckpt_renames:
@@ -61,7 +61,7 @@ class ArchSpec:
         return ckpt_name
 
 
-def _cfg(config, attr):
+def config_value(config, attr):
     """A config value by name; ``attr`` may list aliases (``"a|b"``): config.json files use either."""
     for name in attr.split("|"):
         if isinstance(config, dict):
@@ -118,7 +118,7 @@ ARCHS: dict[str, ArchSpec] = {
 
 def arch_for_config(config) -> ArchSpec:
     """The entry for a model config (dict or PretrainedConfig); a clear error otherwise."""
-    model_type = _cfg(config, "model_type") if (
+    model_type = config_value(config, "model_type") if (
         isinstance(config, dict) and "model_type" in config or hasattr(config, "model_type")
     ) else None
     for arch in ARCHS.values():

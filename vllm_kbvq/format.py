@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .archs import ARCHS, WEIGHT_TYPES
+from .archs import ARCHS, WEIGHT_TYPES, config_value
 from .packing import packed_words
 
 __all__ = [
@@ -49,6 +49,8 @@ __all__ = [
     "default_rank",
     "validate_checkpoint",
     "checkpoint_tensors",
+    "load_json",
+    "SCHEMA",
 ]
 
 QUANT_METHOD = "kbvq"
@@ -108,58 +110,115 @@ class KBVQConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "KBVQConfig":
+    def from_dict(cls, d: dict, source: str = "quantization_config") -> "KBVQConfig":
+        """Checked against :data:`SCHEMA`; errors name ``source`` (e.g. the config.json path) and the field."""
         if not isinstance(d, dict):
-            raise FormatError("quantization_config must be a JSON object")
+            raise FormatError(f"{source}: quantization_config must be a JSON object, got {type(d).__name__}")
         method = d.get("quant_method")
         if method != QUANT_METHOD:
-            raise FormatError(f"quantization_config.quant_method is {method!r}, expected {QUANT_METHOD!r}")
+            raise FormatError(f"{source}: quantization_config.quant_method is {method!r}, expected {QUANT_METHOD!r}")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
             raise FormatError(
-                f"quantization_config.format_version is {version!r}; this vllm-kbvq reads "
+                f"{source}: quantization_config.format_version is {version!r}; this vllm-kbvq reads "
                 f"format version {FORMAT_VERSION} only"
             )
         for key in ("bits", "vector_dim", "arch", "rank", "layers"):
             if key not in d:
-                raise FormatError(f"quantization_config is missing the field {key!r}")
+                raise FormatError(f"{source}: quantization_config is missing the field {key!r}")
+        for key, (ok, want) in SCHEMA.items():
+            if key in d and not ok(d[key]):
+                raise FormatError(f"{source}: quantization_config.{key} must be {want}, got {d[key]!r}")
         known = {f for f in cls.__dataclass_fields__}
         cfg = cls(**{k: v for k, v in d.items() if k in known})
-        cfg.validate()
-        if "codebook_size" in d and d["codebook_size"] != cfg.codebook_size:
-            raise FormatError(
-                f"quantization_config.codebook_size is {d['codebook_size']}, but bits={cfg.bits} and "
-                f"vector_dim={cfg.vector_dim} give {cfg.codebook_size}"
-            )
+        try:
+            cfg.validate()
+        except FormatError as e:
+            raise FormatError(f"{source}: {e}") from None
+        for key, value in (("codebook_size", cfg.codebook_size), ("index_bits", cfg.index_bits)):
+            if key in d and d[key] != value:
+                raise FormatError(
+                    f"{source}: quantization_config.{key} is {d[key]!r}, but bits={cfg.bits} and "
+                    f"vector_dim={cfg.vector_dim} give {value}"
+                )
         return cfg
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
             raise FormatError(f"quantization_config.arch {self.arch!r} is not one of {sorted(ARCHS)}")
-        if not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+        if not _is_int(self.bits) or not 1 <= self.bits <= 8:
             raise FormatError(f"quantization_config.bits must be an integer 1..8, got {self.bits!r}")
-        if not isinstance(self.vector_dim, int) or self.vector_dim < 1:
+        if not _is_int(self.vector_dim) or self.vector_dim < 1:
             raise FormatError(f"quantization_config.vector_dim must be a positive integer, got {self.vector_dim!r}")
         if self.index_bits > 16:
             raise FormatError(
                 f"bits*vector_dim = {self.index_bits} > 16: a codebook of 2^{self.index_bits} entries per "
                 "matrix is not supported; use a smaller vector_dim"
             )
-        for group, ranks in self.rank.items():
-            for wtype, k in ranks.items():
-                if not isinstance(k, int) or k < 0:
-                    raise FormatError(f"quantization_config.rank.{group}.{wtype} must be a non-negative integer")
+        if not _is_ranks(self.rank):
+            raise FormatError(f"quantization_config.rank must be {SCHEMA['rank'][1]}, got {self.rank!r}")
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> "KBVQConfig":
         cfg_file = Path(path) / "config.json"
-        if not cfg_file.is_file():
-            raise FormatError(f"{cfg_file} not found")
-        with open(cfg_file) as f:
-            config = json.load(f)
+        config = load_json(cfg_file)
+        if not isinstance(config, dict):
+            raise FormatError(f"{cfg_file}: not a JSON object")
         if "quantization_config" not in config:
             raise FormatError(f"{cfg_file} has no quantization_config: not a KBVQ checkpoint")
-        return cls.from_dict(config["quantization_config"])
+        return cls.from_dict(config["quantization_config"], source=str(cfg_file))
+
+
+def load_json(path: str | Path, error: type[Exception] = FormatError):
+    """A JSON file's content, or ``error`` naming the file (missing, unreadable or not JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot be read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                    "the file may be truncated") from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _is_ranks(v) -> bool:
+    return isinstance(v, dict) and all(
+        g in ("experts", "shared_experts") and isinstance(r, dict)
+        and all(w in WEIGHT_TYPES and _is_int(k) and k >= 0 for w, k in r.items())
+        for g, r in v.items())
+
+
+# The type and range of every quantization_config field, checked in one place: (predicate, what it must be).
+SCHEMA: dict[str, tuple] = {
+    "bits": (lambda v: _is_int(v) and 1 <= v <= 8, "an integer 1..8"),
+    "vector_dim": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "arch": (lambda v: isinstance(v, str) and v in ARCHS, f"one of {sorted(ARCHS)}"),
+    "rank": (_is_ranks, 'an object {"experts"|"shared_experts": {"gate"|"up"|"down": integer >= 0}}'),
+    "layers": (lambda v: isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v) and len(set(v)) == len(v),
+               "a list of distinct layer indices (integers >= 0)"),
+    "shared_intermediate_size": (lambda v: v is None or (_is_int(v) and v >= 1), "null or a positive integer"),
+    "idre": (lambda v: isinstance(v, bool), "true or false"),
+    "bcos": (lambda v: isinstance(v, bool), "true or false"),
+    "rank_ratio": (lambda v: _is_number(v) and 0 <= v <= 1, "a number between 0 and 1"),
+    "damp": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "kmeans_iters": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "vq_method": (lambda v: isinstance(v, str), "a string"),
+    "seed": (_is_int, "an integer"),
+    "calibration": (lambda v: isinstance(v, dict), "a JSON object"),
+    "codebook_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "index_bits": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+}
 
 
 def tensor_specs(oc: int, ic: int, cfg: KBVQConfig, rank: int, owns_basis: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -195,7 +254,7 @@ def matrix_storage_bits(oc: int, ic: int, cfg: KBVQConfig, rank: int, n_sharing:
 
 def checkpoint_tensors(path: str | Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
     """``name -> (file, shape, dtype)`` from the safetensors headers of a checkpoint directory."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     files = sorted(p for p in path.glob("*.safetensors"))
@@ -203,11 +262,29 @@ def checkpoint_tensors(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]
         raise FormatError(f"no *.safetensors files in {path}")
     out = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            for name in h.keys():
-                sl = h.get_slice(name)
-                out[name] = (f.name, tuple(sl.get_shape()), sl.get_dtype())
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for name in h.keys():
+                    sl = h.get_slice(name)
+                    out[name] = (f.name, tuple(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError) as e:
+            raise FormatError(f"{f}: not a readable safetensors file ({e}); it may be truncated or "
+                              "still being copied") from None
     return out
+
+
+def model_widths(model_config: dict, arch, source: str) -> tuple[int, int, int]:
+    """(routed experts, hidden size, expert width) of a config.json, or an error naming the field."""
+    out = []
+    for attr in (arch.num_experts_attr, "hidden_size", arch.expert_intermediate_attr):
+        try:
+            v = config_value(model_config, attr)
+        except KeyError:
+            v = None
+        if not _is_int(v) or v < 1:
+            raise FormatError(f"{source}: {attr.replace('|', ' or ')} must be a positive integer, got {v!r}")
+        out.append(v)
+    return tuple(out)
 
 
 _ST_DTYPES = {torch.int32: "I32", torch.float16: "F16"}
@@ -216,9 +293,7 @@ _ST_DTYPES = {torch.int32: "I32", torch.float16: "F16"}
 def expected_tensors(model_config: dict, cfg: KBVQConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Every KBVQ tensor a checkpoint with this config must hold, with shape and dtype."""
     arch = ARCHS[cfg.arch]
-    n = arch.num_experts(model_config)
-    hidden = model_config["hidden_size"]
-    inter = arch.expert_intermediate(model_config)
+    n, hidden, inter = model_widths(model_config, arch, "config.json")
     out = {}
 
     def add(prefix_of, wtype, oc, ic, rank, owns):
@@ -250,10 +325,13 @@ def validate_checkpoint(path: str | Path) -> KBVQConfig:
     if not path.is_dir():
         raise FormatError(f"checkpoint directory {path} does not exist")
     cfg = KBVQConfig.from_model_dir(path)
-    with open(path / "config.json") as f:
-        model_config = json.load(f)
+    model_config = load_json(path / "config.json")
     have = checkpoint_tensors(path)
-    for name, (shape, dtype) in expected_tensors(model_config, cfg).items():
+    try:
+        expected = expected_tensors(model_config, cfg)
+    except FormatError as e:
+        raise FormatError(f"{path / 'config.json'}: {str(e).removeprefix('config.json: ')}") from None
+    for name, (shape, dtype) in expected.items():
         if name not in have:
             raise FormatError(f"{path}: tensor {name} is missing")
         file, got_shape, got_dtype = have[name]
@@ -274,4 +352,13 @@ def validate_checkpoint(path: str | Path) -> KBVQConfig:
         stale = arch.expert_tensor(layer, 0, "gate", "weight")
         if stale in have:
             raise FormatError(f"{path / have[stale][0]}: {stale} is unquantized, but layer {layer} is listed as KBVQ")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = load_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise FormatError(f"{index} has no \"weight_map\" object")
+        for name, file in weight_map.items():
+            if name not in have or have[name][0] != file:
+                raise FormatError(f"{index}: names {name} in {file}, which does not hold it")
     return cfg

@@ -1,0 +1,73 @@
+"""What a quantization run can be asked to do: the options, their defaults and their valid ranges.
+
+Kept free of torch so ``kbvq-quantize --help`` and option errors answer at once; the command line
+reads its defaults from here, and the pipeline checks a run's options here before any work.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["LayerOptions", "QuantizeOptions", "QuantizeError", "VQ_METHODS", "SCALAR_METHODS", "METHODS",
+           "check_option"]
+
+VQ_METHODS = ("kmeans", "gptvq")  # nearest k-means codeword, or Hessian-aware assignment (quantize_tools.gptq)
+SCALAR_METHODS = ("rtn", "gptq")  # the per-group scalar baselines (quantize_tools.scalar)
+METHODS = ("kbvq",) + SCALAR_METHODS
+
+
+class QuantizeError(ValueError):
+    """A run that cannot start or finish as asked (bad option, output location, input model)."""
+
+
+def check_option(opts, name: str, ok: bool, want: str) -> None:
+    if not ok:
+        raise QuantizeError(f"--{name.replace('_', '-')} must be {want}, got {getattr(opts, name)!r}")
+
+
+@dataclass
+class LayerOptions:
+    bits: int = 2
+    vector_dim: int = 4
+    rank_ratio: float = 1 / 128
+    idre: bool = True
+    klt: bool = True  # False: plain SVD of the stacked weights (ablation)
+    bcos: bool = True
+    bcos_mode: str = "moment"
+    bcos_min_tokens: int = 16
+    damp: float = 1e-2
+    kmeans_iters: int = 100
+    vq_method: str = "kmeans"
+    compare_plain_vq: bool = True
+    seed: int = 42
+
+    def validate(self) -> None:
+        """Ranges of the options, as errors that name the command-line flag."""
+        check_option(self, "bits", 1 <= self.bits <= 8, "an integer 1..8")
+        check_option(self, "vector_dim", self.vector_dim >= 1, "a positive integer")
+        if self.bits * self.vector_dim > 16:
+            raise QuantizeError(f"--bits {self.bits} with --vector-dim {self.vector_dim} needs a "
+                                f"2^{self.bits * self.vector_dim}-entry codebook per matrix; use a smaller --vector-dim")
+        check_option(self, "rank_ratio", 0 <= self.rank_ratio <= 1, "between 0 and 1")
+        check_option(self, "damp", math.isfinite(self.damp) and self.damp > 0, "a number > 0")
+        check_option(self, "kmeans_iters", self.kmeans_iters >= 1, "a positive integer")
+        check_option(self, "bcos_min_tokens", self.bcos_min_tokens >= 1, "a positive integer")
+        check_option(self, "bcos_mode", self.bcos_mode in ("moment", "lstsq"), "moment or lstsq")
+        check_option(self, "vq_method", self.vq_method in VQ_METHODS, " or ".join(VQ_METHODS))
+        check_option(self, "seed", 0 <= self.seed < 2**63, "an integer >= 0")
+
+
+@dataclass
+class QuantizeOptions(LayerOptions):
+    nsamples: int = 128
+    seqlen: int = 512
+    batch_size: int = 4  # calibration samples per forward
+    device: str = "cpu"
+    method: str = "kbvq"  # or a scalar baseline: "rtn", "gptq"
+    group_size: int = 128  # scalar baselines only
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("nsamples", "seqlen", "batch_size", "group_size"):
+            check_option(self, name, getattr(self, name) >= 1, "a positive integer")
+        check_option(self, "method", self.method in METHODS, " or ".join(METHODS))
