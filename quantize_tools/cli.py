@@ -7,6 +7,8 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
+from .threads import available_cpus, configure_openmp
+
 __all__ = ["main", "build_parser"]
 
 
@@ -129,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", metavar="DEV", default=None, help="torch device for the math: cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     r.add_argument("--batch-size", metavar="N", type=_positive, default=QuantizeOptions.batch_size,
                    help="calibration sequences per forward pass")
-    r.add_argument("--threads", metavar="N", type=_positive, default=None, help="CPU threads for torch")
+    r.add_argument("--threads", metavar="N", type=_positive, default=None, help="CPU threads for torch (default: the CPUs this process may use, from its affinity mask and "
+                        "cgroup quota)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                      "interrupted run of the same settings and replaces anything else)")
     resume = "auto" if args.resume == "auto" else bool(args.resume)
     opts = options_from_args(args)
+    configure_openmp()  # before torch loads OpenMP
 
     from vllm_kbvq.archs import UnsupportedArchitectureError
     from vllm_kbvq.format import FormatError
@@ -173,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         opts.device = str(check_device(opts.device))
         # every check that reads no tensor data, before the tokenizer and the corpus take their minute
         preflight(args.model, args.output, opts, overwrite=args.overwrite, resume=resume)
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads or available_cpus())
         if args.calib is None:
             from .corpus import CALIBRATION_CORPUS, calibration_texts
 

@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--perplexity", type=int, default=0, metavar="N",
                    help="also score N held-out windows of 512 tokens (default: 0, skip)")
     args = p.parse_args(argv)
+    from .threads import configure_openmp
+
+    configure_openmp()  # before torch loads: the quantizer's OpenMP workers must not spin on a busy machine
 
     from vllm_kbvq.server_process import ServerError, ServerProcess, post_json, require_free_port
 

@@ -67,6 +67,7 @@ def quantize_group(
     cfg: KBVQConfig,
     rank: int,
     seed: int,
+    progress: Callable[[str], None] | None = None,
 ) -> GroupResult:
     """IDRE + VQ + BCOS for the matrices ``w`` ``[n, oc, ic]`` that share one input space.
 
@@ -75,10 +76,12 @@ def quantize_group(
     """
     if opts.vq_method not in VQ_METHODS:
         raise ValueError(f"unknown vq_method {opts.vq_method!r}: one of {', '.join(VQ_METHODS)}")
+    say = progress or (lambda msg: None)
     n, oc, ic = w.shape
     device = w.device
     rep: dict = {"rank": rank}
     if rank > 0:
+        say("KLT and joint SVD")
         t = klt(cov.to(device), opts.damp) if opts.klt else identity_klt(ic, device)
         rep["klt_clamped_eigenvalues"] = t.clamped
         idre = joint_svd(w, t, rank)
@@ -88,9 +91,10 @@ def quantize_group(
     else:
         a = b = None
         residual, low_rank = w.float(), None
-    codes, codebook = vq_quantize(residual, opts.bits, opts.vector_dim, opts.kmeans_iters, seed)
+    codes, codebook = vq_quantize(residual, opts.bits, opts.vector_dim, opts.kmeans_iters, seed, progress=say)
     if opts.vq_method == "gptvq":
         for e in range(n):  # each member's own inputs: routed experts see different tokens
+            say(f"GPTVQ assignment {e + 1}/{n}")
             h = second_moment(_chunks(inputs(e)), ic, device)
             codes[e] = gptvq_assign(residual[e], h, codebook[e], opts.damp)
     w_hat = vq_dequantize(codes, codebook)
@@ -98,7 +102,8 @@ def quantize_group(
         w_hat = w_hat + low_rank
     w_plain = None
     if opts.compare_plain_vq and rank > 0:
-        pc, pb = vq_quantize(w.float(), opts.bits, opts.vector_dim, opts.kmeans_iters, seed + 7919)
+        pc, pb = vq_quantize(w.float(), opts.bits, opts.vector_dim, opts.kmeans_iters, seed + 7919,
+                             progress=lambda msg: say(f"plain-VQ comparison, {msg}"))
         w_plain = vq_dequantize(pc, pb)
 
     s = torch.zeros(n, oc, dtype=torch.float16, device=device)
@@ -106,6 +111,7 @@ def quantize_group(
     err = {"plain_vq": 0.0, "idre_vq": 0.0, "idre_vq_bcos": 0.0}
     energy = 0.0
     wf = w.float()
+    say("BCOS and output errors")
     for e in range(n):
         st, st_plain = OutputStats(oc, device), OutputStats(oc, device)
         for x in _chunks(inputs(e)):
@@ -160,13 +166,16 @@ def quantize_moe_block(
     opts: LayerOptions,
     cfg: KBVQConfig,
     device="cpu",
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Quantize the routed (and shared) experts of one layer.
 
     ``x``: ``[T, hidden]`` tokens entering the block; ``topk``: ``[T, k]`` routed
     expert ids; ``weights(group, wtype)`` returns ``[n, oc, ic]`` FP weights.
-    Returns the checkpoint tensors by name and the layer's report.
+    Returns the checkpoint tensors by name and the layer's report. ``progress`` hears
+    which weight type and stage is running.
     """
+    say = progress or (lambda msg: None)
     out: dict[str, torch.Tensor] = {}
     report: dict = {"layer": layer}
     x = x.to(torch.float32)
@@ -182,16 +191,26 @@ def quantize_moe_block(
     groups = [("experts", n_experts, lambda e: x if fallback[e] else x[token_ids[e]])]
     if shared:
         groups.append(("shared_experts", 1, lambda e: x))
+    steps = len(groups) * len(WEIGHT_TYPES)
+
+    def stage(group, wtype, n):
+        step = [g for g, _, _ in groups].index(group) * len(WEIGHT_TYPES) + WEIGHT_TYPES.index(wtype) + 1
+        what = f"{n} routed {wtype}" if group == "experts" else f"shared {wtype}"
+        return lambda msg: say(f"{what} ({step}/{steps}): {msg}")
+
     for group, n, group_inputs in groups:
         grep = {}
         gu = {}
         for wtype in ("gate", "up"):
             w = weights(group, wtype).to(device)
             rank = cfg.rank[group][wtype]
-            gu[wtype] = quantize_group(w, cov_x, group_inputs, opts, cfg, rank, group_seed(opts.seed, layer, group, wtype))
+            gu[wtype] = quantize_group(w, cov_x, group_inputs, opts, cfg, rank, group_seed(opts.seed, layer, group, wtype),
+                                       stage(group, wtype, n))
             grep[wtype] = gu[wtype].report
         gate = [gu["gate"].linear(e, cfg).to(device) for e in range(n)]
         up = [gu["up"].linear(e, cfg).to(device) for e in range(n)]
+        for lin in gate + up:  # run twice per expert below: dequantize once (bit-identical outputs)
+            lin.cache_vq_weight()
 
         def hidden_of(e, gate=gate, up=up, group_inputs=group_inputs):
             xe = group_inputs(e).to(device)
@@ -217,7 +236,7 @@ def quantize_moe_block(
             return hidden_cache[e]
 
         dres = quantize_group(w_down, cov_h.covariance(), down_inputs, opts, cfg, rank,
-                              group_seed(opts.seed, layer, group, "down"))
+                              group_seed(opts.seed, layer, group, "down"), stage(group, "down", n))
         grep["down"] = dres.report
         report[group] = grep
         for wtype, res in (("gate", gu["gate"]), ("up", gu["up"]), ("down", dres)):

@@ -278,7 +278,8 @@ def quantize(
             print(f"kbvq-quantize: interrupted; {len(done)} finished layer(s) kept in {partial} (use --resume)")
         raise
     report["run"] = {"seconds": round(time.time() - t_start, 1), "peak_memory_bytes": _peak_memory_bytes(device),
-                     "device": str(device), "fingerprint": fingerprint}
+                     "device": str(device), "fingerprint": fingerprint,
+                     "cpu_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     write_json_atomic(output / REPORT_FILE, report)
     return report
 
@@ -324,6 +325,7 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
     bs = max(1, opts.batch_size)
 
     bar = tqdm(range(len(layers)), desc="kbvq layers", unit="layer", disable=not progress)
+    status = _Status(bar)
     for i in bar:
         layer = layers[i]
         is_moe = i in moe_layers
@@ -364,8 +366,9 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
                                             for e in range(n_experts)])
 
                     bar.set_postfix_str(f"layer {i}: quantize")
-                    tensors, rep = backend.quantize_block(i, x, topk, weights, arch, n_experts, shared_inter is not None,
-                                                          _act_fn(config), opts, cfg, device)
+                    tensors, rep = backend.quantize_block(
+                        i, x, topk, weights, arch, n_experts, shared_inter is not None, _act_fn(config), opts, cfg,
+                        device, lambda msg, i=i: status(f"layer {i}: {msg}"))
                     del x, topk
                     rep["seconds"] = round(time.time() - t0, 2)
                     save_file(tensors, str(shard), metadata={"format": "pt"})
@@ -379,6 +382,19 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
             write_json_atomic(partial / _PROGRESS, state)
     bar.close()
     return _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, opts)
+
+
+class _Status:
+    """The bar's stage text, redrawn at most twice a second: a layer reports each k-means iteration."""
+
+    def __init__(self, bar, interval: float = 0.5):
+        self.bar, self.interval, self.last = bar, interval, 0.0
+
+    def __call__(self, msg: str) -> None:
+        now = time.monotonic()
+        self.bar.set_postfix_str(msg, refresh=now - self.last >= self.interval)
+        if now - self.last >= self.interval:
+            self.last = now
 
 
 def _act_fn(config):
@@ -487,13 +503,13 @@ def _move_into_place(partial: Path, output: Path, overwrite: bool) -> None:
 class _Backend:
     """What differs between KBVQ and the scalar baselines; the layer streaming around it is shared."""
 
-    quantize_block: Callable  # (layer, x, topk, weights, arch, n_experts, shared, act_fn, opts, cfg, device)
+    quantize_block: Callable  # (layer, x, topk, weights, arch, n_experts, shared, act_fn, opts, cfg, device, progress)
     install: Callable  # the quantized experts into the block, for the forward that feeds the next layer
     summarize: Callable  # (opts, cfg, layer_reports, ckpt_dir, model_config, arch) -> report
     quant_config: bool  # config.json carries quantization_config (scalar checkpoints are plain ones)
 
 
-def _scalar_block(layer, x, topk, weights, arch, n_experts, shared, act_fn, opts, cfg, device):
+def _scalar_block(layer, x, topk, weights, arch, n_experts, shared, act_fn, opts, cfg, device, progress):
     return quantize_moe_block_scalar(layer, x, topk, weights, arch, n_experts, shared, act_fn, opts, device)
 
 

@@ -6,6 +6,8 @@ so a run is reproducible from its seed.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 __all__ = ["kmeans", "vq_quantize", "vq_dequantize", "to_vectors", "from_vectors"]
@@ -96,15 +98,21 @@ def _kmeanspp(points: torch.Tensor, k: int, gen: torch.Generator, max_points: in
 
 
 def kmeans(
-    points: torch.Tensor, k: int, iters: int = 100, seed: int = 0, max_init_points: int = 1 << 16
+    points: torch.Tensor, k: int, iters: int = 100, seed: int = 0, max_init_points: int = 1 << 16,
+    progress: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-means with k-means++ seeding, batched: points ``[G, N, d]`` -> (centroids ``[G, K, d]``, assignment ``[G, N]``)."""
+    """k-means with k-means++ seeding, batched: points ``[G, N, d]`` -> (centroids ``[G, K, d]``, assignment ``[G, N]``).
+
+    ``progress`` hears each stage and Lloyd iteration (a layer's k-means runs for minutes on a busy CPU)."""
+    say = progress or (lambda msg: None)
     points = points.to(torch.float32)
     g, n, d = points.shape
     gen = torch.Generator().manual_seed(seed)
+    say("k-means++ seeding")
     cent = _kmeanspp(points, k, gen, max(max_init_points, k))
     assign = _assign(points, cent)
-    for _ in range(iters):
+    for it in range(iters):
+        say(f"k-means iteration {it + 1}/{iters}")
         sums = torch.zeros(g, k, d, dtype=torch.float32, device=points.device)
         sums.scatter_add_(1, assign[..., None].expand(-1, -1, d), points)
         counts = torch.zeros(g, k, dtype=torch.float32, device=points.device)
@@ -118,7 +126,8 @@ def kmeans(
     return cent, assign
 
 
-def vq_quantize(w: torch.Tensor, bits: int, d: int, iters: int = 100, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def vq_quantize(w: torch.Tensor, bits: int, d: int, iters: int = 100, seed: int = 0,
+                progress: Callable[[str], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """VQ of matrices ``w`` ``[G, oc, ic]`` -> (codes ``[G, oc, ic/d]`` int64, codebooks ``[G, 2^(bits*d), d]`` fp16).
 
     The final assignment is against the float16 codebook that is stored, so the
@@ -126,7 +135,7 @@ def vq_quantize(w: torch.Tensor, bits: int, d: int, iters: int = 100, seed: int 
     """
     g, oc, ic = w.shape
     k = 1 << (bits * d)
-    cent, _ = kmeans(to_vectors(w.to(torch.float32), d), k, iters=iters, seed=seed)
+    cent, _ = kmeans(to_vectors(w.to(torch.float32), d), k, iters=iters, seed=seed, progress=progress)
     codebook = cent.to(torch.float16)
     codes = _assign(to_vectors(w.to(torch.float32), d), codebook.to(torch.float32))
     return codes.reshape(g, oc, ic // d), codebook

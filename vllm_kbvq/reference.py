@@ -8,6 +8,7 @@ so ``AutoModelForCausalLM.from_pretrained(kbvq_dir)`` works too.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from .archs import WEIGHT_TYPES, ArchSpec, arch_for_config
 from .format import QUANT_METHOD, KBVQConfig, tensor_specs
 from .packing import unpack_codes
 
-__all__ = ["KBVQLinear", "KBVQExperts", "dequantize", "load_kbvq_model", "quantize_modules"]
+__all__ = ["KBVQLinear", "KBVQExperts", "dequantize", "load_kbvq_model", "quantize_modules", "cast_unquantized"]
 
 
 def dequantize(codes: torch.Tensor, codebook: torch.Tensor, ic: int) -> torch.Tensor:
@@ -167,6 +168,30 @@ def quantize_modules(model, cfg: KBVQConfig, device=None) -> None:
                     KBVQLinear(lin.in_features, lin.out_features, cfg, ranks.get(wtype, 0), True, device=device))
 
 
+def cast_unquantized(model, dtype: torch.dtype) -> None:
+    """Cast every floating parameter outside the KBVQ modules to ``dtype``, in place.
+
+    The KBVQ tensors keep their format dtypes (int32 codes, float16 codebooks and factors); a
+    parameter the model keeps in float32 at this dtype (transformers' ``_keep_in_fp32_modules``) stays so.
+
+    Needed after ``from_pretrained``: for a pre-quantized checkpoint, transformers loads every tensor
+    whose checkpoint name it renames in the dtype the checkpoint stores, on the assumption that a
+    renamed tensor is a serialized quantized one. Mixtral's conversion mapping renames
+    ``.block_sparse_moe.`` to ``.mlp.``, so its routers (``block_sparse_moe.gate.weight``) kept the
+    checkpoint's dtype (bf16 in a Mixtral checkpoint) whatever dtype was asked for.
+    """
+    plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    keep = re.compile("|".join(k.replace("*", ".*") for k in plan)) if plan else None
+    for mod_name, module in model.named_modules():
+        if isinstance(module, KBVQLinear):
+            continue
+        for p_name, p in module.named_parameters(recurse=False):
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            want = torch.float32 if keep is not None and keep.search(name) else dtype
+            if p.is_floating_point() and p.dtype != want and p.device.type != "meta":
+                p.data = p.data.to(want)
+
+
 # ---- transformers integration -------------------------------------------------------------
 
 def _register_with_transformers() -> None:
@@ -195,8 +220,20 @@ def _register_with_transformers() -> None:
     class KBVQHfQuantizer(HfQuantizer):
         requires_calibration = True
 
+        def update_dtype(self, dtype):
+            self.kbvq_dtype = dtype  # the dtype asked for: from_pretrained does not pass it on after loading
+            return dtype
+
         def _process_model_before_weight_loading(self, model, **kwargs):
             quantize_modules(model, self.quantization_config.kbvq)
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            dtype = getattr(self, "kbvq_dtype", None) or model.config.dtype
+            if isinstance(dtype, str):
+                dtype = getattr(torch, dtype)
+            if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+                cast_unquantized(model, dtype)
+            return model
 
         def is_serializable(self):
             return False
