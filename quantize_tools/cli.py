@@ -12,44 +12,24 @@ from .threads import available_cpus, configure_openmp
 __all__ = ["main", "build_parser"]
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(Fraction(text))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+def _typed(parse, ok, want: str, kind: str):
+    """An argparse type: ``parse`` the text, then check its range, both with errors argparse shows."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except (ValueError, ZeroDivisionError):
+            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return value
+
+    return convert
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
+_ratio = _typed(lambda t: float(Fraction(t)), lambda v: 0 <= v <= 1, "between 0 and 1", "a number or fraction")
+_positive = _typed(int, lambda v: v >= 1, ">= 1", "an integer")
+_positive_float = _typed(float, lambda v: math.isfinite(v) and v > 0, "a number > 0", "a number")
+_seed = _typed(int, lambda v: 0 <= v < 2**63, "an integer >= 0", "an integer")
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -286,6 +286,9 @@ def _target(args, device: str) -> Target:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .threads import configure_openmp
+
+    configure_openmp()  # before torch loads: evaluation shares the machine's cores too
     import torch
 
     from .corpus import CorpusUnavailableError

@@ -4,9 +4,6 @@ import json
 import math
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,12 +12,12 @@ from safetensors.torch import load_file, save_file
 
 from quantize_tools.cli import main as cli_main
 from bad_checkpoints import CASES, broken_copy
+from interrupted import six_layer_model, stop_after_layers
 from quantize_tools.pipeline import QuantizeOptions, quantize
 from tiny_models import ARCH_NAMES, TEXT, make_tiny_model, tiny_config
 from vllm_kbvq.format import FormatError, validate_checkpoint
 from vllm_kbvq.reference import load_kbvq_model
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _tokens(n=8, seqlen=64, seed=0):
@@ -141,34 +138,11 @@ def test_determinism(tiny_model, tmp_path):
 
 
 def test_resume_after_kill_is_identical(tmp_path):
-    cfg = tiny_config("qwen3_moe")
-    cfg.num_hidden_layers = 6
-    model_dir = tmp_path / "m"
-    from transformers import AutoModelForCausalLM
-    from tiny_models import tiny_tokenizer
-
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir = six_layer_model(tmp_path / "m")
     calib = _calib(tmp_path)
     args = _cli(model_dir, tmp_path / "killed", "--calib", str(calib), "--kmeans-iters", "60")
-    proc = subprocess.Popen([sys.executable, "-m", "quantize_tools.cli", *args], cwd=REPO)
-    progress = tmp_path / "killed.kbvq-partial" / "progress.json"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if progress.is_file():
-            try:
-                if len(json.loads(progress.read_text())["done"]) >= 2:
-                    break
-            except (json.JSONDecodeError, KeyError):
-                pass
-        if proc.poll() is not None:
-            pytest.fail("the run finished before it could be killed")
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    done = stop_after_layers(args, tmp_path / "killed", 2, signal.SIGKILL)
     assert not (tmp_path / "killed").exists()  # nothing loadable left behind
-    done = json.loads(progress.read_text())["done"]
     assert 2 <= len(done) < 6
     assert cli_main(args + ["--resume"]) == 0
     assert not (tmp_path / "killed.kbvq-partial").exists()

@@ -6,18 +6,16 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from bad_checkpoints import corrupt_cases
+from interrupted import REPO, six_layer_model, stop_after_layers
 from quantize_tools.cli import main as cli_main
-from tiny_models import TEXT, tiny_config, tiny_tokenizer
+from tiny_models import TEXT
 from vllm_kbvq.format import FormatError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _tree(d: Path) -> dict:
@@ -162,35 +160,12 @@ def test_truncated_input_model_is_named(model, tmp_path, capsys):
 def test_demo_settings_resume_an_interrupted_run_and_reuse_a_finished_one(tmp_path):
     from quantize_tools import demo
 
-    cfg = tiny_config("qwen3_moe")
-    cfg.num_hidden_layers = 6
-    model_dir = tmp_path / "m"
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    model_dir = six_layer_model(tmp_path / "m")
     calib = tmp_path / "calib.txt"
     calib.write_text(TEXT * 200)
     out = tmp_path / "q"
     args = demo.quantize_argv(model_dir, out, 2) + ["--calib", str(calib), "--nsamples", "8", "--seqlen", "64"]
-    proc = subprocess.Popen([sys.executable, "-m", "quantize_tools.cli", *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = tmp_path / "q.kbvq-partial" / "progress.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if progress.is_file():
-            try:
-                if len(json.loads(progress.read_text())["done"]) >= 2:
-                    break
-            except (json.JSONDecodeError, KeyError):
-                pass
-        if proc.poll() is not None:
-            pytest.fail("the run finished before it could be interrupted")
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C, as a user would
-    proc.wait(timeout=120)
-    done = json.loads(progress.read_text())["done"]
+    done = stop_after_layers(args, out, 2, signal.SIGINT)  # Ctrl-C, as a user would
     assert 2 <= len(done) < 6 and not out.exists()
 
     rerun = subprocess.run([sys.executable, "-m", "quantize_tools.cli", *args], cwd=REPO, capture_output=True,
