@@ -6,8 +6,10 @@ Runs ``kbvq-quantize`` with the demo's settings (2-bit, 32 x 512 calibration tok
 report) twice, alternating: alone, then while another process spins one core (``while True:
 pass``, what any other job on a shared 2-core VM does). Reports each run's wall time, the median
 seconds per MoE layer from ``kbvq_report.json``, the busy/idle ratio, the OpenMP wait policy and
-thread count the runs used, and the load average before and after each run. ``--omp-wait-policy
-ACTIVE`` reproduces the policy torch gets by default, for comparison.
+thread count the runs used, and the load average before and after each run. By default the runs
+use the policy kbvq-quantize sets (``OMP_WAIT_POLICY=PASSIVE``); ``--omp-wait-policy ACTIVE`` makes
+the workers spin without end, the other extreme (libgomp's own default, with the variable unset,
+spins a while and then sleeps; quantize_tools/threads.py has two-layer figures for it).
 """
 from __future__ import annotations
 

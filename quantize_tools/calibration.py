@@ -22,6 +22,15 @@ def read_texts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(f"calibration file {path} does not exist")
+    try:
+        return _read_texts(path)
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"calibration file {path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise CalibrationError(f"calibration file {path} cannot be read ({e.strerror})") from None
+
+
+def _read_texts(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
         texts = []
         with open(path, encoding="utf-8") as f:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--overwrite", action="store_true", help="replace an earlier kbvq-quantize output at --output (one holding kbvq_report.json) or an "
                     "interrupted run; never anything else, and never the input model")
     io.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), metavar="auto",
-                    help="continue an interrupted run from its last finished layer (same options and data needed); "
+                    help="continue an interrupted run from its last finished layer (same options and data needed; "
+                         "add --overwrite if the first run had it); "
                          "'--resume auto': continue it if it has the same settings, else start over (for jobs "
                          "that get restarted)")
 
@@ -134,9 +136,6 @@ def options_from_args(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.overwrite and args.resume == "yes":
-        parser.error("--overwrite and --resume exclude each other (--resume auto with --overwrite continues an "
-                     "interrupted run of the same settings and replaces anything else)")
     resume = "auto" if args.resume == "auto" else bool(args.resume)
     opts = options_from_args(args)
     configure_openmp()  # before torch loads OpenMP
@@ -157,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         opts.device = str(check_device(opts.device))
         # every check that reads no tensor data, before the tokenizer and the corpus take their minute
         preflight(args.model, args.output, opts, overwrite=args.overwrite, resume=resume)
-        torch.set_num_threads(args.threads or available_cpus())
+        if args.threads or not any(v in os.environ for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
+            # never more than torch's own default (physical cores), fewer where affinity or a quota say so
+            torch.set_num_threads(args.threads or min(torch.get_num_threads(), available_cpus()))
         if args.calib is None:
             from .corpus import CALIBRATION_CORPUS, calibration_texts
 

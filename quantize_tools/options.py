@@ -44,7 +44,9 @@ class LayerOptions:
     def validate(self) -> None:
         """Ranges of the options, as errors that name the command-line flag."""
         check_option(self, "bits", 1 <= self.bits <= 8, "an integer 1..8")
-        check_option(self, "vector_dim", self.vector_dim >= 1, "a positive integer")
+        # a power of 2: the GPU kernels load one vector with tl.arange, which takes powers of 2 only
+        check_option(self, "vector_dim", self.vector_dim >= 1 and not self.vector_dim & (self.vector_dim - 1),
+                     "a power of 2 (1, 2, 4, 8, ...)")
         if self.bits * self.vector_dim > 16:
             raise QuantizeError(f"--bits {self.bits} with --vector-dim {self.vector_dim} needs a "
                                 f"2^{self.bits * self.vector_dim}-entry codebook per matrix; use a smaller --vector-dim")
@@ -68,6 +70,7 @@ class QuantizeOptions(LayerOptions):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("nsamples", "seqlen", "batch_size", "group_size"):
+        for name in ("nsamples", "batch_size", "group_size"):
             check_option(self, name, getattr(self, name) >= 1, "a positive integer")
+        check_option(self, "seqlen", self.seqlen >= 2, "an integer >= 2")
         check_option(self, "method", self.method in METHODS, " or ".join(METHODS))

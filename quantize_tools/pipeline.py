@@ -19,6 +19,7 @@ import json
 import os
 import resource
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -83,7 +84,7 @@ def check_output(model_dir: Path, output: Path, overwrite: bool = False, resume:
     symlinks resolved, whatever ``overwrite`` says; ``overwrite`` replaces only a previous
     kbvq-quantize output (see :func:`is_kbvq_output`) or an interrupted run's partial folder.
     """
-    model = Path(model_dir).resolve()
+    model, output = Path(model_dir).resolve(), Path(os.path.abspath(output))
     for target in (output, partial_dir(output)):
         t = target.resolve()
         if t == model or model in t.parents or t in model.parents:
@@ -92,12 +93,16 @@ def check_output(model_dir: Path, output: Path, overwrite: bool = False, resume:
     if output.exists() or output.is_symlink():
         if not output.is_dir():
             raise QuantizeError(f"--output {output} exists and is not a directory")
-        if any(output.iterdir()):
+        try:
+            has_files = any(output.iterdir())
+        except OSError as e:
+            raise QuantizeError(f"--output {output}: cannot be read ({e.strerror})") from None
+        if has_files:
             if not is_kbvq_output(output):
                 raise QuantizeError(
                     f"--output {output} is not empty and is not a kbvq-quantize output (it has no {REPORT_FILE}); "
                     "--overwrite replaces only an earlier kbvq-quantize output: choose another --output")
-            if not overwrite and resume != "auto":  # auto: decided once the run's fingerprint is known
+            if not overwrite and resume is False:  # resuming: decided once the run's fingerprint is known
                 raise QuantizeError(f"--output {output} already holds a kbvq-quantize output; pass --overwrite "
                                     "to replace it")
     partial = partial_dir(output)
@@ -106,6 +111,8 @@ def check_output(model_dir: Path, output: Path, overwrite: bool = False, resume:
     elif resume:
         if not (partial / _PROGRESS).is_file():
             raise QuantizeError(f"--resume: no interrupted run found at {partial}")
+    elif (partial.exists() or partial.is_symlink()) and not partial.is_dir():
+        raise QuantizeError(f"{partial} exists and is not a directory; remove it")
     elif partial.exists() and not overwrite:
         raise QuantizeError(
             f"an interrupted run left {partial}; pass --resume to continue it or --overwrite to start over")
@@ -134,12 +141,19 @@ def _prepare_output(model_dir: Path, output: Path, overwrite: bool, resume: bool
     return False
 
 
-def _read_progress(partial: Path) -> dict | None:
-    """The state an interrupted run left (``None``: there is none)."""
+def _read_progress(partial: Path, strict: bool = True) -> dict | None:
+    """The state an interrupted run left (``None``: there is none); an unreadable one is an error if ``strict``."""
     if not (partial / _PROGRESS).is_file():
         return None
-    state = load_json(partial / _PROGRESS, QuantizeError)
-    return state if isinstance(state, dict) else None
+    try:
+        state = load_json(partial / _PROGRESS, QuantizeError)
+        if not isinstance(state, dict) or not isinstance(state.get("done"), list):
+            raise QuantizeError(f"{partial / _PROGRESS} is not a kbvq-quantize progress file")
+    except QuantizeError:
+        if strict:
+            raise
+        return None
+    return state
 
 
 def check_device(spec: str | None) -> torch.device:
@@ -217,7 +231,7 @@ def quantize(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     t_start = time.time()
-    model_dir, output = Path(model_dir), Path(output)
+    model_dir, output = Path(model_dir), Path(os.path.abspath(output))  # "--output ." names a directory too
     preflight(model_dir, output, opts, overwrite, resume)
     reader = ShardReader(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
@@ -253,29 +267,31 @@ def quantize(
     _check_checkpoint(reader, arch, moe_layers, n_experts, shared_inter, hidden, inter)
     fingerprint = _fingerprint(model_dir, opts, tokens)
     partial = partial_dir(output)
-    if resume == "auto" and is_kbvq_output(output):
+    if resume and is_kbvq_output(output):
         previous = load_json(output / REPORT_FILE, QuantizeError)
-        if isinstance(previous, dict) and previous.get("run", {}).get("fingerprint") == fingerprint:
+        run = previous.get("run") if isinstance(previous, dict) else None
+        if resume == "auto" and isinstance(run, dict) and run.get("fingerprint") == fingerprint:
             if progress:
                 print(f"kbvq-quantize: {output} already holds the result of these settings; nothing to do")
             return previous
         if not overwrite:
-            raise QuantizeError(f"--output {output} holds a kbvq-quantize output of other settings; pass --overwrite "
-                                "to replace it")
+            other = " of other settings" if resume == "auto" else ""
+            raise QuantizeError(f"--output {output} holds a kbvq-quantize output{other}; pass --overwrite to replace it")
     resumed = _prepare_output(model_dir, output, overwrite, resume, fingerprint)  # checked again: time has passed
     try:
         report = _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, opts, moe_layers,
                       n_experts, hidden, inter, shared_inter, overwrite, resumed, fingerprint, progress, device)
     except BaseException:
-        # Keep an interrupted run only when it has finished layers to resume from.
-        done = []
-        if (partial / _PROGRESS).is_file():
-            with open(partial / _PROGRESS) as f:
-                done = json.load(f).get("done", [])
-        if not done and partial.exists():
+        # Keep an interrupted run when it has finished layers to resume from, or its whole result.
+        state = _read_progress(partial, strict=False) or {}
+        done = state.get("done", []) if isinstance(state.get("done"), list) else []
+        if (partial / REPORT_FILE).is_file():
+            print(f"kbvq-quantize: the finished result could not be moved to {output}; it is kept in {partial}")
+        elif not done and partial.exists():
             shutil.rmtree(partial)
         elif partial.exists():
-            print(f"kbvq-quantize: interrupted; {len(done)} finished layer(s) kept in {partial} (use --resume)")
+            print(f"kbvq-quantize: interrupted; {len(done)} finished layer(s) kept in {partial} (rerun the same "
+                  "command with --resume, or --resume auto, to continue)")
         raise
     report["run"] = {"seconds": round(time.time() - t_start, 1), "peak_memory_bytes": _peak_memory_bytes(device),
                      "device": str(device), "fingerprint": fingerprint,
@@ -482,21 +498,27 @@ def _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, o
 
 
 def _move_into_place(partial: Path, output: Path, overwrite: bool) -> None:
-    """Rename the finished run to ``output``; an earlier KBVQ output there is set aside, then deleted."""
+    """Move the finished run to ``output``.
+
+    An earlier KBVQ output there is set aside, then deleted. An existing empty folder (also a link
+    to one, a mount point or the working directory) is filled in place, config.json and the report
+    last, so it stays the folder the user made."""
     old = None
     if output.exists() and any(output.iterdir()):
         if not (overwrite and is_kbvq_output(output)):
             raise QuantizeError(f"--output {output} was filled by something else during the run; the result is "
                                 f"left in {partial}")
-        old = output.parent / f".{output.name}.kbvq-old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(output, old)
+        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.kbvq-old-", dir=output.parent))
+        os.replace(output, old / "previous")
+        os.replace(partial, output)
+        shutil.rmtree(old)  # holds only what was moved there; a symlink is removed, not followed
     elif output.exists():
-        output.rmdir()
-    os.replace(partial, output)
-    if old is not None:
-        shutil.rmtree(old)
+        last = ("config.json", REPORT_FILE)
+        for f in sorted(partial.iterdir(), key=lambda f: (f.name in last, last.index(f.name) if f.name in last else 0)):
+            shutil.move(str(f), str(output / f.name))
+        partial.rmdir()
+    else:
+        os.replace(partial, output)
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,8 @@ class ShardReader:
         if index.is_file():
             weight_map = load_json(index, CheckpointError)
             weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index} has no \"weight_map\" object")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index} has no \"weight_map\" object of tensor names to file names")
             for file in sorted(set(weight_map.values())):
                 if not (self.dir / file).is_file():
                     raise CheckpointError(f"{index} names {file}, which is missing from {self.dir}")

@@ -1,15 +1,17 @@
 """CPU threads for the quantizer on machines it shares with other work.
 
 A layer's quantization is thousands of small torch and faiss ops, each an OpenMP parallel
-region. OpenMP workers that spin at the end of each region (libgomp's default) lose their core
-to any other busy process and then hold up the region for a scheduler time slice: measured on
-the 2-core dev machine, one testbed layer took 14 s idle, 37 s beside one busy process and
-155 s beside a test run, with the default policy. With ``OMP_WAIT_POLICY=PASSIVE`` (waiting
-workers sleep) the same layer took 16 s idle and 25 s beside one busy process. The policy is
-read once, when torch loads OpenMP, so it is set before torch is imported.
+region. OpenMP workers that spin at the end of each region (libgomp's default, when
+``OMP_WAIT_POLICY`` is unset, spins a while before it sleeps) lose their core to any other busy
+process and then hold up the region for a scheduler time slice. Measured on the 2-core dev machine,
+the first two layers of the demo testbed (2 threads, seconds per layer): libgomp's default 14
+idle, 37 beside one process spinning a core, 155 beside a test run; ``GOMP_SPINCOUNT=20000`` 14 /
+37; ``OMP_WAIT_POLICY=PASSIVE`` (waiting workers sleep at once) 13-16 idle, 25 beside the
+spinning process. ``benchmarks/busy_cpu.py`` measures the whole 30-layer run with the policy set
+here. The policy is read once, when torch loads OpenMP, so it is set before torch is imported.
 
-The thread count follows the CPUs this process may use (affinity mask, cgroup CPU quota), not
-the machine's core count, which is what torch picks and what a CPU-limited container over-counts.
+The thread count follows the CPUs this process may use (affinity mask, cgroup CPU quota), capped
+by torch's default (the machine's physical cores, which a CPU-limited container over-counts).
 """
 from __future__ import annotations
 

@@ -83,13 +83,41 @@ def test_overwrite_replaces_only_an_earlier_kbvq_output(model, tmp_path, capsys)
         assert stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044, f
 
 
+def test_output_given_as_dot_or_a_link_and_a_users_lookalike_folder(model, tmp_path, capsys, monkeypatch):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(TEXT * 20)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert cli_main(_cli(model, ".", calib=calib)) == 0
+    assert (here / "kbvq_report.json").is_file() and not list(tmp_path.glob("*.kbvq-partial"))
+    # a folder of the user's that looks like the set-aside name survives an --overwrite next to it
+    lookalike = tmp_path / ".here.kbvq-old"
+    lookalike.mkdir()
+    (lookalike / "mine.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(_cli(model, "here", "--seed", "5", "--overwrite", calib=calib)) == 0
+    assert (lookalike / "mine.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".here.kbvq-old"]
+    # a link to an empty folder (a mounted volume, say): the checkpoint goes into the folder it points to
+    empty = tmp_path / "volume"
+    empty.mkdir()
+    (tmp_path / "link").symlink_to(empty)
+    assert cli_main(_cli(model, tmp_path / "link", calib=calib)) == 0
+    assert (tmp_path / "link").is_symlink() and (empty / "kbvq_report.json").is_file()
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 ".encode("latin-1") * 400)
+    _refused(capsys, _cli(model, tmp_path / "o", calib=bad), "not UTF-8")
+    _refused(capsys, _cli(model, tmp_path / "o", "--seqlen", "1", calib=calib), "--seqlen")
+
+
 def test_bad_options_fail_before_any_work(model, tmp_path, capsys):
     late = ["--calib", str(tmp_path / "no-such-calib.txt")]
     out = tmp_path / "out"
     if not torch.cuda.is_available():
         _refused(capsys, _cli(model, out, "--device", "cuda", *late), "--device cuda", "no CUDA device")
     _refused(capsys, _cli(model, out, "--device", "tpu9", *late), "--device 'tpu9'")
-    _refused(capsys, _cli(model, out, "--vector-dim", "3", *late), "not divisible by --vector-dim 3")
+    _refused(capsys, _cli(model, out, "--vector-dim", "3", *late), "--vector-dim must be a power of 2")
     _refused(capsys, _cli(model, out, "--bits", "4", "--vector-dim", "5", *late), "--vector-dim")
     for flag, value in (("--damp", "-1"), ("--damp", "nan"), ("--rank-ratio", "2"), ("--seed", "-3"),
                         ("--nsamples", "0"), ("--kmeans-iters", "x")):

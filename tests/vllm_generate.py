@@ -23,8 +23,15 @@ def main():
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    extra = {}
+    with open(os.path.join(a.model, "config.json")) as f:
+        mla = "kv_lora_rank" in json.load(f)
+    if mla and a.dtype == "float32":
+        # vLLM prefers its AMX MLA backend on CPUs with AMX tiles, and that backend takes bf16/fp16
+        # weights only: a float32 comparison needs the reference CPU MLA backend.
+        extra["attention_backend"] = "CPU_MLA"
     llm = LLM(model=a.model, dtype=a.dtype, max_model_len=512, enforce_eager=a.eager, seed=0,
-              model_loader_extra_config={"enable_weights_track": True})
+              model_loader_extra_config={"enable_weights_track": True}, **extra)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in json.loads(a.prompts)]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=a.max_tokens, logprobs=a.logprobs,
                                                 ignore_eos=True))

@@ -118,7 +118,7 @@ class KBVQConfig:
         if method != QUANT_METHOD:
             raise FormatError(f"{source}: quantization_config.quant_method is {method!r}, expected {QUANT_METHOD!r}")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if not _is_int(version) or version != FORMAT_VERSION:
             raise FormatError(
                 f"{source}: quantization_config.format_version is {version!r}; this vllm-kbvq reads "
                 f"format version {FORMAT_VERSION} only"
@@ -307,6 +307,9 @@ def expected_tensors(model_config: dict, cfg: KBVQConfig) -> dict[str, tuple[tup
             for e in range(n):
                 add(lambda s: arch.expert_tensor(layer, e, wtype, s), wtype, oc, ic, rank, e == 0)
             if cfg.shared_intermediate_size:
+                if arch.shared_prefix is None:
+                    raise FormatError(f"quantization_config.shared_intermediate_size is {cfg.shared_intermediate_size}, "
+                                      f"but {arch.name} has no shared experts (use null)")
                 si = cfg.shared_intermediate_size
                 soc, sic = (hidden, si) if wtype == "down" else (si, hidden)
                 srank = cfg.rank.get("shared_experts", {}).get(wtype, 0)
@@ -356,8 +359,8 @@ def validate_checkpoint(path: str | Path) -> KBVQConfig:
     if index.is_file():
         weight_map = load_json(index)
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        if not isinstance(weight_map, dict):
-            raise FormatError(f"{index} has no \"weight_map\" object")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise FormatError(f"{index} has no \"weight_map\" object of tensor names to file names")
         for name, file in weight_map.items():
             if name not in have or have[name][0] != file:
                 raise FormatError(f"{index}: names {name} in {file}, which does not hold it")
