@@ -19,7 +19,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from .cli import _positive
+from .cli import HelpFormatter, _positive
 from .files import write_json_atomic
 
 __all__ = ["PERPLEXITY_SETS", "ZERO_SHOT", "EvalError", "Target", "evaluate", "main"]
@@ -200,21 +200,13 @@ examples (DIR: a model directory, e.g. out/testbed-qwen2_moe-e8-kbvq2):
 """
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Paragraphs of the description wrapped one by one; a default shown where there is one (not on
-    required options or flags) unless the help text already says it."""
+class _HelpFormatter(HelpFormatter):
+    """kbvq-quantize's defaults rule; the description's paragraphs wrapped one by one."""
 
     def _fill_text(self, text, width, indent):
         # a paragraph with indented lines (the examples) is kept as written
         return "\n\n".join(p if "\n " in p else super(_HelpFormatter, self)._fill_text(p, width, indent)
                            for p in text.strip().split("\n\n"))
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        d = action.default
-        if action.required or d is None or d is False or d is argparse.SUPPRESS or "(default" in text:
-            return text
-        return f"{text} (default: {str(d).replace('%', '%%')})"
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -258,21 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(spec: str | None, torch) -> str:
-    """The device to run on, or an EvalError naming --device."""
-    if spec is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+def _device(spec: str | None) -> str:
+    """The device to run on, or an EvalError naming --device (the quantizer's check)."""
+    from .options import QuantizeError, check_device
+
     try:
-        dev = torch.device(spec)
-    except (RuntimeError, TypeError, ValueError):
-        raise EvalError(f"--device {spec!r} is not a device name: use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise EvalError(f"--device {spec}: only cpu and cuda are supported")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"--device {spec}: no CUDA device is available; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise EvalError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return spec
+        return str(check_device(spec))
+    except QuantizeError as e:
+        raise EvalError(str(e)) from None
 
 
 def _target(args, device: str) -> Target:
@@ -302,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalError(f"--output {args.output} is a directory; name the JSON file to write")
         if args.output is not None and args.output.exists() and not args.overwrite:
             raise EvalError(f"{args.output} already exists; pass --overwrite to replace it")
-        device = _device(args.device, torch)
+        device = _device(args.device)
         if args.threads:
             torch.set_num_threads(args.threads)
         target = _target(args, device)

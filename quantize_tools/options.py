@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 __all__ = ["LayerOptions", "QuantizeOptions", "QuantizeError", "VQ_METHODS", "SCALAR_METHODS", "METHODS",
-           "check_option"]
+           "check_option", "check_device"]
 
 VQ_METHODS = ("kmeans", "gptvq")  # nearest k-means codeword, or Hessian-aware assignment (quantize_tools.gptq)
 SCALAR_METHODS = ("rtn", "gptq")  # the per-group scalar baselines (quantize_tools.scalar)
@@ -23,6 +23,29 @@ class QuantizeError(ValueError):
 def check_option(opts, name: str, ok: bool, want: str) -> None:
     if not ok:
         raise QuantizeError(f"--{name.replace('_', '-')} must be {want}, got {getattr(opts, name)!r}")
+
+
+def check_device(spec: str | None):
+    """The torch device to compute on (``None``: CUDA if there is one), or an error naming ``--device``."""
+    import torch  # here, not at the top: this module answers --help without torch
+
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise QuantizeError(f"--device {spec!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise QuantizeError(f"--device {spec}: only cpu and cuda are supported")
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise QuantizeError(f"--device {spec}: no CUDA device is available (torch {torch.__version__} is {build}); "
+                            "use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise QuantizeError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 @dataclass

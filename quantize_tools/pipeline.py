@@ -37,7 +37,7 @@ from vllm_kbvq.reference import KBVQExperts, KBVQLinear
 from .files import normal_permissions, write_json_atomic
 from .layerwise import run_layer, stop_before
 from .moe_layer import quantize_moe_block, ranks_for
-from .options import METHODS, SCALAR_METHODS, QuantizeError, QuantizeOptions
+from .options import METHODS, SCALAR_METHODS, QuantizeError, QuantizeOptions, check_device
 from .report import summarize, summarize_scalar
 from .scalar import DenseExperts, quantize_moe_block_scalar
 from .shards import CheckpointError, ShardReader
@@ -154,27 +154,6 @@ def _read_progress(partial: Path, strict: bool = True) -> dict | None:
             raise
         return None
     return state
-
-
-def check_device(spec: str | None) -> torch.device:
-    """The device to compute on (``None``: CUDA if there is one), or an error naming ``--device``."""
-    if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, TypeError, ValueError):
-        raise QuantizeError(f"--device {spec!r} is not a device name: use cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise QuantizeError(f"--device {spec}: only cpu and cuda are supported")
-    if not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise QuantizeError(f"--device {spec}: no CUDA device is available (torch {torch.__version__} is {build}); "
-                            "use --device cpu")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise QuantizeError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
 
 
 def preflight(model_dir: str | Path, output: str | Path, opts: QuantizeOptions, overwrite: bool = False,
