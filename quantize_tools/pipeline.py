@@ -39,7 +39,7 @@ from .layerwise import run_layer, stop_before
 from .moe_layer import quantize_moe_block, ranks_for
 from .options import METHODS, SCALAR_METHODS, QuantizeError, QuantizeOptions, check_device
 from .report import summarize, summarize_scalar
-from .scalar import DenseExperts, quantize_moe_block_scalar
+from .baselines import DenseExperts, quantize_moe_block_scalar
 from .shards import CheckpointError, ShardReader
 
 __all__ = ["QuantizeOptions", "quantize", "QuantizeError", "preflight", "check_output", "check_device"]

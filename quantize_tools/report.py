@@ -63,7 +63,7 @@ def _routed_counts(layers: list[dict]) -> dict:
 
 def summarize_scalar(opts, cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model_config: dict, arch) -> dict:
     """Report of an RTN / GPTQ baseline: bits counted as packed ints plus each group's fp16 scale and zero."""
-    from .scalar import scalar_bits_per_weight
+    from .baselines import scalar_bits_per_weight
 
     n = arch.num_experts(model_config)
     hidden = model_config["hidden_size"]

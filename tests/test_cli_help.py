@@ -86,7 +86,7 @@ def test_serve_wants_the_checkpoint_first():
 # -- kbvq-eval ---------------------------------------------------------------------------------
 
 def test_eval_help_shows_defaults_once_and_no_markup():
-    r, _ = _run("quantize_tools.evaluate", ["--help"])
+    r, _ = _run("quantize_tools.eval.evaluate", ["--help"])
     assert r.returncode == 0, r.stderr
     out = " ".join(r.stdout.split())  # argparse wraps lines anywhere
     assert re.search(r"--seqlen SEQLEN .*?\(default: 2048\)", out)
@@ -100,7 +100,7 @@ def test_eval_help_shows_defaults_once_and_no_markup():
 
 
 def test_eval_missing_model_directory_is_one_line():
-    r, _ = _run("quantize_tools.evaluate", ["--model", "/nonexistent", "--tasks", "wikipedia"])
+    r, _ = _run("quantize_tools.eval.evaluate", ["--model", "/nonexistent", "--tasks", "wikipedia"])
     line = _one_error_line(r, "kbvq-eval")
     assert "/nonexistent" in line
 
@@ -112,5 +112,5 @@ def test_eval_missing_model_directory_is_one_line():
     (["--model", "/nonexistent", "--tasks", " , "], "--tasks"),
 ])
 def test_eval_bad_options_are_one_line(args, words):
-    r, _ = _run("quantize_tools.evaluate", args)
+    r, _ = _run("quantize_tools.eval.evaluate", args)
     assert words in _one_error_line(r, "kbvq-eval")

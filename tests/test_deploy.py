@@ -190,7 +190,7 @@ def test_demo_on_a_busy_port_stops_before_doing_anything(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "quantize_tools.demo", "--out", str(tmp_path / "out"),
+        r = subprocess.run([sys.executable, "-m", "quantize_tools.testbed.demo", "--out", str(tmp_path / "out"),
                             "--port", str(port)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert f"port {port} on 127.0.0.1 is already in use" in r.stderr and "--port" in r.stderr
@@ -198,7 +198,7 @@ def test_demo_on_a_busy_port_stops_before_doing_anything(tmp_path):
 
 
 def test_server_process_refuses_a_busy_port(tmp_path):
-    from vllm_kbvq.server_process import ServerError, ServerProcess
+    from quantize_tools.testbed.server import ServerError, ServerProcess
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

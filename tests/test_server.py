@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from test_vllm import assert_matches_reference
-from vllm_kbvq.server_process import post_json as _post
+from quantize_tools.testbed.server import post_json as _post
 
 pytest.importorskip("vllm")
 
@@ -20,7 +20,8 @@ SERVED_NAME = "testbed-kbvq2"
 
 @pytest.fixture(scope="session")
 def testbed_kbvq2(tmp_path_factory):
-    from quantize_tools import cli, testbed
+    from quantize_tools import cli
+    from quantize_tools.testbed import build as testbed
 
     d = tmp_path_factory.mktemp("testbed")
     testbed.build_testbed("qwen2_moe", 8, d / "fp", overwrite=True)
@@ -31,7 +32,7 @@ def testbed_kbvq2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(testbed_kbvq2, tmp_path_factory):
-    from vllm_kbvq.server_process import ServerProcess, free_port
+    from quantize_tools.testbed.server import ServerProcess, free_port
 
     srv = ServerProcess(testbed_kbvq2, tmp_path_factory.mktemp("server") / "server.log", port=free_port(),
                         args=("--dtype", "float32", "--max-model-len", "1024", "--served-model-name", SERVED_NAME),
@@ -99,7 +100,7 @@ def test_concurrent_burst_equals_sequential(server):
 def test_eval_through_the_server_matches_the_reference_runtime(server, testbed_kbvq2):
     """kbvq-eval --server (vLLM's completions endpoint, lm-eval's API client) scores what the in-process runtime scores."""
     pytest.importorskip("lm_eval")
-    from quantize_tools import evaluate as ev
+    from quantize_tools.eval import evaluate as ev
 
     tasks = ["wikipedia", "arc_easy", "winogrande"]
     kw = dict(seqlen=128, ppl_windows=2, limit=6, log_samples=True, progress=False)

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantize_tools import testbed as tb
+from quantize_tools.testbed import build as tb
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
 
-HERE = Path(__file__).parent
+HELPERS = Path(__file__).parent / "helpers"
 TEXTS = ["The capital of France is", "In 1066, William the Conqueror crossed the channel and",
          "Photosynthesis converts light energy into", "def fibonacci(n):\n    if n < 2:"]
 BF16_U = 2.0 ** -8  # bfloat16 unit roundoff
@@ -54,7 +54,7 @@ def hf(sparse_fp):
 
 def _vllm_router(model_dir, prompts, dtype, tmp_path) -> list[dict]:
     out = tmp_path / f"router-{dtype}.pt"
-    proc = subprocess.run([sys.executable, str(HERE / "vllm_router_logits.py"), str(model_dir), str(out),
+    proc = subprocess.run([sys.executable, str(HELPERS / "vllm_router_logits.py"), str(model_dir), str(out),
                            "--prompts", json.dumps(prompts), "--dtype", dtype],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -128,7 +128,7 @@ def test_vllm_serves_the_2bit_sparse_testbed_with_the_reference_greedy_tokens(sp
     from test_vllm import assert_matches_reference
 
     from quantize_tools import cli
-    from vllm_kbvq.server_process import ServerProcess, free_port
+    from quantize_tools.testbed.server import ServerProcess, free_port
 
     q2 = tmp_path / "q2"
     assert cli.main(["--model", str(sparse_fp), "--output", str(q2), "--bits", "2", "--nsamples", "8",

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from quantize_tools import testbed as tb
+from quantize_tools.testbed import build as tb
 
 transformers = pytest.importorskip("transformers")
 

@@ -14,7 +14,7 @@ def test_triton_kernels_against_torch_reference():
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    cases = Path(__file__).with_name("triton_kernel_cases.py")
+    cases = Path(__file__).parent / "helpers" / "triton_kernel_cases.py"
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", str(cases)],
                        env=env, capture_output=True, text=True, timeout=1500, cwd=cases.parent.parent)
     print(r.stdout[-3000:])

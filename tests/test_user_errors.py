@@ -186,7 +186,7 @@ def test_truncated_input_model_is_named(model, tmp_path, capsys):
 
 
 def test_demo_settings_resume_an_interrupted_run_and_reuse_a_finished_one(tmp_path):
-    from quantize_tools import demo
+    from quantize_tools.testbed import demo
 
     model_dir = six_layer_model(tmp_path / "m")
     calib = tmp_path / "calib.txt"

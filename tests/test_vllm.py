@@ -13,7 +13,7 @@ from vllm_kbvq.reference import load_kbvq_model
 
 pytest.importorskip("vllm")
 
-HERE = Path(__file__).parent
+HELPERS = Path(__file__).parent / "helpers"
 # float32 end to end; measured differences are ~5e-7 (different summation order in vLLM's
 # attention and norms), so this bound leaves room without hiding a wrong tensor (those give >1e-2).
 LOGPROB_ATOL = 1e-4
@@ -22,7 +22,7 @@ PROMPTS = [[5, 17, 42, 99, 7], [250, 3, 3, 3], [77, 120, 64, 31, 200, 11, 9]]
 
 def vllm_generate(model: Path, prompts, tmp_path: Path, max_tokens=8, eager=False) -> list[dict]:
     out = tmp_path / "vllm.json"
-    cmd = [sys.executable, str(HERE / "vllm_generate.py"), str(model), str(out), "--prompts", json.dumps(prompts),
+    cmd = [sys.executable, str(HELPERS / "vllm_generate.py"), str(model), str(out), "--prompts", json.dumps(prompts),
            "--max-tokens", str(max_tokens)] + (["--eager"] if eager else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

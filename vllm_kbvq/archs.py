@@ -7,12 +7,28 @@ architecture. Checkpoint names are those of the Hugging Face safetensors files
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-__all__ = ["ArchSpec", "ARCHS", "arch_for_config", "config_value", "WEIGHT_TYPES", "UnsupportedArchitectureError"]
+__all__ = ["ArchSpec", "ARCHS", "arch_for_config", "config_value", "WEIGHT_TYPES", "UnsupportedArchitectureError",
+           "layer_prefix", "layer_index"]
 
 # Canonical weight types; each arch maps them to its own projection names.
 WEIGHT_TYPES = ("gate", "up", "down")
+# Decoder layer ``i``'s tensors (checkpoint) and modules (transformers, vLLM) sit under this prefix.
+LAYER_PREFIX = "model.layers.{layer}"
+_LAYER_IN_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_prefix(layer: int) -> str:
+    """``model.layers.{layer}.``: the prefix of a decoder layer's tensor and module names."""
+    return LAYER_PREFIX.format(layer=layer) + "."
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a tensor or module name belongs to (None outside the layers)."""
+    m = _LAYER_IN_NAME.search(name)
+    return int(m.group(1)) if m else None
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -39,6 +55,8 @@ class ArchSpec:
     shared_attr: str | None = None  # MoE block -> shared expert MLP
     # checkpoint-name fragment -> in-memory fragment, for non-expert tensors
     ckpt_renames: tuple[tuple[str, str], ...] = ()
+    # vLLM's fused linears of a shared expert: module name -> the weight types it holds
+    shared_fused: dict[str, tuple[str, ...]] = field(default_factory=lambda: {"gate_up_proj": ("gate", "up")})
 
     def expert_tensor(self, layer: int, expert: int, wtype: str, suffix: str = "weight") -> str:
         base = self.expert_prefix.format(layer=layer, expert=expert)
@@ -48,6 +66,19 @@ class ArchSpec:
         if self.shared_prefix is None:
             raise ValueError(f"{self.name} has no shared experts")
         return f"{self.shared_prefix.format(layer=layer)}.{self.shared_proj_names[wtype]}.{suffix}"
+
+    def shared_linear_types(self, module_prefix: str, layer: int) -> tuple[str, ...] | None:
+        """Weight types a shared-expert linear module of ``layer`` holds (two when vLLM fuses them), else None."""
+        if self.shared_prefix is None:
+            return None
+        base = self.shared_prefix.format(layer=layer) + "."
+        if not module_prefix.startswith(base):
+            return None
+        name = module_prefix[len(base):]
+        if name in self.shared_fused:
+            return self.shared_fused[name]
+        by_name = {v: k for k, v in self.shared_proj_names.items()}
+        return (by_name[name],) if name in by_name else None
 
     def num_experts(self, config) -> int:
         return int(config_value(config, self.num_experts_attr))

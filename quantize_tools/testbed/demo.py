@@ -16,31 +16,26 @@ import sys
 import time
 from pathlib import Path
 
+from ..argtypes import tcp_port
+
 MiB = 2**20
 
 
-def _positive_port(s: str) -> int:
-    v = int(s)
-    if not 0 < v < 65536:
-        raise argparse.ArgumentTypeError(f"{s} is not a TCP port")
-    return v
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m quantize_tools.demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m quantize_tools.testbed.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("out"), help="working directory (default: out)")
     p.add_argument("--bits", type=int, choices=(2, 3, 4), default=2, help="bits per weight (default: 2)")
-    p.add_argument("--port", type=_positive_port, default=8000, help="loopback port for the server (default: 8000)")
+    p.add_argument("--port", type=tcp_port, default=8000, help="loopback port for the server (default: 8000)")
     p.add_argument("--question", default="What is the capital of France?", help="the chat message sent")
     p.add_argument("--perplexity", type=int, default=0, metavar="N",
                    help="also score N held-out windows of 512 tokens (default: 0, skip)")
     args = p.parse_args(argv)
-    from .threads import configure_openmp
+    from ..threads import configure_openmp
 
     configure_openmp()  # before torch loads: the quantizer's OpenMP workers must not spin on a busy machine
 
-    from vllm_kbvq.server_process import ServerError, ServerProcess, post_json, require_free_port
+    from .server import ServerError, ServerProcess, post_json, require_free_port
 
     try:  # before minutes of building: ServerProcess checks again when it starts
         require_free_port("127.0.0.1", args.port)
@@ -48,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: error: {e} (--port N)", file=sys.stderr)
         return 2
 
-    from . import cli, testbed
+    from .. import cli
+    from . import build
 
     base = args.out / "testbed-qwen2_moe-e8"
     qdir = args.out / f"testbed-qwen2_moe-e8-kbvq{args.bits}"
@@ -113,8 +109,8 @@ def _print_perplexity(base: Path, qdir: Path, n: int) -> None:
 
     from vllm_kbvq.reference import load_kbvq_model
 
-    from .corpus import HELDOUT_CORPUS, heldout_texts
-    from .perplexity import perplexity, text_windows
+    from ..corpus import HELDOUT_CORPUS, heldout_texts
+    from ..eval.perplexity import perplexity, text_windows
 
     windows = text_windows(AutoTokenizer.from_pretrained(base), heldout_texts(), 512, n)
     print(f"perplexity on {windows.shape[0]} x 512 tokens of {HELDOUT_CORPUS}:")

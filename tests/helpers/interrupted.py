@@ -10,7 +10,7 @@ import torch
 
 from tiny_models import tiny_config, tiny_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def six_layer_model(path: Path) -> Path:

@@ -1,41 +1,29 @@
-"""vLLM quantization config ``kbvq`` and its methods for routed experts and shared-expert linears.
+"""vLLM methods of ``kbvq``: routed experts (:class:`KBVQMoEMethod`) and shared-expert linears.
 
-The lifecycle is vLLM's (see its ``moe_wna16.py``): ``from_config`` reads
-``quantization_config``; ``maybe_update_config`` validates the checkpoint's
-tensors before any layer is built; ``create_weights`` registers parameters in
-the runtime layout of :mod:`.layout` with loaders that unpack and slice the
-checkpoint tensors; ``apply`` calls the ``kbvq`` custom ops of :mod:`.ops`.
-Attention, router, embeddings and unlisted layers stay unquantized.
+The lifecycle is vLLM's (see its ``moe_wna16.py``): ``create_weights`` registers parameters in
+the runtime layout of :mod:`.layout` with loaders that unpack and slice the checkpoint tensors;
+``apply`` calls the ``torch.ops.kbvq`` custom ops of :mod:`vllm_kbvq.kernels.dispatch`.
 
-Import only inside a process that has vLLM; :mod:`.plugin` registers this.
+Import only inside a process that has vLLM.
 """
 from __future__ import annotations
 
 import logging
-import re
 from functools import partial
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, RoutedExperts
+from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG
-from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
-from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
-from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.linear import LinearMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
-from . import ops  # noqa: F401  (registers torch.ops.kbvq.*)
-from .archs import ARCHS
-from .format import QUANT_METHOD, SUFFIXES, FormatError, KBVQConfig, validate_checkpoint
+from ..format import SUFFIXES, FormatError
+from ..kernels import dispatch  # noqa: F401  (registers torch.ops.kbvq.*)
 from .layout import GroupLayout, load_tensor, moe_layouts, shared_layout
 
-__all__ = ["KBVQQuantConfig", "KBVQMoEMethod", "KBVQLinearMethod"]
+__all__ = ["KBVQMoEMethod", "KBVQLinearMethod"]
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-# vLLM fuses a shared expert's gate and up projections into one column-parallel linear.
-_FUSED_LINEARS = {"gate_up_proj": ("gate", "up")}
 _SHARD_OF_EXPERT_ID = {"w1": 0, "w3": 1, "w2": 0}
 
 
@@ -49,74 +37,6 @@ class _UnpackedCodesNote(logging.Filter):
 
 
 logging.getLogger("vllm.model_executor.models.utils").addFilter(_UnpackedCodesNote())
-
-
-def _layer_index(prefix: str) -> int | None:
-    m = _LAYER.search(prefix)
-    return int(m.group(1)) if m else None
-
-
-class KBVQQuantConfig(QuantizationConfig):
-    """``quantization_config`` of a KBVQ checkpoint, as vLLM sees it."""
-
-    def __init__(self, cfg: KBVQConfig):
-        super().__init__()
-        self.kbvq = cfg
-        self.arch = ARCHS[cfg.arch]
-        self.layers = frozenset(cfg.layers)
-
-    def __repr__(self) -> str:
-        return f"KBVQQuantConfig(bits={self.kbvq.bits}, vector_dim={self.kbvq.vector_dim}, arch={self.kbvq.arch})"
-
-    @classmethod
-    def get_name(cls) -> str:
-        return QUANT_METHOD
-
-    @classmethod
-    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
-        return [torch.bfloat16, torch.float16, torch.float32]
-
-    @classmethod
-    def get_min_capability(cls) -> int:
-        return 70
-
-    @staticmethod
-    def get_config_filenames() -> list[str]:
-        return []
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "KBVQQuantConfig":
-        return cls(KBVQConfig.from_dict(config))
-
-    def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None):
-        # Check every tensor's presence, shape and dtype now, with names, rather than
-        # failing (or silently skipping) later inside a loader or a kernel.
-        if Path(model_name).is_dir():
-            validate_checkpoint(model_name)
-
-    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
-        index = _layer_index(prefix)
-        quantized = index is not None and index in self.layers
-        if isinstance(layer, RoutedExperts):
-            return KBVQMoEMethod(self, layer.moe_config, index) if quantized else (
-                UnquantizedFusedMoEMethod(layer.moe_config))
-        if isinstance(layer, LinearBase):
-            wtypes = self._shared_linear_types(prefix, index) if quantized else None
-            return KBVQLinearMethod(self, wtypes, index) if wtypes else UnquantizedLinearMethod()
-        return None
-
-    def _shared_linear_types(self, prefix: str, index: int) -> tuple[str, ...] | None:
-        """Weight types a shared-expert linear holds (``("gate", "up")`` when fused), else None."""
-        if not self.kbvq.shared_intermediate_size or self.arch.shared_prefix is None:
-            return None
-        base = self.arch.shared_prefix.format(layer=index) + "."
-        if not prefix.startswith(base):
-            return None
-        name = prefix[len(base):]
-        if name in _FUSED_LINEARS:
-            return _FUSED_LINEARS[name]
-        by_name = {v: k for k, v in self.arch.shared_proj_names.items()}
-        return (by_name[name],) if name in by_name else None
 
 
 def _register(layer: torch.nn.Module, name: str, shape, dtype, loader) -> None:

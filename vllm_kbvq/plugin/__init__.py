@@ -1,4 +1,6 @@
-"""vLLM entry point (``vllm.general_plugins``): registers the ``kbvq`` quantization method.
+"""The vLLM plugin. Entry point (``vllm.general_plugins``): :func:`register`, which registers the
+``kbvq`` quantization config (:mod:`.config`; its methods in :mod:`.methods`, the runtime layout
+of the tensors in :mod:`.layout`).
 
 vLLM calls :func:`register` in every process it starts (API server, engine core,
 workers). vLLM's MoE interface changes between minor releases, so the plugin
@@ -31,7 +33,7 @@ def register() -> None:
     from vllm.model_executor.layers.quantization import register_quantization_config
 
     check_vllm_version(vllm.__version__)
-    from .format import QUANT_METHOD
-    from .quant_method import KBVQQuantConfig
+    from ..format import QUANT_METHOD
+    from .config import KBVQQuantConfig
 
     register_quantization_config(QUANT_METHOD)(KBVQQuantConfig)

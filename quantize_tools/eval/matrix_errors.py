@@ -1,6 +1,6 @@
 """Why the scalar baselines move between the two testbeds: each expert matrix quantized alone, on FP inputs.
 
-    python -m quantize_tools.matrix_errors   # writes docs/results/matrix_errors.json, rendered by quantize_tools.results
+    python -m quantize_tools.eval.matrix_errors   # writes docs/results/matrix_errors.json, rendered by quantize_tools.eval.results
 
 On the results page (``docs/results.md``, "What differs between the testbeds") RTN and GPTQ
 g128 sit much closer to plain VQ on the sparse testbed than on the all-experts one, while the
@@ -16,7 +16,7 @@ type: the relative output error ``|X (Q - W)^T|^2 / |X W^T|^2`` of RTN g128, GPT
 plain VQ (k-means codebook per matrix, as the plain-VQ cells), the relative weight error, and
 how concentrated each expert's calibration second moment is (share of its trace in the top
 1/32 of its eigen-directions), which is what GPTQ's error feedback exploits. The testbeds are
-the ones ``python -m quantize_tools.results`` builds (``--all-experts``, ``--sparse``).
+the ones ``python -m quantize_tools.eval.results`` builds (``--all-experts``, ``--sparse``).
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def capture(model_dir: Path, token_sets: list[torch.Tensor], layers: list[int], 
 
     from vllm_kbvq.archs import arch_for_config
 
-    from .layerwise import record_inputs
-    from .pipeline import EXPERTS_INPUTS
+    from ..layerwise import record_inputs
+    from ..pipeline import EXPERTS_INPUTS
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     arch = arch_for_config(model.config)
@@ -61,8 +61,8 @@ def concentration(h: torch.Tensor) -> float:
 
 def matrix_errors(w: torch.Tensor, x: torch.Tensor, x_test: torch.Tensor, bits: int, vector_dim: int, group: int,
                   damp: float, seed: int) -> dict[str, float]:
-    from .gptq import gptq_quantize, rtn_quantize, second_moment
-    from .vq import vq_dequantize, vq_quantize
+    from ..gptq import gptq_quantize, rtn_quantize, second_moment
+    from ..vq import vq_dequantize, vq_quantize
 
     h = second_moment(x.split(8192), x.shape[1], "cpu")
     codes, codebook = vq_quantize(w[None], bits, vector_dim, seed=seed)
@@ -80,8 +80,8 @@ def matrix_errors(w: torch.Tensor, x: torch.Tensor, x_test: torch.Tensor, bits: 
 def testbed_errors(label: str, model_dir: Path, tokens, test_tokens, layers, args) -> dict:
     from transformers.activations import ACT2FN
 
-    from .moe_layer import LayerOptions, group_seed
-    from .shards import ShardReader
+    from ..moe_layer import LayerOptions, group_seed
+    from ..shards import ShardReader
 
     config, arch, (inputs, test_inputs) = capture(model_dir, [tokens, test_tokens], layers, args.batch)
     act = ACT2FN[config.hidden_act]
@@ -122,11 +122,11 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    from .moe_layer import LayerOptions
-    from .pipeline import QuantizeOptions
-    from .results import CALIB_SAMPLES, CALIB_SEQLEN
+    from ..moe_layer import LayerOptions
+    from ..pipeline import QuantizeOptions
+    from .protocol import CALIB_SAMPLES, CALIB_SEQLEN
 
-    p = argparse.ArgumentParser(prog="python -m quantize_tools.matrix_errors", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m quantize_tools.eval.matrix_errors", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--all-experts", type=Path, default=Path("out/results/testbed"))
     p.add_argument("--sparse", type=Path, default=Path("out/results/sparse/testbed"))
@@ -140,10 +140,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output", type=Path, default=Path("docs/results/matrix_errors.json"),
-                   help="JSON record, rendered into docs/results.md by python -m quantize_tools.results "
+                   help="JSON record, rendered into docs/results.md by python -m quantize_tools.eval.results "
                         "(default: %(default)s)")
     args = p.parse_args(argv)
-    from .shards import CheckpointError, ShardReader
+    from ..shards import CheckpointError, ShardReader
 
     try:
         layers = [int(v) for v in args.layers.split(",")]
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
         try:
             ShardReader(model_dir)
         except CheckpointError as e:
-            p.error(f"{flag}: {e} (python -m quantize_tools.results builds both testbeds)")
+            p.error(f"{flag}: {e} (python -m quantize_tools.eval.results builds both testbeds)")
         n_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
         if not all(0 <= i < n_layers for i in layers):
             p.error(f"--layers: {model_dir} has layers 0-{n_layers - 1}, got {args.layers}")
@@ -162,9 +162,9 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from .calibration import calibration_tokens, token_windows
-    from .corpus import CALIBRATION_CORPUS, HELDOUT_CORPUS, calibration_texts, heldout_texts
-    from .files import write_json_atomic
+    from ..calibration import calibration_tokens, token_windows
+    from ..corpus import CALIBRATION_CORPUS, HELDOUT_CORPUS, calibration_texts, heldout_texts
+    from ..files import write_json_atomic
 
     t0 = time.time()
     result = {"bits": args.bits, "vector_dim": args.vector_dim, "group_size": args.group_size,
@@ -197,7 +197,7 @@ def table(rec: dict) -> list[str]:
              f"inputs for {rec['test_windows']} windows of held-out text: mean relative output error "
              "|X(Q − W)ᵀ|² / |XWᵀ|², the ratios of those means, plain VQ's weight error over RTN's, and the share "
              "of the input second moment's trace in its top 1/32 eigen-directions (`python -m "
-             "quantize_tools.matrix_errors`).", "",
+             "quantize_tools.eval.matrix_errors`).", "",
              "| testbed | matrices | " + " | ".join(c[1] for c in _COLUMNS) + " |", "|" + "---|" * (2 + len(_COLUMNS))]
     for label, tb in rec["testbeds"].items():
         for key, m in tb["summary"].items():

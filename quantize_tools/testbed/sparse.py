@@ -1,6 +1,6 @@
 """Sparse routing for the SmolLM2 testbed: each token visits k of E experts, as in a real MoE.
 
-The exact testbed (``testbed.py``) sends every token to every expert, which keeps it equal to
+The exact testbed (:mod:`.build`) sends every token to every expert, which keeps it equal to
 dense SmolLM2 but hides what BCOS and the routed-token statistics depend on. Here, layer by
 layer on calibration text (the sparse model's own hidden states, so later layers see what
 the earlier sparse layers produce):
@@ -24,7 +24,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from .layerwise import run_layer, stop_before
+from ..layerwise import run_layer, stop_before
 
 # Router logits this small give top-k weights within ~1 % of equal; only their ranking matters.
 ROUTER_LOGIT_STD = 0.02
@@ -167,20 +167,16 @@ def _out(o):
     return o[0] if isinstance(o, tuple) else o
 
 
-def router_calibration(tokenizer=None) -> torch.Tensor:
+def router_calibration(tokenizer) -> torch.Tensor:
     """The windows the experts and router are fitted on: calibration text, never evaluation text."""
-    from .calibration import calibration_tokens
-    from .corpus import calibration_texts
+    from ..calibration import calibration_tokens
+    from ..corpus import calibration_texts
 
-    if tokenizer is None:
-        from .testbed import load_dense_model
-
-        tokenizer = load_dense_model()[1]
     return calibration_tokens(tokenizer, calibration_texts(), ROUTER_SAMPLES, ROUTER_SEQLEN, seed=ROUTER_SEED)
 
 
 def provenance(tokens: torch.Tensor, top_k: int, fits: list[LayerFit]) -> dict:
-    from .corpus import CALIBRATION_CORPUS
+    from ..corpus import CALIBRATION_CORPUS
 
     return {
         "expert_split": "balanced k-means of the routed neurons on their co-activation over calibration text",
@@ -197,133 +193,3 @@ def routed_token_summary(fits: list[LayerFit]) -> dict:
     counts = sorted(c for f in fits for c in f.tokens_per_expert)
     return {"min": counts[0], "median": counts[len(counts) // 2], "max": counts[-1],
             "mean_ffn_rel_err": sum(f.rel_err for f in fits) / len(fits)}
-
-
-
-
-# ---- choosing the default: FP perplexity of a few (E, k) against the dense model ----------------
-
-SCREEN_SETTINGS = ((16, 2, None), (16, 4, None), (16, 8, None), (16, 12, None))  # (E, k, shared or default)
-WITHIN = 0.15  # the default is the sparsest setting whose FP perplexity is within 15 % of dense
-
-
-def active_fraction(experts: int, top_k: int, shared: int) -> float:
-    """Share of the dense FFN's neurons a token uses: the shared expert plus k of E routed groups."""
-    from .testbed import DENSE_INTERMEDIATE
-
-    return (shared + top_k * (DENSE_INTERMEDIATE - shared) / experts) / DENSE_INTERMEDIATE
-
-
-def screen(settings=SCREEN_SETTINGS, windows: int | None = None, progress: bool = True) -> dict:
-    """Build each (E, k) Qwen2-MoE testbed in memory and score it like the FP row of the tables
-    (their Wikipedia windows; ``windows`` fewer for a quick look)."""
-    import time
-
-    from tqdm.auto import tqdm
-
-    from . import corpus
-    from .perplexity import perplexity, text_windows
-    from .results import PPL_SEQLEN, PPL_WINDOWS
-    from .testbed import build_moe_model, expert_plan, load_dense_model
-
-    dense, tok = load_dense_model()
-    tokens = router_calibration(tok)
-    win = text_windows(tok, corpus.heldout_texts(), PPL_SEQLEN, windows or PPL_WINDOWS)
-    dense_ppl = perplexity(dense, win, 4, progress=False)
-    rows = []
-    for experts, top_k, shared in tqdm(settings, desc="sparse settings", disable=not progress):
-        shared = expert_plan("qwen2_moe", experts, shared).shared_size
-        t0 = time.time()
-        model = build_moe_model("qwen2_moe", experts, dense, shared_size=shared, top_k=top_k, router_tokens=tokens)
-        built = time.time() - t0
-        ppl = perplexity(model, win, 4, progress=False)
-        rows.append({"experts": experts, "top_k": top_k, "shared": shared,
-                     "active_fraction": active_fraction(experts, top_k, shared), "perplexity": ppl,
-                     "vs_dense": ppl / dense_ppl - 1, "build_seconds": round(built, 1),
-                     **model.config.testbed["routed_tokens_per_expert"]})
-        del model
-    ok = [r for r in rows if r["vs_dense"] <= WITHIN]
-    best = min(ok, key=lambda r: r["active_fraction"]) if ok else None
-    return {"dense_perplexity": dense_ppl,
-            "evaluation": f"{corpus.HELDOUT_CORPUS}: {win.shape[0]} windows of {PPL_SEQLEN} tokens",
-            "router_calibration": f"{corpus.CALIBRATION_CORPUS}: {tokens.shape[0]} x {tokens.shape[1]} tokens",
-            "within": WITHIN, "settings": rows,
-            "sparsest_within": None if best is None else [best["experts"], best["top_k"]]}
-
-
-PRECISION_NOTE = (
-    "Routing in bfloat16: the router is stored rounded to bfloat16, so fp32 and bf16 runs start from the same "
-    "router. On the same hidden states, vLLM's bf16 router picks the fp32 router's experts except where the k-th "
-    "and (k+1)-th logits are within bf16 rounding of each other (1198 of 1200 (layer, token) choices on the "
-    "four test prompts of `tests/test_sparse_vllm.py`, which prints the count). A bf16 run end to end is not "
-    "an fp32 run: one tie broken the other way swaps an expert, moves that token's hidden state, and later "
-    "layers route it differently (787 of 1200 choices equal to transformers' fp32 run). A router fitted in "
-    "closed form has no margin to give ties, so the tables are scored in fp32 and the bf16 check is on equal "
-    "inputs."
-)
-
-
-def screen_table(rec: dict) -> list[str]:
-    """Markdown for the page: one row per setting."""
-    lines = [f"Dense SmolLM2-135M: Wikipedia perplexity {rec['dense_perplexity']:.2f} ({rec['evaluation']}). "
-             f"Routers and experts fitted on {rec['router_calibration']}; routed tokens per expert are counted "
-             "on those tokens over all layers (each token counts once per expert it visits).", "",
-             "| experts | top-k | shared neurons | FFN neurons a token uses | FP perplexity | vs dense | "
-             "mean FFN rel. error | routed tokens per expert (min / median / max) | build s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rec["settings"]:
-        lines.append(f"| {r['experts']} | {r['top_k']} | {r['shared']} | {100 * r['active_fraction']:.0f} % | "
-                     f"{r['perplexity']:.2f} | {100 * r['vs_dense']:+.0f} % | {r['mean_ffn_rel_err']:.3f} | "
-                     f"{r['min']} / {r['median']} / {r['max']} | {r['build_seconds']:.0f} |")
-    best = rec["sparsest_within"]
-    lines += ["", f"Sparsest setting within {100 * rec['within']:.0f} % of dense: "
-              + (f"{best[0]} experts, top-{best[1]}." if best else "none of these.")]
-    from .testbed import SPARSE_CHOICE
-
-    return lines + ["", SPARSE_CHOICE, "", PRECISION_NOTE]
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    from pathlib import Path
-
-    from .files import write_json_atomic
-    from .results import PPL_WINDOWS
-
-    p = argparse.ArgumentParser(prog="python -m quantize_tools.sparse_testbed",
-                                description="Screen sparse testbed settings: FP perplexity of each (E, k) "
-                                            "against dense SmolLM2, routed-token counts; writes JSON.")
-    p.add_argument("--settings", default=",".join(f"{e}:{k}" + (f":{s}" if s else "") for e, k, s in SCREEN_SETTINGS),
-                   help="comma-separated EXPERTS:TOP_K or EXPERTS:TOP_K:SHARED_NEURONS (default: %(default)s)")
-    p.add_argument("--windows", type=int, default=None,
-                   help="Wikipedia windows to score (default: the results tables' %d)" % PPL_WINDOWS)
-    p.add_argument("--output", type=Path, default=Path("docs/results/sparse/routing.json"),
-                   help="JSON record, rendered into docs/results.md by python -m quantize_tools.results "
-                        "(default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    a = p.parse_args(argv)
-    from .testbed import TestbedError, expert_plan
-
-    try:
-        settings = [tuple(int(v) for v in s.split(":")) for s in a.settings.split(",")]
-        if any(len(s) not in (2, 3) for s in settings):
-            raise ValueError
-        settings = [(s[0], s[1], s[2] if len(s) == 3 else None) for s in settings]
-        for e, k, sh in settings:
-            expert_plan("qwen2_moe", e, sh)
-            if not 1 <= k < e:
-                raise TestbedError(f"top-k {k} must be between 1 and {e - 1} for {e} experts")
-    except TestbedError as exc:
-        p.error(f"--settings: {exc}")
-    except ValueError:
-        p.error(f"--settings: expected EXPERTS:TOP_K[:SHARED] like 16:4,16:8:768, got {a.settings!r}")
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    rec = screen(settings, a.windows)
-    write_json_atomic(a.output, rec)
-    print("\n".join(screen_table(rec)))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -19,8 +19,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from .cli import HelpFormatter, _positive
-from .files import write_json_atomic
+from ..argtypes import HelpFormatter, positive_int
+from ..files import write_json_atomic
 
 __all__ = ["PERPLEXITY_SETS", "ZERO_SHOT", "EvalError", "Target", "evaluate", "main"]
 
@@ -33,7 +33,7 @@ class EvalError(ValueError):
 
 
 def _corpus(name: str) -> tuple[list[str], str]:
-    from . import corpus
+    from .. import corpus
 
     texts, label = {"wikipedia": (corpus.heldout_texts, corpus.HELDOUT_CORPUS),
                     "lambada_text": (corpus.lambada_texts, corpus.LAMBADA_CORPUS)}[name]
@@ -233,16 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=",".join(PERPLEXITY_SETS + ZERO_SHOT),
                    help=f"comma-separated; perplexity sets: {', '.join(PERPLEXITY_SETS)}; zero-shot: "
                         f"{', '.join(ZERO_SHOT)} (default: all)")
-    p.add_argument("--seqlen", type=_positive, default=2048, help="perplexity window length in tokens")
-    p.add_argument("--ppl-windows", type=_positive, default=None,
+    p.add_argument("--seqlen", type=positive_int, default=2048, help="perplexity window length in tokens")
+    p.add_argument("--ppl-windows", type=positive_int, default=None,
                    help="score only the first N windows of each text (default: all)")
-    p.add_argument("--limit", type=_positive, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="score only the first N documents of each zero-shot task (default: all)")
-    p.add_argument("--batch-size", type=_positive, default=8,
+    p.add_argument("--batch-size", type=positive_int, default=8,
                    help="sequences per forward (concurrent requests with --server)")
     p.add_argument("--device", default=None,
                    help="torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--log-samples", action="store_true", help="keep per-document log-likelihoods in the JSON")
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _device(spec: str | None) -> str:
     """The device to run on, or an EvalError naming --device (the quantizer's check)."""
-    from .options import QuantizeError, check_device
+    from ..options import QuantizeError, check_device
 
     try:
         return str(check_device(spec))
@@ -271,12 +271,12 @@ def _target(args, device: str) -> Target:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .threads import configure_openmp
+    from ..threads import configure_openmp
 
     configure_openmp()  # before torch loads: evaluation shares the machine's cores too
     import torch
 
-    from .corpus import CorpusUnavailableError
+    from ..corpus import CorpusUnavailableError
     from .zeroshot import LmEvalUnavailableError
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

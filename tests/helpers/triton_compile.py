@@ -11,7 +11,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vllm_kbvq import triton_moe as m
+from vllm_kbvq.kernels import triton_moe as m
 
 # integer arguments the launcher passes as multiples of 16 on real shapes (as a launch would specialise)
 ALIGNED = {"stride_ie", "stride_ir", "stride_x", "stride_out", "n_in", "n_cols", "n_out", "rows_per_shard",

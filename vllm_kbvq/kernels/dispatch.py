@@ -1,0 +1,96 @@
+"""The ``torch.ops.kbvq`` custom ops and the one place that decides which implementation runs.
+
+``torch.ops.kbvq.moe`` and ``torch.ops.kbvq.linear`` are what the vLLM methods call: custom ops,
+so torch.compile treats them as opaque and a CUDA graph sees one call. Each call asks
+:func:`select` for an implementation from the op, the input's device and its shape (token-expert
+pairs per local expert), as AQLM's kernel table does; nothing else in the package chooses.
+``KBVQ_DISABLE_TRITON=1`` keeps CUDA on the torch path (for comparisons and debugging).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Callable
+
+import torch
+
+from .torch_moe import kbvq_linear_torch, kbvq_moe_torch, kbvq_moe_torch_static
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["select", "triton_block_m", "DECODE_MAX_PAIRS_PER_EXPERT", "moe", "linear"]
+
+# The Triton GEMV kernel while the average local expert gets at most this many (token, expert)
+# pairs, the grouped GEMM above. Provisional, not yet measured on a GPU:
+# benchmarks/moe_kernels.py (results in benchmarks/results/moe_kernels.json) is what should set it.
+DECODE_MAX_PAIRS_PER_EXPERT = 1
+# Grouped GEMM: pairs per block by pairs per expert. Each block decodes its expert's weights again,
+# so larger blocks amortise decoding, but padding every expert's run to the block wastes work.
+# Provisional as above (benchmarks/moe_kernels.py).
+BLOCK_M_SMALL, BLOCK_M_SMALL_UP_TO = 16, 16
+BLOCK_M_LARGE, BLOCK_M_LARGE_FROM = 128, 128
+BLOCK_M_MEDIUM = 64
+
+# op -> implementation where no kernel applies: the CPU, or CUDA without Triton
+_TORCH: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
+    "cpu": {"moe": kbvq_moe_torch, "linear": kbvq_linear_torch},
+    "cuda": {"moe": kbvq_moe_torch_static, "linear": kbvq_linear_torch},  # no host syncs
+}
+
+
+def triton_block_m(pairs: int, n_local: int) -> int | None:
+    """The Triton kernel for ``pairs`` (token, expert) pairs over ``n_local`` experts: ``None`` for the
+    GEMV, else the grouped GEMM's pairs per block."""
+    per_expert = pairs / n_local
+    if per_expert <= DECODE_MAX_PAIRS_PER_EXPERT:
+        return None
+    if per_expert <= BLOCK_M_SMALL_UP_TO:
+        return BLOCK_M_SMALL
+    return BLOCK_M_MEDIUM if per_expert < BLOCK_M_LARGE_FROM else BLOCK_M_LARGE
+
+
+@functools.cache
+def _triton():
+    """The Triton kernels module, or None when triton is missing or ``KBVQ_DISABLE_TRITON=1``."""
+    if os.environ.get("KBVQ_DISABLE_TRITON", "0") not in ("", "0"):
+        return None
+    try:
+        from . import triton_moe
+    except ImportError as e:
+        logger.warning("KBVQ: triton is not importable (%s); CUDA runs the slower torch path", e)
+        return None
+    return triton_moe
+
+
+def select(op: str, device: torch.device, pairs: int, n_local: int) -> Callable[..., torch.Tensor]:
+    """The implementation of ``op`` ("moe" or "linear") for inputs on ``device`` with ``pairs``
+    (token, expert) pairs over ``n_local`` local experts (a linear: tokens over one)."""
+    if device.type == "cuda" and (kernels := _triton()) is not None:
+        fn = kernels.kbvq_moe_triton if op == "moe" else kernels.kbvq_linear_triton
+        return functools.partial(fn, block_m=triton_block_m(pairs, n_local))
+    try:
+        return _TORCH[device.type][op]
+    except KeyError:
+        raise NotImplementedError(f"no KBVQ {op} implementation for device type {device.type!r}") from None
+
+
+def _moe(x, topk_weights, topk_ids, expert_map, *groups):
+    return select("moe", x.device, topk_ids.numel(), groups[0].shape[0])(
+        x, topk_weights, topk_ids, expert_map, *groups)
+
+
+def _linear(x, *tensors):
+    return select("linear", x.device, x.numel() // x.shape[-1], 1)(x, *tensors)
+
+
+def _custom_op(op: str, impl, signature: Callable[..., torch.Tensor]):
+    """``torch.ops.kbvq.<op>`` running ``impl``, with ``signature``'s schema (the torch implementation's)."""
+    return torch.library.custom_op(f"kbvq::{op}", impl, mutates_args=(),
+                                   schema=torch.library.infer_schema(signature, mutates_args=()))
+
+
+moe = _custom_op("moe", _moe, kbvq_moe_torch)
+moe.register_fake(lambda x, *args: torch.empty_like(x))
+linear = _custom_op("linear", _linear, kbvq_linear_torch)
+linear.register_fake(lambda x, idx, *args: x.new_empty(*x.shape[:-1], idx.shape[0]))
