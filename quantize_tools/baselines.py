@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vllm_kbvq.archs import WEIGHT_TYPES, ArchSpec
+from vllm_kbvq.format import matrix_shape
 from vllm_kbvq.reference import KBVQExperts
 
 from .gptq import gptq_quantize, rtn_quantize, second_moment
@@ -35,7 +36,7 @@ class _DenseMLP(nn.Module):
         super().__init__()
         self.names = names
         for wtype in WEIGHT_TYPES:
-            ic, oc = (inter, hidden) if wtype == "down" else (hidden, inter)
+            oc, ic = matrix_shape(wtype, hidden, inter)
             setattr(self, names[wtype], nn.Linear(ic, oc, bias=False, device=device))
 
     def proj(self, wtype: str) -> nn.Linear:
@@ -67,9 +68,9 @@ def quantize_moe_block_scalar(layer, x, topk, weights, arch: ArchSpec, n_experts
               "hessian_fallback_experts": [e for e, f in enumerate(fallback) if f] if opts.method == "gptq" else []}
     out: dict[str, torch.Tensor] = {}
     everyone = [fallback[e] or counts[e] == x.shape[0] for e in range(n_experts)]
-    groups = [("experts", [(e, arch.expert_tensor, x if everyone[e] else x[token_ids[e]]) for e in range(n_experts)])]
+    groups = [("experts", [(e, x if everyone[e] else x[token_ids[e]]) for e in range(n_experts)])]
     if shared:
-        groups.append(("shared_experts", [(0, lambda layer, e, w: arch.shared_tensor(layer, w), x)]))
+        groups.append(("shared_experts", [(0, x)]))
     err = {w: [0.0, 0.0] for w in WEIGHT_TYPES}
     h_all = []  # the second moment of all tokens, shared by every member that sees all of them
 
@@ -93,11 +94,11 @@ def quantize_moe_block_scalar(layer, x, topk, weights, arch: ArchSpec, n_experts
         return q
 
     for group, members in groups:
-        for e, name, xe in members:  # one member at a time: its three matrices and its activations
+        for e, xe in members:  # one member at a time: its three matrices and its activations
             h = hessian(xe)
-            gate = quantize("gate", weights(group, "gate", e), xe, h, name(layer, e, "gate"))
-            up = quantize("up", weights(group, "up", e), xe, h, name(layer, e, "up"))
+            gate = quantize("gate", weights(group, "gate", e), xe, h, arch.tensor(layer, group, e, "gate"))
+            up = quantize("up", weights(group, "up", e), xe, h, arch.tensor(layer, group, e, "up"))
             act = act_fn(xe @ gate.T) * (xe @ up.T)  # what the down projection sees
-            quantize("down", weights(group, "down", e), act, hessian(act), name(layer, e, "down"))
+            quantize("down", weights(group, "down", e), act, hessian(act), arch.tensor(layer, group, e, "down"))
     report["rel_err"] = {w: v[0] / max(v[1], 1e-30) for w, v in err.items()}
     return out, report

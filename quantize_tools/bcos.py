@@ -2,7 +2,7 @@
 
 Per output channel, the compressed output is rescaled and shifted so its mean
 and standard deviation on the calibration tokens match the full-precision
-output: ``y ~ (1 + s) * y_hat + b``. Five running sums per channel are enough to
+output: ``y ~ (1 + affine_s) * y_hat + affine_b`` (the checkpoint's names). Five running sums per channel are enough to
 fit it and to measure the output error before and after, in one pass.
 """
 from __future__ import annotations
@@ -32,10 +32,10 @@ class OutputStats:
         self.shh += (h * h).sum(0)
         self.syh += (y * h).sum(0)
 
-    def sq_error(self, s: torch.Tensor | None = None, b: torch.Tensor | None = None) -> float:
-        """``sum ||(1+s) y_hat + b - y||^2`` over the tokens seen, for a given affine (default identity)."""
-        a = 1 + (s.to(torch.float64) if s is not None else torch.zeros_like(self.sy))
-        b = b.to(torch.float64) if b is not None else torch.zeros_like(self.sy)
+    def sq_error(self, affine_s: torch.Tensor | None = None, affine_b: torch.Tensor | None = None) -> float:
+        """``sum ||(1+affine_s) y_hat + affine_b - y||^2`` over the tokens seen (default: the identity)."""
+        a = 1 + (affine_s.to(torch.float64) if affine_s is not None else torch.zeros_like(self.sy))
+        b = affine_b.to(torch.float64) if affine_b is not None else torch.zeros_like(self.sy)
         err = a * a * self.shh + self.n * b * b + self.syy + 2 * a * b * self.sh - 2 * a * self.syh - 2 * b * self.sy
         return float(err.clamp_min(0).sum())
 
@@ -44,9 +44,10 @@ class OutputStats:
 
 
 def fit_affine(st: OutputStats, mode: str = "moment") -> tuple[torch.Tensor, torch.Tensor]:
-    """Channel scale ``s`` and shift ``b`` (float64).
+    """Channel scale and shift ``(affine_s, affine_b)`` (float64).
 
-    ``moment`` (the paper): ``1+s = sigma(y)/sigma(y_hat)``, ``b = mu(y) - (1+s) mu(y_hat)``.
+    ``moment`` (the paper): ``1+s = sigma(y)/sigma(y_hat)``, ``b = mu(y) - (1+s) mu(y_hat)``
+    (``s``, ``b``: the paper's symbols for ``affine_s``, ``affine_b``).
     ``lstsq``: the least-squares slope ``Cov(y, y_hat)/Var(y_hat)``, the same shift rule.
     A channel whose compressed output is constant keeps ``s = 0``.
     """

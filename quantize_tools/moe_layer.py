@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 
 from vllm_kbvq.archs import WEIGHT_TYPES, ArchSpec
-from vllm_kbvq.format import KBVQConfig, default_rank
+from vllm_kbvq.format import GROUPS, KBVQConfig, QuantizedMatrix, default_rank, layer_matrices, matrix_shape
+from vllm_kbvq.kernels.torch_moe import dequantize_rows
 from vllm_kbvq.packing import pack_codes
 from vllm_kbvq.reference import KBVQLinear
 
@@ -21,7 +22,7 @@ from .bcos import OutputStats, fit_affine
 from .options import VQ_METHODS, LayerOptions
 from .gptq import gptvq_assign, second_moment
 from .idre import CovarianceAccumulator, identity_klt, joint_svd, klt
-from .vq import vq_dequantize, vq_quantize
+from .vq import vq_quantize
 
 __all__ = ["LayerOptions", "quantize_group", "quantize_moe_block"]
 
@@ -30,27 +31,31 @@ _TOKEN_CHUNK = 8192  # tokens per matmul when streaming statistics
 
 @dataclass
 class GroupResult:
-    """Stored tensors of one weight type for all members of a group (routed experts, or one shared expert)."""
+    """Stored tensors of one weight type for all ``n`` members of a group (routed experts, or one shared
+    expert), stacked over the members; the names are the format's."""
 
-    codes: torch.Tensor  # [n, oc, words] int32
-    codebook: torch.Tensor  # [n, K, d] fp16
-    a: torch.Tensor | None  # [n, oc, k] fp16
-    b: torch.Tensor | None  # [k, ic] fp16
-    s: torch.Tensor  # [n, oc] fp16
-    t: torch.Tensor  # [n, oc] fp16 (BCOS shift)
+    vq_codes: torch.Tensor  # [n, oc, words] int32
+    vq_codebook: torch.Tensor  # [n, K, d] fp16
+    lr_a: torch.Tensor | None  # [n, oc, k] fp16
+    lr_b: torch.Tensor | None  # [k, ic] fp16, shared by the members
+    affine_s: torch.Tensor  # [n, oc] fp16
+    affine_b: torch.Tensor  # [n, oc] fp16
     ic: int
     report: dict = field(default_factory=dict)
 
+    def member(self, e: int, owns_basis: bool = True) -> QuantizedMatrix:
+        """Member ``e``'s tensors; ``lr_b`` with them only where ``owns_basis`` (it is stored once)."""
+        return QuantizedMatrix(
+            vq_codes=self.vq_codes[e], vq_codebook=self.vq_codebook[e], affine_s=self.affine_s[e],
+            affine_b=self.affine_b[e], lr_a=None if self.lr_a is None else self.lr_a[e],
+            lr_b=self.lr_b if owns_basis else None)
+
     def linear(self, e: int, cfg: KBVQConfig) -> KBVQLinear:
         """Member ``e`` as a runtime module (the same code the reference runtime uses)."""
-        oc = self.codes.shape[1]
-        rank = 0 if self.a is None else self.a.shape[-1]
+        oc = self.vq_codes.shape[1]
+        rank = 0 if self.lr_a is None else self.lr_a.shape[-1]
         lin = KBVQLinear(self.ic, oc, cfg, rank, owns_basis=True)
-        state = {"vq_codes": self.codes[e], "vq_codebook": self.codebook[e], "affine_s": self.s[e],
-                 "affine_b": self.t[e]}
-        if rank:
-            state.update(lr_a=self.a[e], lr_b=self.b)
-        lin.load_state_dict(state)
+        lin.load(self.member(e))
         return lin
 
 
@@ -97,17 +102,17 @@ def quantize_group(
             say(f"GPTVQ assignment {e + 1}/{n}")
             h = second_moment(_chunks(inputs(e)), ic, device)
             codes[e] = gptvq_assign(residual[e], h, codebook[e], opts.damp)
-    w_hat = vq_dequantize(codes, codebook)
+    w_hat = dequantize_rows(codes, codebook[:, None])
     if low_rank is not None:
         w_hat = w_hat + low_rank
     w_plain = None
     if opts.compare_plain_vq and rank > 0:
         pc, pb = vq_quantize(w.float(), opts.bits, opts.vector_dim, opts.kmeans_iters, seed + 7919,
                              progress=lambda msg: say(f"plain-VQ comparison, {msg}"))
-        w_plain = vq_dequantize(pc, pb)
+        w_plain = dequantize_rows(pc, pb[:, None])
 
-    s = torch.zeros(n, oc, dtype=torch.float16, device=device)
-    shift = torch.zeros(n, oc, dtype=torch.float16, device=device)
+    affine_s = torch.zeros(n, oc, dtype=torch.float16, device=device)
+    affine_b = torch.zeros(n, oc, dtype=torch.float16, device=device)
     err = {"plain_vq": 0.0, "idre_vq": 0.0, "idre_vq_bcos": 0.0}
     energy = 0.0
     wf = w.float()
@@ -122,10 +127,10 @@ def quantize_group(
                 st_plain.add(y, x @ w_plain[e].T)
         if opts.bcos:
             se, be = fit_affine(st, opts.bcos_mode)
-            s[e], shift[e] = se.to(torch.float16), be.to(torch.float16)
+            affine_s[e], affine_b[e] = se.to(torch.float16), be.to(torch.float16)
         energy += st.energy()
         err["idre_vq"] += st.sq_error()
-        err["idre_vq_bcos"] += st.sq_error(s[e].double(), shift[e].double())
+        err["idre_vq_bcos"] += st.sq_error(affine_s[e].double(), affine_b[e].double())
         if w_plain is not None:
             err["plain_vq"] += st_plain.sq_error()
         elif rank == 0:  # without IDRE the "IDRE+VQ" matrices are plain VQ
@@ -133,16 +138,15 @@ def quantize_group(
     rep["rel_err"] = {k: v / max(energy, 1e-30) for k, v in err.items()}
     if w_plain is None and rank > 0:
         rep["rel_err"]["plain_vq"] = None  # comparison skipped (--no-plain-vq-report)
-    res = GroupResult(
-        codes=pack_codes(codes.cpu(), cfg.index_bits), codebook=codebook.cpu(),
-        a=None if a is None else a.cpu(), b=None if b is None else b.cpu(),
-        s=s.cpu(), t=shift.cpu(), ic=ic, report=rep,
+    return GroupResult(
+        vq_codes=pack_codes(codes.cpu(), cfg.index_bits), vq_codebook=codebook.cpu(),
+        lr_a=None if a is None else a.cpu(), lr_b=None if b is None else b.cpu(),
+        affine_s=affine_s.cpu(), affine_b=affine_b.cpu(), ic=ic, report=rep,
     )
-    return res
 
 
 def group_seed(seed: int, layer: int, group: str, wtype: str) -> int:
-    return (seed * 1_000_003 + layer * 7_919 + {"experts": 0, "shared_experts": 1}[group] * 131 +
+    return (seed * 1_000_003 + layer * 7_919 + GROUPS.index(group) * 131 +
             WEIGHT_TYPES.index(wtype) * 17) % (2**62)
 
 
@@ -172,11 +176,12 @@ def quantize_moe_block(
 
     ``x``: ``[T, hidden]`` tokens entering the block; ``topk``: ``[T, k]`` routed
     expert ids; ``weights(group, wtype)`` returns ``[n, oc, ic]`` FP weights.
-    Returns the checkpoint tensors by name and the layer's report. ``progress`` hears
-    which weight type and stage is running.
+    Returns the checkpoint tensors by name (:func:`vllm_kbvq.format.layer_matrices` names them) and
+    the layer's report. ``progress`` hears which weight type and stage is running.
     """
     say = progress or (lambda msg: None)
     out: dict[str, torch.Tensor] = {}
+    results: dict[tuple[str, str], GroupResult] = {}
     report: dict = {"layer": layer}
     x = x.to(torch.float32)
     cov_x = CovarianceAccumulator(x.shape[1], device)
@@ -240,27 +245,17 @@ def quantize_moe_block(
         grep["down"] = dres.report
         report[group] = grep
         for wtype, res in (("gate", gu["gate"]), ("up", gu["up"]), ("down", dres)):
-            for e in range(n):
-                name = (lambda sfx: arch.expert_tensor(layer, e, wtype, sfx)) if group == "experts" else (
-                    lambda sfx: arch.shared_tensor(layer, wtype, sfx))
-                out[name("vq_codes")] = res.codes[e].contiguous()
-                out[name("vq_codebook")] = res.codebook[e].contiguous()
-                out[name("affine_s")] = res.s[e].contiguous()
-                out[name("affine_b")] = res.t[e].contiguous()
-                if res.a is not None:
-                    out[name("lr_a")] = res.a[e].contiguous()
-                    if e == 0:
-                        out[name("lr_b")] = res.b.contiguous()
+            results[group, wtype] = res
+    hidden = x.shape[1]
+    inter = results["experts", "gate"].vq_codes.shape[1]
+    for ref in layer_matrices(arch, cfg, layer, n_experts, hidden, inter):
+        out.update(results[ref.group, ref.wtype].member(ref.member, ref.owns_basis).tensors(ref, cfg))
     return out, report
 
 
 def ranks_for(opts: LayerOptions, hidden: int, inter: int, shared_inter: int | None) -> dict[str, dict[str, int]]:
     """Rank per group and weight type from the rank ratio (0 everywhere without IDRE)."""
-    def r(oc, ic):
-        return default_rank(oc, ic, opts.rank_ratio) if opts.idre else 0
-
-    ranks = {"experts": {"gate": r(inter, hidden), "up": r(inter, hidden), "down": r(hidden, inter)}}
-    if shared_inter:
-        ranks["shared_experts"] = {"gate": r(shared_inter, hidden), "up": r(shared_inter, hidden),
-                                   "down": r(hidden, shared_inter)}
-    return ranks
+    widths = {"experts": inter, "shared_experts": shared_inter}
+    return {group: {w: default_rank(*matrix_shape(w, hidden, width), opts.rank_ratio) if opts.idre else 0
+                    for w in WEIGHT_TYPES}
+            for group, width in widths.items() if width}

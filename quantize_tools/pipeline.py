@@ -30,8 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from vllm_kbvq.archs import WEIGHT_TYPES, arch_for_config
-from vllm_kbvq.format import REPORT_FILE, KBVQConfig, load_json
+from vllm_kbvq.archs import WEIGHT_TYPES, arch_for_config, layer_prefix
+from vllm_kbvq.format import REPORT_FILE, KBVQConfig, QuantizedMatrix, layer_matrices, load_json
 from vllm_kbvq.reference import KBVQExperts, KBVQLinear
 
 from .files import normal_permissions, write_json_atomic
@@ -183,7 +183,7 @@ def preflight(model_dir: str | Path, output: str | Path, opts: QuantizeOptions, 
 
 
 def _layer_params(reader: ShardReader, arch, layer: int, expert_names: set[str]) -> dict[str, torch.Tensor]:
-    prefix = f"model.layers.{layer}."
+    prefix = layer_prefix(layer)
     out = {}
     for name in reader.names():
         if name.startswith(prefix) and name not in expert_names:
@@ -191,7 +191,8 @@ def _layer_params(reader: ShardReader, arch, layer: int, expert_names: set[str])
     return out
 
 
-def _expert_names(reader, arch, layer, n_experts, shared) -> set[str]:
+def _expert_names(reader, arch, layer, n_experts) -> set[str]:
+    """The routed experts' weights: never loaded into the layer (the stand-in takes their place)."""
     names = {arch.expert_tensor(layer, e, w) for e in range(n_experts) for w in WEIGHT_TYPES}
     return {n for n in names if n in reader}
 
@@ -243,7 +244,7 @@ def quantize(
     )
     cfg.validate()
 
-    _check_checkpoint(reader, arch, moe_layers, n_experts, shared_inter, hidden, inter)
+    _check_checkpoint(reader, arch, cfg, n_experts, hidden, inter)
     fingerprint = _fingerprint(model_dir, opts, tokens)
     partial = partial_dir(output)
     if resume and is_kbvq_output(output):
@@ -279,22 +280,16 @@ def quantize(
     return report
 
 
-def _check_checkpoint(reader, arch, moe_layers, n_experts, shared_inter, hidden, inter) -> None:
+def _check_checkpoint(reader, arch, cfg, n_experts, hidden, inter) -> None:
     """Every tensor finite, every expert matrix present with its shape, before any work is done."""
-    for layer in moe_layers:
-        for wtype in WEIGHT_TYPES:
-            shape = (hidden, inter) if wtype == "down" else (inter, hidden)
-            names = [arch.expert_tensor(layer, e, wtype) for e in range(n_experts)]
-            if shared_inter:
-                names.append(arch.shared_tensor(layer, wtype))
-            for name in names:
-                if name not in reader:
-                    raise CheckpointError(f"{reader.dir}: expert tensor {name} is missing")
-                t = reader.get(name)  # raises on NaN / inf
-                want = shape if ".experts." in name else (
-                    (hidden, shared_inter) if wtype == "down" else (shared_inter, hidden))
-                if tuple(t.shape) != want:
-                    raise CheckpointError(f"{reader.dir}: {name} has shape {list(t.shape)}, expected {list(want)}")
+    for layer in cfg.layers:
+        for ref in layer_matrices(arch, cfg, layer, n_experts, hidden, inter):
+            name = ref.name("weight")
+            if name not in reader:
+                raise CheckpointError(f"{reader.dir}: expert tensor {name} is missing")
+            t = reader.get(name)  # raises on NaN / inf
+            if tuple(t.shape) != (ref.oc, ref.ic):
+                raise CheckpointError(f"{reader.dir}: {name} has shape {list(t.shape)}, expected {[ref.oc, ref.ic]}")
     for name in reader.names():
         reader.get(name)
 
@@ -325,7 +320,7 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
         layer = layers[i]
         is_moe = i in moe_layers
         block = getattr(layer, arch.moe_attr) if is_moe else None
-        expert_names = _expert_names(reader, arch, i, n_experts, shared_inter) if is_moe else set()
+        expert_names = _expert_names(reader, arch, i, n_experts) if is_moe else set()
         if is_moe:
             setattr(block, arch.experts_attr, _ExpertsStandIn())
         layer.to_empty(device=device)
@@ -352,13 +347,10 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
 
                     def weights(group, wtype, member=None, i=i):
                         """``[n, oc, ic]`` for the group, or ``[oc, ic]`` of one member."""
-                        if group == "shared_experts":
-                            w = reader.get(arch.shared_tensor(i, wtype), torch.float32)
-                            return w[None] if member is None else w
                         if member is not None:
-                            return reader.get(arch.expert_tensor(i, member, wtype), torch.float32)
-                        return torch.stack([reader.get(arch.expert_tensor(i, e, wtype), torch.float32)
-                                            for e in range(n_experts)])
+                            return reader.get(arch.tensor(i, group, member, wtype), torch.float32)
+                        n = n_experts if group == "experts" else 1
+                        return torch.stack([reader.get(arch.tensor(i, group, e, wtype), torch.float32) for e in range(n)])
 
                     bar.set_postfix_str(f"layer {i}: quantize")
                     tensors, rep = backend.quantize_block(
@@ -376,7 +368,7 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
             state["done"].append(i)
             write_json_atomic(partial / _PROGRESS, state)
     bar.close()
-    return _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, opts)
+    return _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, opts, n_experts, hidden, inter)
 
 
 class _Status:
@@ -400,30 +392,28 @@ def _act_fn(config):
 
 def _install_quantized(block, arch, layer, n_experts, hidden, inter, shared_inter, cfg, config, tensors, device):
     experts = KBVQExperts(arch, n_experts, hidden, inter, cfg, _act_fn(config), device=device)
-    prefix = arch.expert_prefix.format(layer=layer, expert="")  # "...experts."
-    experts.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     setattr(block, arch.experts_attr, experts)
-    if shared_inter:
-        mlp = getattr(block, arch.shared_attr)
-        for wtype in WEIGHT_TYPES:
-            old = getattr(mlp, arch.shared_proj_names[wtype])
-            lin = KBVQLinear(old.in_features, old.out_features, cfg, cfg.rank["shared_experts"][wtype], True,
-                             device=device)
-            p = arch.shared_tensor(layer, wtype, "")
-            lin.load_state_dict({k[len(p):]: v for k, v in tensors.items() if k.startswith(p)})
-            setattr(mlp, arch.shared_proj_names[wtype], lin)
+    for ref in layer_matrices(arch, cfg, layer, n_experts, hidden, inter):
+        new = None if ref.group == "experts" else (lambda old, ref=ref: KBVQLinear(
+            old.in_features, old.out_features, cfg, ref.rank, True, device=device))
+        _block_linear(block, arch, ref, new).load(QuantizedMatrix.read(tensors, ref, cfg))
+
+
+def _block_linear(block, arch, ref, new=None):
+    """The module of matrix ``ref`` in a MoE block; with ``new``, put there first (replacing a shared linear)."""
+    if ref.group == "experts":
+        return getattr(getattr(block, arch.experts_attr)[ref.member], arch.proj_names[ref.wtype])
+    mlp, name = getattr(block, arch.shared_attr), arch.shared_proj_names[ref.wtype]
+    if new is not None:
+        setattr(mlp, name, new(getattr(mlp, name)))
+    return getattr(mlp, name)
 
 
 def _install_dense(block, arch, layer, n_experts, hidden, inter, shared_inter, cfg, config, tensors, device):
     """A scalar baseline's fake-quant weights, as plain modules."""
-    experts = DenseExperts(arch, n_experts, hidden, inter, _act_fn(config), device=device)
-    prefix = arch.expert_prefix.format(layer=layer, expert="")
-    experts.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    setattr(block, arch.experts_attr, experts)
-    if shared_inter:
-        mlp = getattr(block, arch.shared_attr)
-        for wtype in WEIGHT_TYPES:
-            getattr(mlp, arch.shared_proj_names[wtype]).weight.copy_(tensors[arch.shared_tensor(layer, wtype)])
+    setattr(block, arch.experts_attr, DenseExperts(arch, n_experts, hidden, inter, _act_fn(config), device=device))
+    for ref in layer_matrices(arch, cfg, layer, n_experts, hidden, inter):
+        _block_linear(block, arch, ref).weight.copy_(tensors[ref.name("weight")])
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -432,19 +422,13 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, opts) -> dict:
+def _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, opts, n_experts, hidden, inter) -> dict:
     """Write the remaining tensors, config, tokenizer and report; then move the result into place.
 
     A scalar baseline keeps the original config (its checkpoint is a plain one with dequantized weights)."""
-    quantized_prefixes = set()
-    n_experts = arch.num_experts(_read_config(model_dir))
-    for layer in cfg.layers:
-        for w in WEIGHT_TYPES:
-            for e in range(n_experts):
-                quantized_prefixes.add(arch.expert_tensor(layer, e, w))
-            if cfg.shared_intermediate_size:
-                quantized_prefixes.add(arch.shared_tensor(layer, w))
-    rest = {n: reader.get(n) for n in reader.names() if n not in quantized_prefixes}
+    quantized = {ref.name("weight") for layer in cfg.layers
+                 for ref in layer_matrices(arch, cfg, layer, n_experts, hidden, inter)}
+    rest = {n: reader.get(n) for n in reader.names() if n not in quantized}
     shards = [partial / f"layer-{i:05d}.safetensors" for i in sorted(cfg.layers)]
     rest_file = partial / "rest.safetensors"
     save_file(rest, str(rest_file), metadata={"format": "pt"})

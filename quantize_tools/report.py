@@ -5,7 +5,7 @@ import math
 import statistics
 
 from vllm_kbvq.archs import WEIGHT_TYPES
-from vllm_kbvq.format import KBVQConfig, checkpoint_tensors
+from vllm_kbvq.format import GROUPS, KBVQConfig, checkpoint_tensors, is_kbvq_tensor, matrix_shape
 
 __all__ = ["summarize", "summarize_scalar", "format_summary"]
 
@@ -23,7 +23,7 @@ def summarize(cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model_config: dict
     kbvq_bits = other_bits = other_params = 0
     for name, (_, shape, dtype) in tensors.items():
         bits = math.prod(shape) * _BITS[dtype]
-        if name.rsplit(".", 1)[-1] in ("vq_codes", "vq_codebook", "lr_a", "lr_b", "affine_s", "affine_b"):
+        if is_kbvq_tensor(name):
             kbvq_bits += bits
         else:
             other_bits += bits
@@ -41,7 +41,7 @@ def summarize(cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model_config: dict
     if routed:
         summary["routed_tokens_per_expert"] = routed
     errs = {}
-    for group in ("experts", "shared_experts"):
+    for group in GROUPS:
         for wtype in WEIGHT_TYPES:
             rows = [r[group][wtype]["rel_err"] for r in layers if group in r]
             if not rows:
@@ -70,9 +70,8 @@ def summarize_scalar(opts, cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model
     inter = arch.expert_intermediate(model_config)
     si = cfg.shared_intermediate_size or 0
     bits = weights = 0
-    for members, oc_ic in ((n, [(inter, hidden), (inter, hidden), (hidden, inter)]),
-                           (1 if si else 0, [(si, hidden), (si, hidden), (hidden, si)])):
-        for oc, ic in oc_ic:
+    for members, width in ((n, inter), (1 if si else 0, si)):
+        for oc, ic in (matrix_shape(wtype, hidden, width) for wtype in WEIGHT_TYPES):
             w = members * oc * ic * len(cfg.layers)
             if w:
                 bits += w * scalar_bits_per_weight(opts.bits, opts.group_size, ic)

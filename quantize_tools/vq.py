@@ -1,7 +1,8 @@
 """Vector quantization of weight residuals: k-means++ seeding and Lloyd iterations.
 
 Batched over matrices (one codebook per expert matrix), in torch, so the same
-code runs on CPU and CUDA. Every random draw comes from an explicit generator,
+code runs on CPU and CUDA. Decoding is the runtime's own
+(:func:`vllm_kbvq.kernels.torch_moe.dequantize_rows`). Every random draw comes from an explicit generator,
 so a run is reproducible from its seed.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["kmeans", "vq_quantize", "vq_dequantize", "to_vectors", "from_vectors"]
+__all__ = ["kmeans", "vq_quantize", "to_vectors", "from_vectors", "assign_faiss", "assign_torch"]
 
 # Max floats in one [groups, chunk, K] distance block; bounds memory at ~256 MB.
 _BLOCK = 1 << 26
@@ -37,11 +38,11 @@ def _assign(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     the 2-core dev machine, 166K 4-d points, 256 centroids: 0.02 s vs 0.2 s).
     """
     if points.device.type == "cpu":
-        return _assign_faiss(points, centroids)
-    return _assign_torch(points, centroids)
+        return assign_faiss(points, centroids)
+    return assign_torch(points, centroids)
 
 
-def _assign_faiss(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+def assign_faiss(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     import faiss
 
     g, n, d = points.shape
@@ -59,7 +60,7 @@ def _assign_faiss(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor
     return out
 
 
-def _assign_torch(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+def assign_torch(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     g, n, _ = points.shape
     k = centroids.shape[1]
     c_norm = (centroids * centroids).sum(-1)  # [G, K]
@@ -139,12 +140,3 @@ def vq_quantize(w: torch.Tensor, bits: int, d: int, iters: int = 100, seed: int 
     codebook = cent.to(torch.float16)
     codes = _assign(to_vectors(w.to(torch.float32), d), codebook.to(torch.float32))
     return codes.reshape(g, oc, ic // d), codebook
-
-
-def vq_dequantize(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """codes ``[G, oc, ic/d]``, codebook ``[G, K, d]`` -> weights ``[G, oc, ic]`` in float32."""
-    g, oc, nv = codes.shape
-    d = codebook.shape[-1]
-    flat = codes.reshape(g, oc * nv)
-    vec = torch.gather(codebook.to(torch.float32), 1, flat[..., None].expand(-1, -1, d))
-    return vec.reshape(g, oc, nv * d)

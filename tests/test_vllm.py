@@ -89,18 +89,28 @@ def test_kbvq_checkpoint_is_detected_without_a_flag(kbvq_tiny, engine_config):
 
 @pytest.mark.parametrize("case", ["missing", "shape", "dtype", "version", "bits", "arch"])
 def test_bad_checkpoint_fails_at_vllm_load(case, kbvq_tiny, engine_config, tmp_path):
+    from pydantic import ValidationError
+
     from bad_checkpoints import broken_copy
+    from vllm_kbvq.format import FormatError
 
     ckpt, needle = broken_copy(kbvq_tiny("qwen2_moe"), tmp_path / "c", case)
-    with pytest.raises(Exception) as e:
+    # the plugin's FormatError (from validate_checkpoint / KBVQConfig.from_dict), which vLLM's pydantic
+    # config wraps: one error, whose cause is that FormatError with its message
+    with pytest.raises(ValidationError, match=re.escape(needle)) as e:
         engine_config(ckpt)
-    assert needle in str(e.value)
+    (err,) = e.value.errors()
+    assert type(err["ctx"]["error"]) is FormatError and needle in str(err["ctx"]["error"])
 
 
 def test_quantization_flag_that_disagrees_with_the_checkpoint(kbvq_tiny, engine_config):
-    with pytest.raises(Exception) as e:
+    from pydantic import ValidationError
+
+    # vLLM's own check (ModelConfig), once the plugin has named the checkpoint's method kbvq
+    with pytest.raises(ValidationError, match=r"\(kbvq\) does not match .*\(fp8\)") as e:
         engine_config(kbvq_tiny("qwen2_moe"), "fp8")
-    assert "(kbvq)" in str(e.value) and "(fp8)" in str(e.value)
+    (err,) = e.value.errors()
+    assert type(err["ctx"]["error"]) is ValueError
 
 
 def test_unsupported_vllm_version_is_refused_by_name():

@@ -1,9 +1,10 @@
 """vllm-kbvq: KBVQ-MoE quantized Mixture-of-Experts models for vLLM.
 
-The runtime side: the checkpoint format (:mod:`.format`), bit packing
-(:mod:`.packing`), per-architecture data (:mod:`.archs`), the pure-torch
-reference runtime (:mod:`.reference`), and the vLLM plugin: entry point
-(:mod:`.plugin`), quantization config and methods (:mod:`.quant_method`), runtime
-layout (:mod:`.layout`) and compute ops (:mod:`.ops`), ``kbvq-serve`` (:mod:`.serve`).
+The runtime side: the checkpoint format (:mod:`.format`), bit packing (:mod:`.packing`),
+per-architecture data (:mod:`.archs`), the pure-torch reference runtime as transformers
+modules (:mod:`.reference`), the compute (:mod:`.kernels`: the torch implementation, the
+Triton kernels and the dispatch between them), the vLLM plugin (:mod:`.plugin`: entry point,
+quantization config, methods, runtime layout) and ``kbvq-serve`` (:mod:`.serve`).
+Nothing here imports the quantizer (``quantize_tools``).
 """
 __version__ = "0.1.0"

@@ -80,6 +80,12 @@ class ArchSpec:
         by_name = {v: k for k, v in self.shared_proj_names.items()}
         return (by_name[name],) if name in by_name else None
 
+    def tensor(self, layer: int, group: str, member: int, wtype: str, suffix: str = "weight") -> str:
+        """A checkpoint tensor of routed expert ``member`` (``group`` "experts") or of the shared expert."""
+        if group == "experts":
+            return self.expert_tensor(layer, member, wtype, suffix)
+        return self.shared_tensor(layer, wtype, suffix)
+
     def num_experts(self, config) -> int:
         return int(config_value(config, self.num_experts_attr))
 

@@ -25,6 +25,10 @@ affine_b        [oc]                    float16  channel shift b                
 once, under expert 0's prefix. A shared expert owns its own ``lr_b``. Without
 BCOS, ``affine_s`` is 0 and ``affine_b`` is 0 (kept, so every checkpoint has the
 same tensors and the runtime has one code path).
+
+Which matrices a checkpoint holds, their names and shapes (:func:`layer_matrices`,
+:func:`matrix_shape`) and which tensors each one stores (:func:`tensor_specs`,
+:class:`QuantizedMatrix`) are defined here and nowhere else.
 """
 from __future__ import annotations
 
@@ -42,10 +46,15 @@ __all__ = [
     "QUANT_METHOD",
     "FORMAT_VERSION",
     "SUFFIXES",
+    "GROUPS",
     "KBVQConfig",
     "FormatError",
+    "MatrixRef",
+    "QuantizedMatrix",
+    "matrix_shape",
+    "layer_matrices",
+    "is_kbvq_tensor",
     "tensor_specs",
-    "matrix_storage_bits",
     "default_rank",
     "validate_checkpoint",
     "checkpoint_tensors",
@@ -56,6 +65,7 @@ __all__ = [
 QUANT_METHOD = "kbvq"
 FORMAT_VERSION = 1
 SUFFIXES = ("vq_codes", "vq_codebook", "lr_a", "lr_b", "affine_s", "affine_b")
+GROUPS = ("experts", "shared_experts")  # the routed experts of a layer, and its shared expert
 CODE_DTYPE = torch.int32
 FLOAT_DTYPE = torch.float16
 REPORT_FILE = "kbvq_report.json"
@@ -126,7 +136,8 @@ class KBVQConfig:
         for key in ("bits", "vector_dim", "arch", "rank", "layers"):
             if key not in d:
                 raise FormatError(f"{source}: quantization_config is missing the field {key!r}")
-        for key, (ok, want) in SCHEMA.items():
+        for key in _DERIVED:  # not fields: checked here, and against bits and vector_dim below
+            ok, want = SCHEMA[key]
             if key in d and not ok(d[key]):
                 raise FormatError(f"{source}: quantization_config.{key} must be {want}, got {d[key]!r}")
         known = {f for f in cls.__dataclass_fields__}
@@ -144,19 +155,15 @@ class KBVQConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.arch not in ARCHS:
-            raise FormatError(f"quantization_config.arch {self.arch!r} is not one of {sorted(ARCHS)}")
-        if not _is_int(self.bits) or not 1 <= self.bits <= 8:
-            raise FormatError(f"quantization_config.bits must be an integer 1..8, got {self.bits!r}")
-        if not _is_int(self.vector_dim) or self.vector_dim < 1:
-            raise FormatError(f"quantization_config.vector_dim must be a positive integer, got {self.vector_dim!r}")
+        """Every field against :data:`SCHEMA`, then what the fields allow together."""
+        for key, (ok, want) in SCHEMA.items():
+            if key not in _DERIVED and not ok(getattr(self, key)):
+                raise FormatError(f"quantization_config.{key} must be {want}, got {getattr(self, key)!r}")
         if self.index_bits > 16:
             raise FormatError(
                 f"bits*vector_dim = {self.index_bits} > 16: a codebook of 2^{self.index_bits} entries per "
                 "matrix is not supported; use a smaller vector_dim"
             )
-        if not _is_ranks(self.rank):
-            raise FormatError(f"quantization_config.rank must be {SCHEMA['rank'][1]}, got {self.rank!r}")
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> "KBVQConfig":
@@ -199,6 +206,7 @@ def _is_ranks(v) -> bool:
         for g, r in v.items())
 
 
+_DERIVED = ("codebook_size", "index_bits")  # written for readers; follow from bits and vector_dim
 # The type and range of every quantization_config field, checked in one place: (predicate, what it must be).
 SCHEMA: dict[str, tuple] = {
     "bits": (lambda v: _is_int(v) and 1 <= v <= 8, "an integer 1..8"),
@@ -221,6 +229,16 @@ SCHEMA: dict[str, tuple] = {
 }
 
 
+def matrix_shape(wtype: str, hidden: int, inter: int) -> tuple[int, int]:
+    """``(out, in)`` of an expert matrix of width ``inter``: down maps it back to ``hidden``, gate and up the reverse."""
+    return (hidden, inter) if wtype == "down" else (inter, hidden)
+
+
+def is_kbvq_tensor(name: str) -> bool:
+    """Whether a checkpoint tensor name is one of a quantized matrix's tensors."""
+    return name.rsplit(".", 1)[-1] in SUFFIXES
+
+
 def tensor_specs(oc: int, ic: int, cfg: KBVQConfig, rank: int, owns_basis: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shapes and dtypes of the tensors of one quantized ``oc x ic`` matrix."""
     d = cfg.vector_dim
@@ -239,17 +257,69 @@ def tensor_specs(oc: int, ic: int, cfg: KBVQConfig, rank: int, owns_basis: bool)
     return specs
 
 
-def matrix_storage_bits(oc: int, ic: int, cfg: KBVQConfig, rank: int, n_sharing: int = 1) -> float:
-    """Bits stored for one matrix, the shared basis split over the ``n_sharing`` matrices that use it.
+@dataclass(frozen=True)
+class MatrixRef:
+    """One quantized matrix of a checkpoint: where its tensors are, its shape and its basis rank."""
 
-    Counts the packed code words as stored (padding included), which is what a
-    user's disk and GPU hold.
-    """
-    bits = 0.0
-    for suffix, (shape, dtype) in tensor_specs(oc, ic, cfg, rank, owns_basis=True).items():
-        n = math.prod(shape) * torch.finfo(dtype).bits if dtype.is_floating_point else math.prod(shape) * 32
-        bits += n / n_sharing if suffix == "lr_b" else n
-    return bits
+    layer: int
+    group: str  # one of GROUPS
+    member: int  # routed expert index; 0 for the shared expert
+    wtype: str  # one of archs.WEIGHT_TYPES
+    oc: int
+    ic: int
+    rank: int
+    prefix: str  # the original ``.weight`` tensor's name without ``.weight``
+
+    @property
+    def owns_basis(self) -> bool:
+        """The matrix that stores ``lr_b``: routed expert 0 for its layer and weight type; a shared expert its own."""
+        return self.member == 0
+
+    def name(self, suffix: str) -> str:
+        return f"{self.prefix}.{suffix}"
+
+    def specs(self, cfg: KBVQConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return tensor_specs(self.oc, self.ic, cfg, self.rank, self.owns_basis)
+
+
+def layer_matrices(arch, cfg: KBVQConfig, layer: int, n_experts: int, hidden: int, inter: int) -> list[MatrixRef]:
+    """Every quantized matrix of one MoE layer: per weight type, the routed experts then the shared expert."""
+    out = []
+    for wtype in WEIGHT_TYPES:
+        groups = [("experts", n_experts, inter)]
+        if cfg.shared_intermediate_size:
+            if arch.shared_prefix is None:
+                raise FormatError(f"quantization_config.shared_intermediate_size is {cfg.shared_intermediate_size}, "
+                                  f"but {arch.name} has no shared experts (use null)")
+            groups.append(("shared_experts", 1, cfg.shared_intermediate_size))
+        for group, members, width in groups:
+            oc, ic = matrix_shape(wtype, hidden, width)
+            rank = cfg.rank.get(group, {}).get(wtype, 0)
+            for m in range(members):
+                prefix = arch.tensor(layer, group, m, wtype).removesuffix(".weight")
+                out.append(MatrixRef(layer, group, m, wtype, oc, ic, rank, prefix))
+    return out
+
+
+@dataclass
+class QuantizedMatrix:
+    """The stored tensors of one quantized matrix, by their format names (``lr_b`` only where it is stored)."""
+
+    vq_codes: torch.Tensor
+    vq_codebook: torch.Tensor
+    affine_s: torch.Tensor
+    affine_b: torch.Tensor
+    lr_a: torch.Tensor | None = None
+    lr_b: torch.Tensor | None = None
+
+    def tensors(self, ref: MatrixRef, cfg: KBVQConfig) -> dict[str, torch.Tensor]:
+        """Checkpoint name -> tensor, exactly the tensors :func:`tensor_specs` lists for ``ref``."""
+        return {ref.name(s): getattr(self, s).contiguous() for s in ref.specs(cfg)}
+
+    @classmethod
+    def read(cls, tensors: dict[str, torch.Tensor], ref: MatrixRef, cfg: KBVQConfig) -> "QuantizedMatrix":
+        """The matrix ``ref`` from checkpoint tensors by name (a ``KeyError`` names a missing one)."""
+        return cls(**{s: tensors[ref.name(s)] for s in ref.specs(cfg)})
 
 
 def checkpoint_tensors(path: str | Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
@@ -294,27 +364,8 @@ def expected_tensors(model_config: dict, cfg: KBVQConfig) -> dict[str, tuple[tup
     """Every KBVQ tensor a checkpoint with this config must hold, with shape and dtype."""
     arch = ARCHS[cfg.arch]
     n, hidden, inter = model_widths(model_config, arch, "config.json")
-    out = {}
-
-    def add(prefix_of, wtype, oc, ic, rank, owns):
-        for suffix, spec in tensor_specs(oc, ic, cfg, rank, owns).items():
-            out[prefix_of(suffix)] = spec
-
-    for layer in cfg.layers:
-        for wtype in WEIGHT_TYPES:
-            oc, ic = (hidden, inter) if wtype == "down" else (inter, hidden)
-            rank = cfg.rank.get("experts", {}).get(wtype, 0)
-            for e in range(n):
-                add(lambda s: arch.expert_tensor(layer, e, wtype, s), wtype, oc, ic, rank, e == 0)
-            if cfg.shared_intermediate_size:
-                if arch.shared_prefix is None:
-                    raise FormatError(f"quantization_config.shared_intermediate_size is {cfg.shared_intermediate_size}, "
-                                      f"but {arch.name} has no shared experts (use null)")
-                si = cfg.shared_intermediate_size
-                soc, sic = (hidden, si) if wtype == "down" else (si, hidden)
-                srank = cfg.rank.get("shared_experts", {}).get(wtype, 0)
-                add(lambda s: arch.shared_tensor(layer, wtype, s), wtype, soc, sic, srank, True)
-    return out
+    return {ref.name(suffix): spec for layer in cfg.layers for ref in layer_matrices(arch, cfg, layer, n, hidden, inter)
+            for suffix, spec in ref.specs(cfg).items()}
 
 
 def validate_checkpoint(path: str | Path) -> KBVQConfig:
@@ -348,8 +399,6 @@ def validate_checkpoint(path: str | Path) -> KBVQConfig:
             raise FormatError(f"{path / file}: tensor {name} has shape {list(got_shape)}, expected {list(shape)}{hint}")
         if got_dtype != _ST_DTYPES[dtype]:
             raise FormatError(f"{path / file}: tensor {name} has dtype {got_dtype}, expected {_ST_DTYPES[dtype]}")
-    from .archs import ARCHS
-
     arch = ARCHS[cfg.arch]
     for layer in cfg.layers:
         stale = arch.expert_tensor(layer, 0, "gate", "weight")

@@ -2,10 +2,11 @@
 
 Each row's codes form one little-endian bit stream: code ``j`` occupies bits
 ``[j*nbits, (j+1)*nbits)``; the stream is stored in int32 words, the last one
-zero-padded. A 12-bit code may straddle two words; kernels read both. Rows stay
+zero-padded; a 12-bit code may straddle two words. This is the storage form only:
+the runtimes unpack the codes once, at load, into the narrowest integer type
+(:mod:`vllm_kbvq.plugin.layout`), and no kernel reads packed words. Rows stay
 independent, so a tensor-parallel slice along the output dimension is a row
-slice, and one along the input dimension is a word slice whenever the slice
-holds a multiple of 32 codes.
+slice of the packed words.
 """
 from __future__ import annotations
 

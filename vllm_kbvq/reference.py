@@ -2,9 +2,10 @@
 
 ``load_kbvq_model`` returns an ordinary transformers model whose MoE experts
 (and shared experts) run from the packed tensors: dequantize the codes, add the
-shared low-rank part, apply the channel affine. It favours clarity over speed.
-Importing this module registers ``kbvq`` with transformers' quantizer registry,
-so ``AutoModelForCausalLM.from_pretrained(kbvq_dir)`` works too.
+shared low-rank part, apply the channel affine, with the functions of
+:mod:`vllm_kbvq.kernels.torch_moe` (the same arithmetic the vLLM CPU path runs). It
+favours clarity over speed. After :func:`register_with_transformers` (``load_kbvq_model``
+calls it), ``AutoModelForCausalLM.from_pretrained(kbvq_dir)`` works too.
 """
 from __future__ import annotations
 
@@ -15,18 +16,12 @@ import torch
 from torch import nn
 
 from .archs import WEIGHT_TYPES, ArchSpec, arch_for_config
-from .format import QUANT_METHOD, KBVQConfig, tensor_specs
+from .format import QUANT_METHOD, KBVQConfig, QuantizedMatrix, matrix_shape, tensor_specs
+from .kernels.torch_moe import affine_linear, dequantize_rows, sum_routed
 from .packing import unpack_codes
 
-__all__ = ["KBVQLinear", "KBVQExperts", "dequantize", "load_kbvq_model", "quantize_modules", "cast_unquantized"]
-
-
-def dequantize(codes: torch.Tensor, codebook: torch.Tensor, ic: int) -> torch.Tensor:
-    """Packed codes ``[oc, words]`` + codebook ``[K, d]`` -> VQ weight ``[oc, ic]`` (float32)."""
-    k, d = codebook.shape
-    nbits = k.bit_length() - 1
-    idx = unpack_codes(codes, nbits, ic // d)
-    return codebook.to(torch.float32)[idx].reshape(codes.shape[0], ic)
+__all__ = ["KBVQLinear", "KBVQExperts", "load_kbvq_model", "quantize_modules", "cast_unquantized",
+           "register_with_transformers"]
 
 
 class KBVQLinear(nn.Module):
@@ -36,6 +31,7 @@ class KBVQLinear(nn.Module):
                  device=None):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.index_bits = cfg.index_bits
         for name, (shape, dtype) in tensor_specs(out_features, in_features, cfg, rank, owns_basis).items():
             self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype, device=device),
                                                        requires_grad=False))
@@ -48,7 +44,12 @@ class KBVQLinear(nn.Module):
             if self.vq_cache.dtype != torch.float32:  # the module was cast after caching: rebuild
                 self.cache_vq_weight()
             return self.vq_cache
-        return dequantize(self.vq_codes, self.vq_codebook, self.in_features)
+        idx = unpack_codes(self.vq_codes, self.index_bits, self.in_features // self.vq_codebook.shape[-1])
+        return dequantize_rows(idx, self.vq_codebook[None])
+
+    def load(self, m: QuantizedMatrix) -> None:
+        """Take the stored tensors of one matrix (``lr_b`` only if this matrix owns its basis)."""
+        self.load_state_dict({k: v for k, v in vars(m).items() if v is not None})
 
     def cache_vq_weight(self) -> None:
         """Keep the dequantized weight: later calls cost what a dense layer's do, bit for bit the same.
@@ -69,12 +70,10 @@ class KBVQLinear(nn.Module):
     def forward(self, x: torch.Tensor, bx: torch.Tensor | None = None) -> torch.Tensor:
         """``bx`` is ``B x`` when the caller already has it (one per token for all experts)."""
         xf = x.float()
-        y = xf @ self.vq_weight().T
-        if self.rank:
-            if bx is None:
-                bx = xf @ self.lr_b.float().T
-            y = y + bx.float() @ self.lr_a.float().T
-        y = (1 + self.affine_s.float()) * y + self.affine_b.float()
+        if self.rank and bx is None:
+            bx = xf @ self.lr_b.float().T
+        y = affine_linear(xf, self.vq_weight(), self.lr_a if self.rank else None, None if bx is None else bx.float(),
+                          self.affine_s, self.affine_b)
         return y.to(x.dtype)
 
 
@@ -84,7 +83,7 @@ class _ExpertMLP(nn.Module):
         self.names = dict(arch.proj_names)
         ranks = cfg.rank.get("experts", {})
         for wtype in WEIGHT_TYPES:
-            ic, oc = (inter, hidden) if wtype == "down" else (hidden, inter)
+            oc, ic = matrix_shape(wtype, hidden, inter)
             setattr(self, arch.proj_names[wtype],
                     KBVQLinear(ic, oc, cfg, ranks.get(wtype, 0), owns_basis, device=device))
 
@@ -117,24 +116,16 @@ class KBVQExperts(nn.ModuleList):
         return down(h, bx)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        out = torch.zeros_like(hidden_states, dtype=torch.float32)
         # B x for gate/up is the same for every expert: once per token.
         bxs = {}
         for wtype in ("gate", "up"):
             b = self.basis(wtype)
             bxs[wtype] = hidden_states.float() @ b.float().T if b is not None else None
-        for e in range(len(self)):
-            token_idx, k_pos = torch.where(top_k_index == e)
-            if token_idx.numel() == 0:
-                continue
-            y = self.expert_forward(
-                e,
-                hidden_states[token_idx],
-                None if bxs["gate"] is None else bxs["gate"][token_idx],
-                None if bxs["up"] is None else bxs["up"][token_idx],
-            )
-            out.index_add_(0, token_idx, y.float() * top_k_weights[token_idx, k_pos, None].float())
-        return out.to(hidden_states.dtype)
+
+        def run(e, tok):
+            return self.expert_forward(e, hidden_states[tok], *(None if bx is None else bx[tok] for bx in bxs.values()))
+
+        return sum_routed(top_k_index, top_k_weights, hidden_states.shape[-1], run).to(hidden_states.dtype)
 
 
 def _shared_linears(arch: ArchSpec, moe_block) -> dict[str, nn.Linear]:
@@ -194,7 +185,8 @@ def cast_unquantized(model, dtype: torch.dtype) -> None:
 
 # ---- transformers integration -------------------------------------------------------------
 
-def _register_with_transformers() -> None:
+def register_with_transformers() -> None:
+    """Make ``kbvq`` a transformers quantization method, so ``from_pretrained`` builds KBVQ modules (idempotent)."""
     from transformers.quantizers.auto import (
         AUTO_QUANTIZATION_CONFIG_MAPPING,
         AUTO_QUANTIZER_MAPPING,
@@ -247,8 +239,6 @@ def _register_with_transformers() -> None:
     register_quantizer(QUANT_METHOD)(KBVQHfQuantizer)
 
 
-_register_with_transformers()
-
 
 def load_kbvq_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     cache_weights: bool = False):
@@ -263,6 +253,7 @@ def load_kbvq_model(path: str | Path, device: str | torch.device = "cpu", dtype:
     from .format import FormatError, validate_checkpoint
 
     validate_checkpoint(path)
+    register_with_transformers()
     model, info = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=dtype, device_map=str(device), output_loading_info=True)
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):

@@ -62,12 +62,14 @@ def concentration(h: torch.Tensor) -> float:
 def matrix_errors(w: torch.Tensor, x: torch.Tensor, x_test: torch.Tensor, bits: int, vector_dim: int, group: int,
                   damp: float, seed: int) -> dict[str, float]:
     from ..gptq import gptq_quantize, rtn_quantize, second_moment
-    from ..vq import vq_dequantize, vq_quantize
+    from vllm_kbvq.kernels.torch_moe import dequantize_rows
+
+    from ..vq import vq_quantize
 
     h = second_moment(x.split(8192), x.shape[1], "cpu")
     codes, codebook = vq_quantize(w[None], bits, vector_dim, seed=seed)
     quantized = {"rtn": rtn_quantize(w, bits, group), "gptq": gptq_quantize(w, h, bits, group, damp),
-                 "plain_vq": vq_dequantize(codes, codebook)[0]}
+                 "plain_vq": dequantize_rows(codes, codebook[:, None])[0]}
     y = x_test @ w.T
     energy = float((y**2).sum())
     out = {f"{m}_output": float(((x_test @ q.T - y) ** 2).sum()) / energy for m, q in quantized.items()}

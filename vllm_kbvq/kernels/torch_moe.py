@@ -18,7 +18,7 @@ from ..format import SUFFIXES
 
 _LR_B = SUFFIXES.index("lr_b")  # the per-layer basis; the other suffixes are per expert
 
-__all__ = ["dequantize_rows", "affine_linear", "expert_mlp", "moe_prologue", "kbvq_linear_torch", "kbvq_moe_torch",
+__all__ = ["dequantize_rows", "affine_linear", "expert_mlp", "moe_prologue", "sum_routed", "kbvq_linear_torch", "kbvq_moe_torch",
            "kbvq_moe_torch_static"]
 
 
@@ -36,12 +36,12 @@ def dequantize_rows(idx: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return F.embedding(flat, codebook.reshape(blocks * k, d).float()).reshape(*lead, rows, n * d)
 
 
-def affine_linear(x, idx, codebook, lr_a, bx, affine_s, affine_b):
-    """``(1 + s) * (W_vq x + A (B x)) + b`` in float32; ``bx`` is ``B x`` (None without a basis).
+def affine_linear(x, w_vq, lr_a, bx, affine_s, affine_b):
+    """``(1 + s) * (W_vq x + A (B x)) + b`` in float32, ``W_vq`` decoded; ``bx`` is ``B x`` (None without a basis).
 
     ``x [..., t, in]``: with leading expert dimensions every tensor carries them too.
     """
-    y = x @ dequantize_rows(idx, codebook).mT
+    y = x @ w_vq.mT
     if lr_a is not None:
         y = y + bx @ lr_a.float().mT
     return y * (1 + affine_s.float()).unsqueeze(-2) + affine_b.float().unsqueeze(-2)
@@ -51,19 +51,19 @@ def kbvq_linear_torch(x: torch.Tensor, idx: torch.Tensor, codebook: torch.Tensor
                       lr_b: torch.Tensor | None, affine_s: torch.Tensor, affine_b: torch.Tensor) -> torch.Tensor:
     xf = x.reshape(-1, x.shape[-1]).float()
     bx = xf @ lr_b.float().T if lr_b is not None else None
-    y = affine_linear(xf, idx, codebook, lr_a, bx, affine_s, affine_b)
+    y = affine_linear(xf, dequantize_rows(idx, codebook), lr_a, bx, affine_s, affine_b)
     return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 def expert_mlp(e, xf, bx13, b2, w13_idx, w13_codebook, w13_lr_a, w13_affine_s, w13_affine_b,
             w2_idx, w2_codebook, w2_lr_a, w2_affine_s, w2_affine_b):
     """One SiLU-gated expert (or a batch of them when ``e`` is a tensor of expert slots)."""
-    h = affine_linear(xf, w13_idx[e], w13_codebook[e], None if w13_lr_a is None else w13_lr_a[e], bx13,
+    h = affine_linear(xf, dequantize_rows(w13_idx[e], w13_codebook[e]), None if w13_lr_a is None else w13_lr_a[e], bx13,
                        w13_affine_s[e], w13_affine_b[e])
     gate, up = h.chunk(2, dim=-1)
     h = F.silu(gate) * up
     bx2 = h @ b2.mT if b2 is not None else None
-    return affine_linear(h, w2_idx[e], w2_codebook[e], None if w2_lr_a is None else w2_lr_a[e], bx2,
+    return affine_linear(h, dequantize_rows(w2_idx[e], w2_codebook[e]), None if w2_lr_a is None else w2_lr_a[e], bx2,
                           w2_affine_s[e], w2_affine_b[e])
 
 
@@ -107,14 +107,23 @@ def kbvq_moe_torch(
     xf, ids, bx13, b2, weights = moe_prologue(
         x, topk_ids, expert_map, w13_idx, w13_codebook, w13_lr_a, w13_lr_b, w13_affine_s, w13_affine_b,
         w2_idx, w2_codebook, w2_lr_a, w2_lr_b, w2_affine_s, w2_affine_b)
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    out = sum_routed(ids, topk_weights, x.shape[1],
+                     lambda e, tok: expert_mlp(e, xf[tok], None if bx13 is None else bx13[tok], b2, *weights))
+    return out.to(x.dtype)
+
+
+def sum_routed(ids: torch.Tensor, topk_weights: torch.Tensor, width: int, run) -> torch.Tensor:
+    """``sum_k w[t, k] * expert_{ids[t, k]}(x_t)`` in float32: each routed expert runs once, on its tokens.
+
+    ``run(e, tok)`` is expert ``e`` on the tokens ``tok``; slots < 0 (another rank's experts) are skipped.
+    """
+    out = torch.zeros(ids.shape[0], width, dtype=torch.float32, device=ids.device)
     for e in torch.unique(ids).tolist():
         if e < 0:
             continue
         tok, pos = torch.where(ids == e)
-        y = expert_mlp(e, xf[tok], None if bx13 is None else bx13[tok], b2, *weights)
-        out.index_add_(0, tok, y * topk_weights[tok, pos, None].float())
-    return out.to(x.dtype)
+        out.index_add_(0, tok, run(e, tok).float() * topk_weights[tok, pos, None].float())
+    return out
 
 
 def kbvq_moe_torch_static(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,

@@ -31,6 +31,12 @@ from .torch_moe import moe_prologue
 
 __all__ = ["align_pairs", "kbvq_linear_triton", "kbvq_moe_triton"]
 
+# Tile shapes: ones that compile without register spills on sm90 (Triton 3.6), not yet timed on a GPU;
+# benchmarks/moe_kernels.py is what should tune them (which kernel runs is dispatch.py's choice).
+GEMV_BLOCK_ROWS, GEMV_BLOCK_VECTORS = 32, 32
+GEMM_BLOCK_N, GEMM_BLOCK_K = 64, 64
+GEMM_WARPS_LARGE_BLOCK_M = 128  # 8 warps from this many pairs per block, else 4
+
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -240,14 +246,13 @@ def _vq_matmul(x, bx, slots, pair_weight, x_row_div, idx, codebook, lr_a, affine
                   stride_bx=bx_.stride(0), stride_out=out.stride(0), x_row_div=x_row_div, **g)
     if plan is None:
         n_cols = idx.shape[2]
-        block_r = 32
+        block_r = GEMV_BLOCK_ROWS
         grid = (n_pairs, triton.cdiv(n_out, block_r))
         _vq_gemv[grid](x, slots, pw, idx, codebook, lr, bx_, affine_s, affine_b, out, n_cols, n_out,
-                       BLOCK_R=block_r, BLOCK_J=32, BLOCK_K=max(triton.next_power_of_2(g["n_rank"]), 2), **common)
+                       BLOCK_R=block_r, BLOCK_J=GEMV_BLOCK_VECTORS, BLOCK_K=max(triton.next_power_of_2(g["n_rank"]), 2), **common)
     else:
         pairs, block_slot, block_m = plan
-        # tiles that compile without register spills on sm90 (Triton 3.6); untimed
-        block_n, block_k, warps = 64, 64, (8 if block_m >= 128 else 4)
+        block_n, block_k, warps = GEMM_BLOCK_N, GEMM_BLOCK_K, (8 if block_m >= GEMM_WARPS_LARGE_BLOCK_M else 4)
         grid = (block_slot.numel(), triton.cdiv(n_out, block_n))
         # ieee: float32 activations are not rounded to tf32 (half precision ignores it)
         prec = "ieee" if x.dtype == torch.float32 else "tf32"
