@@ -7,6 +7,13 @@ tensor parallelism cuts rows (column-parallel) or the input (row-parallel).
 This module is the one place that maps one to the other; it is pure torch so
 the tensor-parallel arithmetic is testable without vLLM.
 
+Loading has vLLM's two phases. :func:`load_tensor` copies each checkpoint tensor,
+in its own dtype, into a parameter of :meth:`GroupLayout.load_shapes`: the codes
+stay packed, this rank's rows only, each row whole (the rows of the packed bit
+stream are independent, but an input window need not start on a word). After
+all are loaded, :func:`process_codes` unpacks the codes and cuts the input window,
+which gives the runtime tensors of :meth:`GroupLayout.shapes`.
+
 Per matrix group on one rank, with ``S`` fused shards of ``rows_s`` rows each:
 
 ============  ===========================  =================================================
@@ -31,10 +38,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..format import FormatError, KBVQConfig
+from ..format import SUFFIXES, FormatError, KBVQConfig, tensor_specs
 from ..packing import unpack_codes
 
-__all__ = ["GroupLayout", "load_tensor", "moe_layouts", "shared_layout"]
+__all__ = ["GroupLayout", "load_tensor", "process_codes", "moe_layouts", "shared_layout"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,7 @@ class GroupLayout:
         return sum(self.ranks)
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The runtime tensors, what the kernels take."""
         rows, k = sum(self.local_rows), self.rank_total
         out = {
             "vq_codes": ((rows, self.local_in // self.cfg.vector_dim), self.index_dtype),
@@ -97,6 +105,13 @@ class GroupLayout:
         if k:
             out["lr_a"] = ((rows, k), torch.float16)
             out["lr_b"] = ((k, self.local_in), torch.float16)
+        return out
+
+    def load_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The tensors as :func:`load_tensor` fills them: :meth:`shapes`, but the codes packed in the
+        checkpoint's dtype, whole rows (every input) of this rank's rows."""
+        out = self.shapes()
+        out["vq_codes"] = tensor_specs(sum(self.local_rows), self.in_features, self.cfg, 0, False)["vq_codes"]
         return out
 
     # -- slicing ------------------------------------------------------------------------------
@@ -116,42 +131,61 @@ def _expect(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
         raise FormatError(f"tensor {name} has shape {list(tensor.shape)}, expected {list(shape)}")
 
 
+def _checkpoint_spec(layout: GroupLayout, suffix: str, shard: int, name: str):
+    """Shape and dtype the checkpoint holds for ``suffix`` of matrix ``shard`` (see :mod:`vllm_kbvq.format`)."""
+    if suffix not in SUFFIXES:
+        raise FormatError(f"tensor {name}: unknown KBVQ suffix {suffix!r}")
+    specs = tensor_specs(layout.rows[shard], layout.in_features, layout.cfg, layout.ranks[shard], owns_basis=True)
+    if suffix not in specs:
+        raise FormatError(f"tensor {name} is unexpected: its matrix has rank 0 (no low-rank factors)")
+    return specs[suffix]
+
+
 def load_tensor(dst: torch.Tensor, suffix: str, loaded: torch.Tensor, shard: int, layout: GroupLayout,
                 name: str = "") -> None:
-    """Copy one checkpoint tensor (matrix ``shard`` of the group) into its runtime slot ``dst``.
+    """Copy this rank's part of one checkpoint tensor (matrix ``shard`` of the group) into ``dst``,
+    a tensor of :meth:`GroupLayout.load_shapes`; the codes stay packed until :func:`process_codes`.
 
     ``name`` is the checkpoint tensor's name, used in errors.
     """
-    cfg, d = layout.cfg, layout.cfg.vector_dim
     name = name or suffix
-    full_rows = layout.rows[shard]
+    shape, dtype = _checkpoint_spec(layout, suffix, shard, name)
+    if loaded.dtype != dtype:
+        raise FormatError(f"tensor {name} has dtype {loaded.dtype}, expected {dtype}")
+    _expect(name, loaded, shape)
     row0, src_row0, nrows = layout._row_window(shard)
     in0, nin = layout._in_window()
     k_off, k = sum(layout.ranks[:shard]), layout.ranks[shard]
-    want = torch.int32 if suffix == "vq_codes" else torch.float16
-    if loaded.dtype != want:
-        raise FormatError(f"tensor {name} has dtype {loaded.dtype}, expected {want}")
-    if suffix == "vq_codes":
-        idx = unpack_codes(loaded, cfg.index_bits, layout.in_features // d)  # also checks the width
-        _expect(name, idx, (full_rows, layout.in_features // d))
-        dst[row0:row0 + nrows].copy_(idx[src_row0:src_row0 + nrows, in0 // d:(in0 + nin) // d].to(dst.dtype))
-    elif suffix == "vq_codebook":
-        _expect(name, loaded, (cfg.codebook_size, d))
+    if suffix == "vq_codebook":
         dst[shard].copy_(loaded)
     elif suffix == "lr_a":
-        _expect(name, loaded, (full_rows, k))
         dst[row0:row0 + nrows, k_off:k_off + k].copy_(loaded[src_row0:src_row0 + nrows])
     elif suffix == "lr_b":
-        _expect(name, loaded, (k, layout.in_features))
         dst[k_off:k_off + k].copy_(loaded[:, in0:in0 + nin])
-    elif suffix in ("affine_s", "affine_b"):
-        _expect(name, loaded, (full_rows,))
+    else:  # per row: vq_codes (whole packed rows), affine_s, affine_b
         part = loaded[src_row0:src_row0 + nrows]
         if suffix == "affine_b" and layout.split_in and layout.tp_rank > 0:
             part = torch.zeros_like(part)  # the partial sums are all-reduced: add the shift once
         dst[row0:row0 + nrows].copy_(part)
-    else:
-        raise FormatError(f"tensor {name}: unknown KBVQ suffix {suffix!r}")
+
+
+def process_codes(packed: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """The runtime indices (``vq_codes`` of :meth:`GroupLayout.shapes`) from the loaded packed codes
+    (of :meth:`GroupLayout.load_shapes`), each with the same leading (expert) dimensions.
+
+    Unpacks one matrix at a time, so the int64 intermediate stays one expert's size.
+    """
+    (rows, words), packed_dtype = layout.load_shapes()["vq_codes"]
+    shape, dtype = layout.shapes()["vq_codes"]
+    if packed.dim() < 2 or tuple(packed.shape[-2:]) != (rows, words) or packed.dtype != packed_dtype:
+        raise ValueError(f"packed vq_codes are {packed.dtype} {list(packed.shape)}, expected {packed_dtype} "
+                         f"[..., {rows}, {words}] (of GroupLayout.load_shapes)")
+    lead, d = packed.shape[:-2], layout.cfg.vector_dim
+    in0, nin = layout._in_window()
+    out = torch.empty((*lead, *shape), dtype=dtype, device=packed.device)
+    for src, dst in zip(packed.reshape(-1, rows, words), out.view(-1, *shape)):
+        dst.copy_(unpack_codes(src, layout.cfg.index_bits, layout.in_features // d)[:, in0 // d:(in0 + nin) // d])
+    return out
 
 
 def moe_layouts(cfg: KBVQConfig, hidden: int, inter: int, tp_rank: int = 0, tp_size: int = 1) -> dict[str, GroupLayout]:

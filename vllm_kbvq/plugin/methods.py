@@ -1,14 +1,15 @@
 """vLLM methods of ``kbvq``: routed experts (:class:`KBVQMoEMethod`) and shared-expert linears.
 
-The lifecycle is vLLM's (see its ``moe_wna16.py``): ``create_weights`` registers parameters in
-the runtime layout of :mod:`.layout` with loaders that unpack and slice the checkpoint tensors;
-``apply`` calls the ``torch.ops.kbvq`` custom ops of :mod:`vllm_kbvq.kernels.dispatch`.
+The lifecycle is vLLM's (see its ``moe_wna16.py``): ``create_weights`` registers parameters of
+:meth:`.layout.GroupLayout.load_shapes` (the codes still packed, as the checkpoint holds them) with
+loaders that copy this rank's part of each checkpoint tensor; ``process_weights_after_loading``
+unpacks the codes into the runtime layout; ``apply`` calls the ``torch.ops.kbvq`` custom ops of
+:mod:`vllm_kbvq.kernels.dispatch`.
 
 Import only inside a process that has vLLM.
 """
 from __future__ import annotations
 
-import logging
 from functools import partial
 
 import torch
@@ -16,27 +17,15 @@ import torch
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG
 from vllm.model_executor.layers.linear import LinearMethodBase
-from vllm.model_executor.utils import set_weight_attrs
+from vllm.model_executor.utils import replace_parameter, set_weight_attrs
 
 from ..format import SUFFIXES, FormatError
 from ..kernels import dispatch  # noqa: F401  (registers torch.ops.kbvq.*)
-from .layout import GroupLayout, load_tensor, moe_layouts, shared_layout
+from .layout import GroupLayout, load_tensor, moe_layouts, process_codes, shared_layout
 
 __all__ = ["KBVQMoEMethod", "KBVQLinearMethod"]
 
 _SHARD_OF_EXPERT_ID = {"w1": 0, "w3": 1, "w2": 0}
-
-
-class _UnpackedCodesNote(logging.Filter):
-    """vLLM warns when an int32 checkpoint tensor fills a narrower parameter; the KBVQ
-    loader unpacks the int32 code words into narrower indices on purpose."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (str(record.msg).startswith("Attempted to load weight") and record.args
-                    and str(record.args[0]).endswith(".vq_codes"))
-
-
-logging.getLogger("vllm.model_executor.models.utils").addFilter(_UnpackedCodesNote())
 
 
 def _register(layer: torch.nn.Module, name: str, shape, dtype, loader) -> None:
@@ -50,6 +39,11 @@ def _load(layout: GroupLayout, suffix: str, dst: torch.Tensor, loaded: torch.Ten
         load_tensor(dst, suffix, loaded, shard, layout, name)
     except FormatError as e:
         raise FormatError(f"KBVQ checkpoint: {e}") from None
+
+
+def _unpack_codes(layer: torch.nn.Module, name: str, layout: GroupLayout) -> None:
+    """Swap the loaded packed codes for the runtime indices (a new parameter: shape and dtype differ)."""
+    replace_parameter(layer, name, process_codes(getattr(layer, name).data, layout))
 
 
 class KBVQMoEMethod(FusedMoEMethodBase):
@@ -74,7 +68,7 @@ class KBVQMoEMethod(FusedMoEMethodBase):
         self.layouts = moe_layouts(self.quant_config.kbvq, hidden_size, intermediate_size_per_partition * par.tp_size,
                                    par.tp_rank, par.tp_size)
         for group, layout in self.layouts.items():
-            for suffix, (shape, dtype) in layout.shapes().items():
+            for suffix, (shape, dtype) in layout.load_shapes().items():
                 per_layer = suffix == "lr_b"
                 loader = partial(self._weight_loader, layer, group, suffix, per_layer)
                 _register(layer, f"{group}_{suffix}", shape if per_layer else (num_experts, *shape), dtype, loader)
@@ -95,6 +89,10 @@ class KBVQMoEMethod(FusedMoEMethodBase):
             dst = param.data[local]
         _load(self.layouts[group], suffix, dst, loaded_weight, shard, name)
         return True if return_success else None
+
+    def process_weights_after_loading(self, layer) -> None:
+        for group, layout in self.layouts.items():
+            _unpack_codes(layer, f"{group}_vq_codes", layout)
 
     def get_fused_moe_quant_config(self, layer):
         return FUSED_MOE_UNQUANTIZED_CONFIG  # activations are not quantized
@@ -126,13 +124,16 @@ class KBVQLinearMethod(LinearMethodBase):
             raise FormatError(f"{self.wtypes} fused into {len(rows)} outputs")
         self.layout = shared_layout(self.quant_config.kbvq, self.wtypes, rows, input_size, layer.tp_rank, tp_size,
                                     split_out=split_out, split_in=split_in)
-        for suffix, (shape, dtype) in self.layout.shapes().items():
+        for suffix, (shape, dtype) in self.layout.load_shapes().items():
             _register(layer, suffix, shape, dtype, partial(self._weight_loader, suffix))
 
     def _weight_loader(self, suffix: str, param, loaded_weight, loaded_shard_id: int | None = None):
         shard = loaded_shard_id or 0
         name = self.quant_config.arch.shared_tensor(self.layer_index, self.wtypes[shard], suffix)
         _load(self.layout, suffix, param.data, loaded_weight, shard, name)
+
+    def process_weights_after_loading(self, layer) -> None:
+        _unpack_codes(layer, "vq_codes", self.layout)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         y = torch.ops.kbvq.linear(x, layer.vq_codes, layer.vq_codebook, getattr(layer, "lr_a", None),

@@ -13,7 +13,7 @@ from vllm_kbvq.reference import load_kbvq_model
 
 pytest.importorskip("vllm")
 
-HELPERS = Path(__file__).parent / "helpers"
+HELPERS = Path(__file__).parents[1] / "helpers"
 # float32 end to end; measured differences are ~5e-7 (different summation order in vLLM's
 # attention and norms), so this bound leaves room without hiding a wrong tensor (those give >1e-2).
 LOGPROB_ATOL = 1e-4

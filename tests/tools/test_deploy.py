@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DOCKERFILES = sorted(DEPLOY.glob("Dockerfile*"))
 COMPOSE = DEPLOY / "docker-compose.yml"
 K8S = DEPLOY / "k8s"

@@ -117,7 +117,7 @@ def test_texts_are_the_same_in_a_fresh_process():
     code = ("import hashlib, sys; from quantize_tools import corpus; print(*(hashlib.sha256('\\0'.join(f())"
             ".encode()).hexdigest() for f in (corpus.calibration_texts, corpus.heldout_texts, corpus.lambada_texts)))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "PYTHONHASHSEED": "12345"})
+                       cwd=Path(__file__).resolve().parents[2], env={**os.environ, "PYTHONHASHSEED": "12345"})
     assert r.returncode == 0, r.stderr
     want = [digest(f()) for f in (corpus.calibration_texts, corpus.heldout_texts, corpus.lambada_texts)]
     assert r.stdout.split() == want

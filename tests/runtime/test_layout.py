@@ -1,8 +1,10 @@
 """Tensor- and expert-parallel slicing of KBVQ tensors, against the unsharded reference runtime.
 
-Each rank's runtime tensors are built from the checkpoint by the same loaders vLLM uses
-(:func:`vllm_kbvq.layout.load_tensor`); the ranks' partial outputs, summed as vLLM's
-all-reduce sums them, must equal what ``load_kbvq_model``'s modules compute.
+Each rank's runtime tensors are built from the checkpoint in vLLM's two phases, with the same
+functions the plugin uses: :func:`vllm_kbvq.plugin.layout.load_tensor` copies every checkpoint
+tensor into a parameter of ``load_shapes()`` (codes still packed), then
+:func:`~vllm_kbvq.plugin.layout.process_codes` unpacks them into ``shapes()``. The ranks' partial
+outputs, summed as vLLM's all-reduce sums them, must equal what ``load_kbvq_model``'s modules compute.
 """
 import json
 from functools import partial
@@ -16,7 +18,8 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from tiny_models import ARCH_NAMES
 from vllm_kbvq.archs import ARCHS
 from vllm_kbvq.format import SUFFIXES, FormatError, KBVQConfig
-from vllm_kbvq.plugin.layout import GroupLayout, load_tensor, moe_layouts, shared_layout
+from vllm_kbvq.packing import pack_codes
+from vllm_kbvq.plugin.layout import GroupLayout, load_tensor, moe_layouts, process_codes, shared_layout
 from vllm_kbvq.kernels.torch_moe import kbvq_linear_torch, kbvq_moe_torch, kbvq_moe_torch_static
 from vllm_kbvq.reference import load_kbvq_model, moe_blocks
 
@@ -30,19 +33,30 @@ def _tensors(path):
     return out
 
 
+def _load(dst, suffix, loaded, shard, layout):
+    assert loaded.dtype == dst.dtype, f"{suffix}: the checkpoint's dtype is the parameter's (no conversion)"
+    load_tensor(dst, suffix, loaded, shard, layout)
+
+
 def _fill(layout: GroupLayout, sources, n_local=None):
-    """Runtime tensors of ``layout`` from ``sources[shard](suffix)`` (per expert when ``n_local``)."""
+    """Runtime tensors of ``layout`` from ``sources[shard](expert, suffix)`` (per expert when ``n_local``),
+    loaded into ``load_shapes()`` and then processed, as vLLM's loader and ``process_weights_after_loading`` do."""
+    def lead(suffix):
+        return () if n_local is None or suffix == "lr_b" else (len(n_local),)
+
     params = {}
-    for suffix, (shape, dtype) in layout.shapes().items():
-        per_layer = n_local is None or suffix == "lr_b"
-        t = torch.zeros(shape if per_layer else (len(n_local), *shape), dtype=dtype)
+    for suffix, (shape, dtype) in layout.load_shapes().items():
+        t = torch.zeros((*lead(suffix), *shape), dtype=dtype)
         for shard, src in enumerate(sources):
-            if per_layer:
-                load_tensor(t, suffix, src(0 if n_local else None, suffix), shard, layout)
+            if not lead(suffix):
+                _load(t, suffix, src(0 if n_local else None, suffix), shard, layout)
             else:
                 for j, e in enumerate(n_local):
-                    load_tensor(t[j], suffix, src(e, suffix), shard, layout)
+                    _load(t[j], suffix, src(e, suffix), shard, layout)
         params[suffix] = t
+    params["vq_codes"] = process_codes(params["vq_codes"], layout)
+    assert {s: (tuple(t.shape), t.dtype) for s, t in params.items()} == {
+        s: ((*lead(s), *shape), dtype) for s, (shape, dtype) in layout.shapes().items()}
     return params
 
 
@@ -169,6 +183,43 @@ def test_loader_names_bad_tensors(kbvq_tiny):
     with pytest.raises(FormatError, match=rf"{name} has shape \[255, 4\]"):
         load_tensor(dst, "vq_codebook", tensors[name][:255], 0, layout, name)
     codes = spec.expert_tensor(0, 1, "gate", "vq_codes")
-    with pytest.raises(ValueError, match="words"):
-        load_tensor(torch.zeros(layout.shapes()["vq_codes"][0], dtype=torch.uint8), "vq_codes",
-                    tensors[codes][:, :-1], 0, layout, codes)
+    shape, dtype = layout.load_shapes()["vq_codes"]
+    dst = torch.zeros(shape, dtype=dtype)
+    oc, words = tensors[codes].shape
+    with pytest.raises(FormatError, match=rf"{codes} has shape \[{oc}, {words - 1}\], expected \[{oc}, {words}\]"):
+        load_tensor(dst, "vq_codes", tensors[codes][:, :-1], 0, layout, codes)
+    with pytest.raises(FormatError, match=f"{codes} has dtype torch.int64, expected torch.int32"):
+        load_tensor(dst, "vq_codes", tensors[codes].long(), 0, layout, codes)
+    with pytest.raises(FormatError, match=f"{name[:-len('vq_codebook')]}weight: unknown KBVQ suffix 'weight'"):
+        load_tensor(dst, "weight", tensors[codes], 0, layout, name[:-len("vq_codebook")] + "weight")
+    with pytest.raises(ValueError, match="load_shapes"):  # the runtime form is not processed twice
+        process_codes(process_codes(dst, layout), layout)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("bits,d", [(2, 4), (3, 4), (3, 2), (4, 2), (2, 8)])
+def test_each_rank_loads_whole_packed_rows_and_unpacks_its_window(bits, d, tp):
+    """Index widths 8, 12 (codes straddle words), 6, 8 and 16 bits; windows off word boundaries."""
+    cfg = KBVQConfig(bits=bits, vector_dim=d, arch="mixtral", rank={})
+    rows, in_features, n_experts = (24, 40), 96, 3
+    g = torch.Generator().manual_seed(bits * 10 + d)
+    codes = [torch.randint(0, cfg.codebook_size, (n_experts, r, in_features // d), generator=g) for r in rows]
+    packed = [pack_codes(c, cfg.index_bits) for c in codes]
+    for split_out, matrices in ((True, (0, 1)), (False, (1,))):
+        for r in range(tp):
+            layout = GroupLayout(cfg, tuple(rows[m] for m in matrices), in_features, (0,) * len(matrices), r, tp,
+                                 split_out=split_out, split_in=not split_out)
+            shape, dtype = layout.load_shapes()["vq_codes"]
+            assert dtype == torch.int32 and shape[1] == packed[0].shape[-1]
+            loaded = torch.zeros((n_experts, *shape), dtype=dtype)
+            for shard, m in enumerate(matrices):
+                for e in range(n_experts):
+                    load_tensor(loaded[e], "vq_codes", packed[m][e], shard, layout)
+            # this rank's rows (all of them when the input is split), every word of each
+            own = [slice(r * rows[m] // tp, (r + 1) * rows[m] // tp) if split_out else slice(None) for m in matrices]
+            assert torch.equal(loaded, torch.cat([packed[m][:, o] for m, o in zip(matrices, own)], dim=1))
+            idx = process_codes(loaded, layout)
+            assert (tuple(idx.shape[1:]), idx.dtype) == layout.shapes()["vq_codes"]
+            cols = slice(r * in_features // tp // d, (r + 1) * in_features // tp // d) if not split_out else slice(None)
+            want = torch.cat([codes[m][:, o, cols] for m, o in zip(matrices, own)], dim=1)
+            assert torch.equal(idx.long(), want)

@@ -25,7 +25,7 @@ from quantize_tools.testbed import build as tb
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
 
-HELPERS = Path(__file__).parent / "helpers"
+HELPERS = Path(__file__).parents[1] / "helpers"
 TEXTS = ["The capital of France is", "In 1066, William the Conqueror crossed the channel and",
          "Photosynthesis converts light energy into", "def fibonacci(n):\n    if n < 2:"]
 BF16_U = 2.0 ** -8  # bfloat16 unit roundoff
