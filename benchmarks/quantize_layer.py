@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     from quantize_tools.moe_layer import LayerOptions, quantize_moe_block, ranks_for
     from vllm_kbvq.archs import ARCHS
-    from vllm_kbvq.format import KBVQConfig
+    from vllm_kbvq.format import KBVQConfig, matrix_shape
 
     hidden, inter, n_exp, top_k, shared_inter, n_layers, arch_name = SHAPES[args.shape]
     n_exp = args.experts or n_exp
@@ -57,12 +57,10 @@ def main(argv=None) -> int:
                    for c in torch.full((n_tok // 65536 + 1,), 65536).tolist()])[:n_tok]
     router = torch.randn(hidden, n_exp, generator=g, device=dev)
     topk = torch.cat([(c @ router).topk(top_k, dim=-1).indices for c in x.split(65536)])
-    shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
-    sshapes = {"gate": (shared_inter, hidden), "up": (shared_inter, hidden), "down": (hidden, shared_inter)}
 
     def weights(group, wtype):
-        n, (oc, ic) = (n_exp, shapes[wtype]) if group == "experts" else (1, sshapes[wtype])
-        return torch.randn(n, oc, ic, generator=g, device=dev) * 0.02
+        n, width = (n_exp, inter) if group == "experts" else (1, shared_inter)
+        return torch.randn(n, *matrix_shape(wtype, hidden, width), generator=g, device=dev) * 0.02
 
     if dev.type == "cuda":
         torch.cuda.synchronize()
