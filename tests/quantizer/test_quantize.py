@@ -75,7 +75,7 @@ def test_default_2bit_settings_and_report(tiny_model, tmp_path):
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "q" / f).is_file()
     # the evaluation's weight cache changes nothing, bit for bit, and is not part of the checkpoint
-    plain, cached = load_kbvq_model(tmp_path / "q"), load_kbvq_model(tmp_path / "q", cache_weights=True)
+    plain, cached = load_kbvq_model(tmp_path / "q", cpu_kernels=False), load_kbvq_model(tmp_path / "q", cache_weights=True)
     ids = _tokens(2, 48, seed=5)
     assert torch.equal(_logits(plain, ids), _logits(cached, ids))
     assert plain.state_dict().keys() == cached.state_dict().keys()

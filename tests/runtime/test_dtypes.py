@@ -49,7 +49,7 @@ def oracle(tiny_model, kbvq_tiny):
             for dt in DTYPES[1:]:
                 d = (_logits(_from_pretrained(tiny_model(arch), dt)).float() - orig32).abs()
                 noise[dt] = (d.mean().item(), d.max().item())
-            cache[arch] = (_logits(load_kbvq_model(kbvq_tiny(arch), dtype=torch.float32)), noise)
+            cache[arch] = (_logits(load_kbvq_model(kbvq_tiny(arch), dtype=torch.float32, cpu_kernels=False)), noise)
         return cache[arch]
 
     return get

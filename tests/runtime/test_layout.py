@@ -20,6 +20,8 @@ from vllm_kbvq.archs import ARCHS
 from vllm_kbvq.format import SUFFIXES, FormatError, KBVQConfig
 from vllm_kbvq.packing import pack_codes
 from vllm_kbvq.plugin.layout import GroupLayout, load_tensor, moe_layouts, process_codes, shared_layout
+from vllm_kbvq.kernels import cpu_moe
+from vllm_kbvq.kernels.cpu_moe import cpu_layout
 from vllm_kbvq.kernels.torch_moe import kbvq_linear_torch, kbvq_moe_torch, kbvq_moe_torch_static
 from vllm_kbvq.reference import load_kbvq_model, moe_blocks
 
@@ -38,9 +40,10 @@ def _load(dst, suffix, loaded, shard, layout):
     load_tensor(dst, suffix, loaded, shard, layout)
 
 
-def _fill(layout: GroupLayout, sources, n_local=None):
+def _fill(layout: GroupLayout, sources, n_local=None, cpu_kernels=False):
     """Runtime tensors of ``layout`` from ``sources[shard](expert, suffix)`` (per expert when ``n_local``),
-    loaded into ``load_shapes()`` and then processed, as vLLM's loader and ``process_weights_after_loading`` do."""
+    loaded into ``load_shapes()`` and then processed, as vLLM's loader and ``process_weights_after_loading`` do
+    (``cpu_kernels``: the codes in the CPU kernels' layout)."""
     def lead(suffix):
         return () if n_local is None or suffix == "lr_b" else (len(n_local),)
 
@@ -57,6 +60,8 @@ def _fill(layout: GroupLayout, sources, n_local=None):
     params["vq_codes"] = process_codes(params["vq_codes"], layout)
     assert {s: (tuple(t.shape), t.dtype) for s, t in params.items()} == {
         s: ((*lead(s), *shape), dtype) for s, (shape, dtype) in layout.shapes().items()}
+    if cpu_kernels:
+        params["vq_codes"] = cpu_layout(params["vq_codes"], len(layout.rows))
     return params
 
 
@@ -64,7 +69,7 @@ def _setup(path):
     cfg = KBVQConfig.from_model_dir(path)
     model_cfg = json.loads((path / "config.json").read_text())
     arch = ARCHS[cfg.arch]
-    model = load_kbvq_model(path, dtype=torch.float32)
+    model = load_kbvq_model(path, dtype=torch.float32, cpu_kernels=False)  # the torch oracle
     layer, block = next(iter(moe_blocks(model, arch)))
     return cfg, model_cfg, arch, _tensors(path), layer, block
 
@@ -78,12 +83,12 @@ def _routing(n_tokens, n_experts, top_k, seed=0):
     return ids, weights
 
 
-def _moe_rank(cfg, arch, tensors, layer, hidden, inter, tp_rank, tp_size, experts):
+def _moe_rank(cfg, arch, tensors, layer, hidden, inter, tp_rank, tp_size, experts, cpu_kernels=False):
     params = {}
     for group, layout in moe_layouts(cfg, hidden, inter, tp_rank, tp_size).items():
         wtypes = ("gate", "up") if group == "w13" else ("down",)
         srcs = [lambda e, s, w=w: tensors[arch.expert_tensor(layer, e, w, s)] for w in wtypes]
-        params.update({f"{group}_{k}": v for k, v in _fill(layout, srcs, experts).items()})
+        params.update({f"{group}_{k}": v for k, v in _fill(layout, srcs, experts, cpu_kernels).items()})
     return params
 
 
@@ -91,11 +96,25 @@ def _moe(x, ids, w, expert_map, p, impl=kbvq_moe_torch):
     return impl(x, w, ids, expert_map, *(p.get(f"{g}_{s}") for g in ("w13", "w2") for s in SUFFIXES))
 
 
-# the CPU loop, and the CUDA-graph-safe path in its gather (few tokens) and masked (many) regimes
-IMPLS = [(kbvq_moe_torch, 24), (kbvq_moe_torch_static, 1), (kbvq_moe_torch_static, 24)]
+_NATIVE = cpu_moe.available()
+_needs_native = pytest.mark.skipif(not _NATIVE, reason="the native CPU kernels did not build here")
+# the CPU loop, the CUDA-graph-safe path in its gather (few tokens) and masked (many) regimes, and the
+# native CPU kernels in their lookup-table and tile-GEMM regimes
+IMPLS = [(kbvq_moe_torch, 24), (kbvq_moe_torch_static, 1), (kbvq_moe_torch_static, 24),
+         pytest.param(partial(cpu_moe.kbvq_moe_cpu, gemm_min_tokens=10**9), 24, marks=_needs_native),
+         pytest.param(partial(cpu_moe.kbvq_moe_cpu, gemm_min_tokens=1), 24, marks=_needs_native)]
 
 
-@pytest.mark.parametrize("impl,n_tokens", IMPLS, ids=["loop", "static-gather", "static-masked"])
+def _native(impl) -> bool:
+    return isinstance(impl, partial) and impl.func in (cpu_moe.kbvq_moe_cpu, cpu_moe.kbvq_linear_cpu)
+
+
+def _atol(ref, native: bool) -> float:
+    """AVX-512's 16-bit lookup tables lose ~1e-4 of the output's scale (tests/runtime/test_cpu_kernels.py)."""
+    return float(1e-3 * ref.abs().max()) if native and cpu_moe.isa() == "avx512" else ATOL
+
+
+@pytest.mark.parametrize("impl,n_tokens", IMPLS, ids=["loop", "static-gather", "static-masked", "cpu-lut", "cpu-gemm"])
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_routed_experts_tp_and_ep_sum_to_reference(arch, impl, n_tokens, kbvq_tiny):
     cfg, model_cfg, spec, tensors, layer, block = _setup(kbvq_tiny(arch))
@@ -103,16 +122,18 @@ def test_routed_experts_tp_and_ep_sum_to_reference(arch, impl, n_tokens, kbvq_ti
     x = torch.randn(n_tokens, hidden, generator=torch.Generator().manual_seed(1))
     ids, w = _routing(n_tokens, n, 2)
     _moe_ = partial(_moe, impl=impl)
+    _moe_rank_ = partial(_moe_rank, cpu_kernels=_native(impl))
     experts = getattr(block, spec.experts_attr)
     with torch.no_grad():
         ref = experts(x, ids, w)
+    atol = _atol(ref, _native(impl))
 
-    full = _moe_(x, ids, w, None, _moe_rank(cfg, spec, tensors, layer, hidden, inter, 0, 1, range(n)))
-    torch.testing.assert_close(full, ref, atol=ATOL, rtol=0)
+    full = _moe_(x, ids, w, None, _moe_rank_(cfg, spec, tensors, layer, hidden, inter, 0, 1, range(n)))
+    torch.testing.assert_close(full, ref, atol=atol, rtol=0)
 
-    tp = sum(_moe_(x, ids, w, None, _moe_rank(cfg, spec, tensors, layer, hidden, inter, r, 2, range(n)))
+    tp = sum(_moe_(x, ids, w, None, _moe_rank_(cfg, spec, tensors, layer, hidden, inter, r, 2, range(n)))
              for r in range(2))
-    torch.testing.assert_close(tp, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(tp, ref, atol=atol, rtol=0)
 
     # expert parallelism: rank r holds half the experts; global ids map to local slots, -1 elsewhere
     ep = 0
@@ -120,8 +141,8 @@ def test_routed_experts_tp_and_ep_sum_to_reference(arch, impl, n_tokens, kbvq_ti
         local = list(range(r * n // 2, (r + 1) * n // 2))
         expert_map = torch.full((n,), -1, dtype=torch.int32)
         expert_map[local] = torch.arange(len(local), dtype=torch.int32)
-        ep = ep + _moe_(x, ids, w, expert_map, _moe_rank(cfg, spec, tensors, layer, hidden, inter, 0, 1, local))
-    torch.testing.assert_close(ep, ref, atol=ATOL, rtol=0)
+        ep = ep + _moe_(x, ids, w, expert_map, _moe_rank_(cfg, spec, tensors, layer, hidden, inter, 0, 1, local))
+    torch.testing.assert_close(ep, ref, atol=atol, rtol=0)
 
 
 def test_static_path_has_no_data_dependent_host_work(kbvq_tiny):
@@ -139,8 +160,13 @@ def test_static_path_has_no_data_dependent_host_work(kbvq_tiny):
         _moe(x, ids, w, None, p, impl=torch.compile(kbvq_moe_torch, fullgraph=True, backend="eager"))
 
 
+LINEARS = [kbvq_linear_torch, pytest.param(partial(cpu_moe.kbvq_linear_cpu, gemm_min_tokens=10**9), marks=_needs_native),
+           pytest.param(partial(cpu_moe.kbvq_linear_cpu, gemm_min_tokens=1), marks=_needs_native)]
+
+
+@pytest.mark.parametrize("linear", LINEARS, ids=["torch", "cpu-lut", "cpu-gemm"])
 @pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2"])
-def test_shared_expert_tp_sums_to_reference(arch, kbvq_tiny):
+def test_shared_expert_tp_sums_to_reference(arch, linear, kbvq_tiny):
     cfg, model_cfg, spec, tensors, layer, block = _setup(kbvq_tiny(arch))
     hidden, si = model_cfg["hidden_size"], cfg.shared_intermediate_size
     shared = getattr(block, spec.shared_attr)
@@ -153,12 +179,14 @@ def test_shared_expert_tp_sums_to_reference(arch, kbvq_tiny):
 
     out = 0
     for r in range(2):
-        gu = _fill(shared_layout(cfg, ("gate", "up"), (si, si), hidden, r, 2, split_out=True), [src("gate"), src("up")])
-        dn = _fill(shared_layout(cfg, ("down",), (hidden,), si, r, 2, split_in=True), [src("down")])
-        h = kbvq_linear_torch(x, *(gu.get(s) for s in SUFFIXES))
+        native = _native(linear)
+        gu = _fill(shared_layout(cfg, ("gate", "up"), (si, si), hidden, r, 2, split_out=True), [src("gate"), src("up")],
+                   cpu_kernels=native)
+        dn = _fill(shared_layout(cfg, ("down",), (hidden,), si, r, 2, split_in=True), [src("down")], cpu_kernels=native)
+        h = linear(x, *(gu.get(s) for s in SUFFIXES))
         g, u = h.chunk(2, dim=-1)
-        out = out + kbvq_linear_torch(F.silu(g) * u, *(dn.get(s) for s in SUFFIXES))
-    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+        out = out + linear(F.silu(g) * u, *(dn.get(s) for s in SUFFIXES))
+    torch.testing.assert_close(out, ref, atol=_atol(ref, _native(linear)), rtol=0)
 
 
 def test_sizes_that_do_not_split_fail_clearly(kbvq_tiny):

@@ -20,10 +20,10 @@ LOGPROB_ATOL = 1e-4
 PROMPTS = [[5, 17, 42, 99, 7], [250, 3, 3, 3], [77, 120, 64, 31, 200, 11, 9]]
 
 
-def vllm_generate(model: Path, prompts, tmp_path: Path, max_tokens=8, eager=False) -> list[dict]:
-    out = tmp_path / "vllm.json"
+def vllm_generate(model: Path, prompts, tmp_path: Path, max_tokens=8, eager=False, tp=1) -> list[dict]:
+    out = tmp_path / f"vllm-tp{tp}.json"
     cmd = [sys.executable, str(HELPERS / "vllm_generate.py"), str(model), str(out), "--prompts", json.dumps(prompts),
-           "--max-tokens", str(max_tokens)] + (["--eager"] if eager else [])
+           "--max-tokens", str(max_tokens), "--tp", str(tp)] + (["--eager"] if eager else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
@@ -44,7 +44,7 @@ def reference_greedy(model, prompt: list[int], steps: int):
 
 
 def assert_matches_reference(model_dir: Path, results, prompts, atol=LOGPROB_ATOL):
-    ref = load_kbvq_model(model_dir, dtype=torch.float32)
+    ref = load_kbvq_model(model_dir, dtype=torch.float32, cpu_kernels=False)  # the torch oracle
     worst = 0.0
     for prompt, res in zip(prompts, results):
         tokens, logprobs = reference_greedy(ref, prompt, len(res["ids"]))
@@ -62,6 +62,13 @@ def test_vllm_matches_reference(arch, kbvq_tiny, tmp_path):
     model_dir = kbvq_tiny(arch)
     results = vllm_generate(model_dir, PROMPTS, tmp_path)
     assert_matches_reference(model_dir, results, PROMPTS)
+
+
+def test_tensor_parallel_2_matches_reference(kbvq_tiny, tmp_path):
+    """Two tensor-parallel ranks on vLLM CPU (one core each): the codes split by rows (gate/up) and by
+    input (down, shared down), the shift added once; greedy tokens and logprobs are the reference's."""
+    model_dir = kbvq_tiny("qwen2_moe")  # routed and shared experts
+    assert_matches_reference(model_dir, vllm_generate(model_dir, PROMPTS, tmp_path, tp=2), PROMPTS)
 
 
 # ---- bad checkpoints fail when vLLM builds its config, before any worker starts ------------------

@@ -4,7 +4,9 @@
 so torch.compile treats them as opaque and a CUDA graph sees one call. Each call asks
 :func:`select` for an implementation from the op, the input's device and its shape (token-expert
 pairs per local expert), as AQLM's kernel table does; nothing else in the package chooses.
-``KBVQ_DISABLE_TRITON=1`` keeps CUDA on the torch path (for comparisons and debugging).
+``KBVQ_DISABLE_TRITON=1`` keeps CUDA on the torch path, ``KBVQ_CPU_KERNELS=0`` the CPU (for
+comparisons and debugging). The CPU kernels read codes in their own layout, which the loaders make
+when :func:`uses_cpu_kernels` says so; tensors in the plain runtime layout run the torch path.
 """
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ from typing import Callable
 
 import torch
 
+from . import cpu_moe
 from .torch_moe import kbvq_linear_torch, kbvq_moe_torch, kbvq_moe_torch_static
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["select", "triton_block_m", "DECODE_MAX_PAIRS_PER_EXPERT", "moe", "linear"]
+__all__ = ["select", "triton_block_m", "uses_cpu_kernels", "DECODE_MAX_PAIRS_PER_EXPERT", "CPU_GEMM_MIN_TOKENS", "moe",
+           "linear"]
 
 # The Triton GEMV kernel while the average local expert gets at most this many (token, expert)
 # pairs, the grouped GEMM above. Provisional, not yet measured on a GPU:
@@ -31,6 +35,12 @@ DECODE_MAX_PAIRS_PER_EXPERT = 1
 BLOCK_M_SMALL, BLOCK_M_SMALL_UP_TO = 16, 16
 BLOCK_M_LARGE, BLOCK_M_LARGE_FROM = 128, 128
 BLOCK_M_MEDIUM = 64
+
+# CPU kernels: an expert (or shared linear) with at least this many tokens is decoded a tile at a time
+# for torch's GEMM; below, each token reads the codes through its own lookup table. Provisional
+# (the crossover of the two at Qwen1.5-MoE's expert shape, bf16, one thread); benchmarks/cpu_kernels.py
+# measures it at every supported shape.
+CPU_GEMM_MIN_TOKENS = 12
 
 # op -> implementation where no kernel applies: the CPU, or CUDA without Triton
 _TORCH: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
@@ -63,9 +73,24 @@ def _triton():
     return triton_moe
 
 
-def select(op: str, device: torch.device, pairs: int, n_local: int) -> Callable[..., torch.Tensor]:
+def uses_cpu_kernels(device: torch.device) -> bool:
+    """Whether weights loaded onto ``device`` should take the CPU kernels' code layout
+    (:func:`.cpu_moe.cpu_layout`): a CPU device, with the kernels built."""
+    return torch.device(device).type == "cpu" and cpu_moe.available()
+
+
+_CPU_KERNELS = {"moe": cpu_moe.kbvq_moe_cpu, "linear": cpu_moe.kbvq_linear_cpu}
+
+
+def select(op: str, device: torch.device, pairs: int, n_local: int, cpu_layout: bool = False
+           ) -> Callable[..., torch.Tensor]:
     """The implementation of ``op`` ("moe" or "linear") for inputs on ``device`` with ``pairs``
-    (token, expert) pairs over ``n_local`` local experts (a linear: tokens over one)."""
+    (token, expert) pairs over ``n_local`` local experts (a linear: tokens over one); ``cpu_layout``:
+    the codes are in the CPU kernels' layout."""
+    if cpu_layout:
+        if device.type != "cpu" or not cpu_moe.available():
+            raise RuntimeError(f"KBVQ codes in the CPU kernels' layout on {device}, where those kernels do not run")
+        return functools.partial(_CPU_KERNELS[op], gemm_min_tokens=CPU_GEMM_MIN_TOKENS)
     if device.type == "cuda" and (kernels := _triton()) is not None:
         fn = kernels.kbvq_moe_triton if op == "moe" else kernels.kbvq_linear_triton
         return functools.partial(fn, block_m=triton_block_m(pairs, n_local))
@@ -76,12 +101,13 @@ def select(op: str, device: torch.device, pairs: int, n_local: int) -> Callable[
 
 
 def _moe(x, topk_weights, topk_ids, expert_map, *groups):
-    return select("moe", x.device, topk_ids.numel(), groups[0].shape[0])(
+    return select("moe", x.device, topk_ids.numel(), groups[0].shape[0], cpu_moe.is_cpu_layout(groups[0], moe=True))(
         x, topk_weights, topk_ids, expert_map, *groups)
 
 
 def _linear(x, *tensors):
-    return select("linear", x.device, x.numel() // x.shape[-1], 1)(x, *tensors)
+    return select("linear", x.device, x.numel() // x.shape[-1], 1, cpu_moe.is_cpu_layout(tensors[0], moe=False))(
+        x, *tensors)
 
 
 def _custom_op(op: str, impl, signature: Callable[..., torch.Tensor]):
@@ -93,4 +119,5 @@ def _custom_op(op: str, impl, signature: Callable[..., torch.Tensor]):
 moe = _custom_op("moe", _moe, kbvq_moe_torch)
 moe.register_fake(lambda x, *args: torch.empty_like(x))
 linear = _custom_op("linear", _linear, kbvq_linear_torch)
-linear.register_fake(lambda x, idx, *args: x.new_empty(*x.shape[:-1], idx.shape[0]))
+# output features from affine_s, one per row whatever the codes' layout
+linear.register_fake(lambda x, idx, codebook, lr_a, lr_b, affine_s, affine_b: x.new_empty(*x.shape[:-1], affine_s.shape[0]))

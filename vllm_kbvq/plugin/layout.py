@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from ..format import SUFFIXES, FormatError, KBVQConfig, tensor_specs
+from ..kernels.cpu_moe import cpu_layout
 from ..packing import unpack_codes
 
 __all__ = ["GroupLayout", "load_tensor", "process_codes", "moe_layouts", "shared_layout"]
@@ -169,9 +170,10 @@ def load_tensor(dst: torch.Tensor, suffix: str, loaded: torch.Tensor, shard: int
         dst[row0:row0 + nrows].copy_(part)
 
 
-def process_codes(packed: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+def process_codes(packed: torch.Tensor, layout: GroupLayout, cpu_kernels: bool = False) -> torch.Tensor:
     """The runtime indices (``vq_codes`` of :meth:`GroupLayout.shapes`) from the loaded packed codes
-    (of :meth:`GroupLayout.load_shapes`), each with the same leading (expert) dimensions.
+    (of :meth:`GroupLayout.load_shapes`), each with the same leading (expert) dimensions; with
+    ``cpu_kernels``, re-laid out for them (:func:`vllm_kbvq.kernels.cpu_moe.cpu_layout`).
 
     Unpacks one matrix at a time, so the int64 intermediate stays one expert's size.
     """
@@ -185,7 +187,7 @@ def process_codes(packed: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
     out = torch.empty((*lead, *shape), dtype=dtype, device=packed.device)
     for src, dst in zip(packed.reshape(-1, rows, words), out.view(-1, *shape)):
         dst.copy_(unpack_codes(src, layout.cfg.index_bits, layout.in_features // d)[:, in0 // d:(in0 + nin) // d])
-    return out
+    return cpu_layout(out, len(layout.rows)) if cpu_kernels else out
 
 
 def moe_layouts(cfg: KBVQConfig, hidden: int, inter: int, tp_rank: int = 0, tp_size: int = 1) -> dict[str, GroupLayout]:

@@ -20,7 +20,7 @@ from vllm.model_executor.layers.linear import LinearMethodBase
 from vllm.model_executor.utils import replace_parameter, set_weight_attrs
 
 from ..format import SUFFIXES, FormatError
-from ..kernels import dispatch  # noqa: F401  (registers torch.ops.kbvq.*)
+from ..kernels import dispatch  # registers torch.ops.kbvq.*
 from .layout import GroupLayout, load_tensor, moe_layouts, process_codes, shared_layout
 
 __all__ = ["KBVQMoEMethod", "KBVQLinearMethod"]
@@ -42,8 +42,10 @@ def _load(layout: GroupLayout, suffix: str, dst: torch.Tensor, loaded: torch.Ten
 
 
 def _unpack_codes(layer: torch.nn.Module, name: str, layout: GroupLayout) -> None:
-    """Swap the loaded packed codes for the runtime indices (a new parameter: shape and dtype differ)."""
-    replace_parameter(layer, name, process_codes(getattr(layer, name).data, layout))
+    """Swap the loaded packed codes for the runtime indices (a new parameter: shape and dtype differ),
+    in the CPU kernels' layout where they will run."""
+    packed = getattr(layer, name).data
+    replace_parameter(layer, name, process_codes(packed, layout, cpu_kernels=dispatch.uses_cpu_kernels(packed.device)))
 
 
 class KBVQMoEMethod(FusedMoEMethodBase):

@@ -1,0 +1,45 @@
+// The instruction-set-specific kernels of the KBVQ CPU op, behind one table of function pointers.
+//
+// Each isa_*.cpp file defines one table, compiled for its instruction set with `#pragma GCC
+// target`; they include no torch (or other C++ library) header, so no inline function compiled
+// for AVX-512 can be picked by the linker for code that runs on a CPU without it.  moe_op.cpp
+// picks the table at run time from what the CPU supports.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+namespace kbvq {
+
+// Codes of one matrix shard in the CPU layout: [blocks][n][64], block b holding rows 64b..64b+63,
+// one code per (row, sub-vector j), 64 rows of one j contiguous (rows past the last are padding).
+struct Codes {
+  const void* data;
+  int index_bytes;  // 1 (uint8) or 2 (uint16)
+  int n;            // sub-vectors per row (input / d)
+};
+
+struct Kernels {
+  const char* name;
+  // For each of m tokens t: y[t][r] += sum_j <codebook[code(r, j)], x[t][j*d : j*d+d]> over the rows
+  // of blocks [b0, b1), y[t] indexed from block b0's first row; token rows are ldx / ldy apart.
+  // Each block's codes are read once for all m tokens.  codebook: [K][d] float16 bits.
+  // scratch: scratch_bytes(n, K, d, m).
+  void (*lut_matvec)(const Codes& codes, int b0, int b1, const uint16_t* codebook, int K, int d, int m,
+                     const float* x, long ldx, float* y, long ldy, void* scratch);
+  size_t (*scratch_bytes)(int n, int K, int d, int m);
+  // The rows of blocks [b0, b1) decoded and transposed for a GEMM: out[j*d + i][r] = codebook[code(r, j)][i]
+  // for r from block b0's first row (out rows 64 (b1 - b0) apart), as float32 or (bf16) bfloat16.
+  // cbt: the codebook as float32 planes [d][K].
+  void (*decode_tile)(const Codes& codes, int b0, int b1, const float* cbt, int K, int d, bool bf16, void* out);
+  // y[i] = sum_c a[i][c] x[c], a: [rows][cols] float16 bits, row stride lda.
+  void (*gemv_f16)(const uint16_t* a, int rows, int cols, long lda, const float* x, float* y);
+};
+
+const Kernels* portable_kernels();
+const Kernels* avx2_kernels();    // nullptr where not built (not x86-64)
+const Kernels* avx512_kernels();  // nullptr where not built; needs AVX-512 F/BW/VL and VBMI
+
+float half_to_float(uint16_t h);
+uint16_t float_to_bfloat16(float f);  // round to nearest even
+
+}  // namespace kbvq
