@@ -7,9 +7,9 @@ One MoE layer per model (benchmarks/shapes.py, plus the SmolLM2 testbed): random
 top-k routing, bfloat16 activations. The baseline is vLLM's CPU fused-MoE op (``cpu_fused_moe`` on
 its prepacked bf16 weights, AMX where the CPU has it) plus bf16 ``F.linear`` for the shared expert;
 KBVQ is ``torch.ops.kbvq_cpu.moe`` plus ``torch.ops.kbvq_cpu.linear``, as the plugin calls them.
-Each KBVQ point is timed three ways: the dispatcher's choice (``dispatch.CPU_GEMM_MIN_TOKENS``),
-every expert through the lookup tables, every expert through the tile GEMM; the last two locate
-the switch point. Timings are interleaved (baseline, KBVQ, baseline, ...) and the medians
+Each KBVQ point is the dispatcher's choice (``dispatch.CPU_GEMM_MIN_TOKENS``); near the switch
+point each regime is also timed forced (every expert through the lookup tables, every expert
+through the tile GEMM, one run each), which is what locates it. Timings are interleaved (baseline, KBVQ, baseline, ...) and the medians
 reported, with the machine's load average; GB/s counts the weight bytes of the experts the
 routing touches (codes, codebooks, factors and affine for KBVQ; bf16 weights for the baseline).
 Writes JSON (``--out``) and a plot of speed-up against batch (``--plot``).
@@ -149,10 +149,16 @@ def bench_model(name: str, shape: MoEShape, bits_list, batches, reps, vllm_moe, 
 
         fns, labels = [bf16], [("bf16", None)]
         for bits in bits_list:
-            for regime, gm in (("dispatch", dispatch.CPU_GEMM_MIN_TOKENS), ("lut", 10**9), ("gemm", 1)):
-                fns.append(kbvq(bits, gm))
-                labels.append((regime, bits))
+            fns.append(kbvq(bits, dispatch.CPU_GEMM_MIN_TOKENS))
+            labels.append(("dispatch", bits))
         ms = _median_ms(fns, reps)
+        # each regime forced, once, where it could be the better one (the switch point's neighbourhood)
+        probes = [(regime, bits, gm) for bits in bits_list for regime, gm, near in
+                  (("lut", 10**9, T * top / E <= 4 * dispatch.CPU_GEMM_MIN_TOKENS),
+                   ("gemm", 1, T * top / E >= dispatch.CPU_GEMM_MIN_TOKENS / 4)) if near]
+        pms = _median_ms([kbvq(bits, gm) for _, bits, gm in probes], 1)
+        labels += [(regime, bits) for regime, bits, _ in probes]
+        ms += pms
         bf16_bytes = 3 * I * H * 2 * touched + (3 * S * H * 2 if S else 0)
         row = {"batch": T, "experts_touched": touched, "bf16_ms": ms[0], "bf16_GBps": bf16_bytes / ms[0] / 1e6}
         for (regime, bits), t in zip(labels[1:], ms[1:]):
@@ -167,7 +173,8 @@ def bench_model(name: str, shape: MoEShape, bits_list, batches, reps, vllm_moe, 
         rows.append(row)
         print(f"  {name:18s} batch {T:3d}: bf16 {ms[0]:8.2f} ms | " + " | ".join(
             f"w{b} {row[f'w{b}']['dispatch_ms']:7.2f} ms x{row[f'w{b}']['speedup']:.2f} "
-            f"(lut {row[f'w{b}']['lut_ms']:.1f}, gemm {row[f'w{b}']['gemm_ms']:.1f})" for b in bits_list), flush=True)
+            f"(lut {row[f'w{b}'].get('lut_ms', float('nan')):.1f}, gemm {row[f'w{b}'].get('gemm_ms', float('nan')):.1f})"
+            for b in bits_list), flush=True)
     return {"shape": shape._asdict(), "runs": rows}
 
 

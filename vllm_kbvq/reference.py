@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .archs import WEIGHT_TYPES, ArchSpec, arch_for_config
@@ -115,14 +116,15 @@ class KBVQExperts(nn.ModuleList):
     def __init__(self, arch: ArchSpec, n: int, hidden: int, inter: int, cfg: KBVQConfig, act_fn, device=None):
         super().__init__([_ExpertMLP(arch, hidden, inter, cfg, owns_basis=(e == 0), device=device) for e in range(n)])
         self.act_fn = act_fn
-        self.cfg, self.hidden, self.inter = cfg, hidden, inter
+        self.cfg, self.n_experts, self.hidden, self.inter = cfg, n, hidden, inter  # len(self) counts act_fn too
         self.cpu_tensors: tuple[torch.Tensor | None, ...] | None = None
 
     def use_cpu_kernels(self) -> bool:
         """Run :meth:`forward` through the native CPU MoE kernel, with the experts' tensors stacked as the
         vLLM plugin stacks them (:mod:`vllm_kbvq.plugin.layout`). False (and no change) for a
         non-SiLU activation, which the kernel does not compute."""
-        if not isinstance(self.act_fn, nn.SiLU):
+        probe = torch.linspace(-8, 8, 65)
+        if not torch.equal(self.act_fn(probe), F.silu(probe)):  # transformers has its own SiLU classes
             return False
         tensors = []
         for group, layout in moe_layouts(self.cfg, self.hidden, self.inter).items():
@@ -130,9 +132,9 @@ class KBVQExperts(nn.ModuleList):
             params = {}
             for suffix, (shape, dtype) in layout.load_shapes().items():
                 per_layer = suffix == "lr_b"
-                dst = torch.zeros(shape if per_layer else (len(self), *shape), dtype=dtype)
+                dst = torch.zeros(shape if per_layer else (self.n_experts, *shape), dtype=dtype)
                 for shard, wtype in enumerate(wtypes):
-                    for e in range(1 if per_layer else len(self)):
+                    for e in range(1 if per_layer else self.n_experts):
                         src = getattr(self[e].proj(wtype), suffix)
                         load_tensor(dst if per_layer else dst[e], suffix, src.detach().cpu(), shard, layout)
                 params[suffix] = dst
@@ -155,7 +157,7 @@ class KBVQExperts(nn.ModuleList):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self.cpu_tensors is not None and hidden_states.device.type == "cpu":
-            return dispatch.select("moe", hidden_states.device, top_k_index.numel(), len(self), cpu_layout=True)(
+            return dispatch.select("moe", hidden_states.device, top_k_index.numel(), self.n_experts, cpu_layout=True)(
                 hidden_states, top_k_weights, top_k_index, None, *self.cpu_tensors)
         # B x for gate/up is the same for every expert: once per token.
         bxs = {}

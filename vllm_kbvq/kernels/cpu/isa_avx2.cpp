@@ -63,7 +63,8 @@ void lut_rows(const Idx* codes, int n, int b0, int b1, const float* cbt, int K, 
 }
 
 void lut_matvec(const Codes& codes, int b0, int b1, const uint16_t* codebook, int K, int d, int m, const float* x,
-                long ldx, float* y, long ldy, void* scratch) {
+                long ldx, float* y, long ldy, bool exact, void* scratch) {
+  (void)exact;  // float32 tables always
   float* cbt = (float*)scratch;  // [d][K]
   for (int k = 0; k < K; ++k)
     for (int i = 0; i < d; ++i) cbt[(size_t)i * K + k] = _cvtsh_ss(codebook[(size_t)k * d + i]);

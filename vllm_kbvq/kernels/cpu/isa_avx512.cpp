@@ -9,7 +9,8 @@
 // combined (high * 256 + low) in int32 before the scale.  A 16-bit table loses about 2^-16 of the
 // group's largest entry per lookup, far below float16 codebooks' own rounding; one byte plane
 // (an int8 table) would be ~2x faster in the lookups but loses ~1% of the output.
-// 16-bit codes: a float32 table per sub-vector, read with 16-lane gathers.
+// 16-bit codes, and float32 activations (exact): a float32 table per sub-vector, read with 16-lane
+// gathers.
 #include "kernels.h"
 
 #if defined(__x86_64__)
@@ -57,7 +58,8 @@ size_t scratch_bytes(int n, int K, int d, int m) {
   (void)n;
   const size_t cbt = sizeof(float) * (size_t)(K < 256 ? 256 : K) * d;
   const size_t vbmi = (size_t)m * u8_token_bytes(u8_chunk(m));
-  const size_t gather = sizeof(float) * (size_t)m * gather_chunk(K) * K;
+  const int Kp = K < 256 ? 256 : K;
+  const size_t gather = sizeof(float) * (size_t)m * gather_chunk(Kp) * Kp;
   return cbt + (vbmi > gather ? vbmi : gather) + 256;
 }
 
@@ -198,9 +200,13 @@ void lut_u8(const uint8_t* codes, int n, int b0, int b1, const float* cbt, const
   }
 }
 
-// --- 16-bit codes: float32 table, gathers -----------------------------------------------------
+inline __m512i load16(const uint8_t* c) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)c)); }
+inline __m512i load16(const uint16_t* c) { return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)c)); }
 
-void lut_u16(const uint16_t* codes, int n, int b0, int b1, const float* cbt, int K, int d, int m, const float* x,
+// --- 16-bit codes or exact: float32 table, gathers -----------------------------------------------------
+
+template <typename Idx>
+void lut_f32(const Idx* codes, int n, int b0, int b1, const float* cbt, int K, int d, int m, const float* x,
              long ldx, float* y, long ldy, float* tables) {
   const int jc = gather_chunk(K);
   const size_t per_token = (size_t)jc * K;
@@ -210,7 +216,7 @@ void lut_u16(const uint16_t* codes, int n, int b0, int b1, const float* cbt, int
       for (int j = j0; j < j1; ++j) {
         const float* xj = x + t * ldx + (size_t)j * d;
         float* tab = tables + t * per_token + (size_t)(j - j0) * K;
-        for (int k = 0; k < K; k += 16) {  // K >= 512 here: whole registers
+        for (int k = 0; k < K; k += 16) {  // K is a power of two >= 16 (padded to 256 for 8-bit codes)
           __m512 s = _mm512_mul_ps(_mm512_set1_ps(xj[0]), _mm512_loadu_ps(cbt + k));
           for (int i = 1; i < d; ++i)
             s = _mm512_fmadd_ps(_mm512_set1_ps(xj[i]), _mm512_loadu_ps(cbt + (size_t)i * K + k), s);
@@ -218,16 +224,13 @@ void lut_u16(const uint16_t* codes, int n, int b0, int b1, const float* cbt, int
         }
       }
     for (int b = b0; b < b1; ++b) {
-      const uint16_t* cbk = codes + (size_t)b * n * 64;
+      const Idx* cbk = codes + (size_t)b * n * 64;
       for (int t = 0; t < m; ++t) {
         __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int j = j0; j < j1; ++j) {
           const float* tab = tables + t * per_token + (size_t)(j - j0) * K;
-          const uint16_t* c = cbk + (size_t)j * 64;
-          for (int q = 0; q < 4; ++q) {
-            const __m512i idx = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(c + 16 * q)));
-            acc[q] = _mm512_add_ps(acc[q], _mm512_i32gather_ps(idx, tab, 4));
-          }
+          const Idx* c = cbk + (size_t)j * 64;
+          for (int q = 0; q < 4; ++q) acc[q] = _mm512_add_ps(acc[q], _mm512_i32gather_ps(load16(c + 16 * q), tab, 4));
         }
         float* yb = y + t * ldy + (size_t)(b - b0) * 64;
         for (int q = 0; q < 4; ++q) _mm512_storeu_ps(yb + 16 * q, _mm512_add_ps(_mm512_loadu_ps(yb + 16 * q), acc[q]));
@@ -237,20 +240,22 @@ void lut_u16(const uint16_t* codes, int n, int b0, int b1, const float* cbt, int
 }
 
 void lut_matvec(const Codes& codes, int b0, int b1, const uint16_t* codebook, int K, int d, int m, const float* x,
-                long ldx, float* y, long ldy, void* scratch) {
+                long ldx, float* y, long ldy, bool exact, void* scratch) {
   float* cbt = align64(scratch);
-  if (codes.index_bytes == 1) {
-    transpose_codebook(codebook, K, 256, d, cbt);
-    float cmax[16] = {0};  // d <= 16 for 8-bit indices
+  const int Kp = K < 256 ? 256 : K;  // 8-bit codes: a whole 256-entry table
+  transpose_codebook(codebook, K, Kp, d, cbt);
+  if (codes.index_bytes == 2) {
+    lut_f32((const uint16_t*)codes.data, codes.n, b0, b1, cbt, Kp, d, m, x, ldx, y, ldy, cbt + (size_t)Kp * d);
+  } else if (exact) {
+    lut_f32((const uint8_t*)codes.data, codes.n, b0, b1, cbt, Kp, d, m, x, ldx, y, ldy, cbt + (size_t)Kp * d);
+  } else {
+    float cmax[16] = {0};  // d <= 8 for 8-bit indices
     for (int i = 0; i < d; ++i)
       for (int k = 0; k < 256; ++k) {
         const float v = cbt[i * 256 + k] < 0 ? -cbt[i * 256 + k] : cbt[i * 256 + k];
         cmax[i] = v > cmax[i] ? v : cmax[i];
       }
     lut_u8((const uint8_t*)codes.data, codes.n, b0, b1, cbt, cmax, d, m, x, ldx, y, ldy, (uint8_t*)(cbt + 256 * d));
-  } else {
-    transpose_codebook(codebook, K, K, d, cbt);
-    lut_u16((const uint16_t*)codes.data, codes.n, b0, b1, cbt, K, d, m, x, ldx, y, ldy, cbt + (size_t)K * d);
   }
 }
 
@@ -277,8 +282,6 @@ inline __m256i to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
-inline __m512i load16(const uint8_t* c) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)c)); }
-inline __m512i load16(const uint16_t* c) { return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)c)); }
 
 template <typename Idx>
 void decode_rows(const Idx* codes, int n, int b0, int b1, const float* cbt, int K, int d, bool bf16, void* out) {

@@ -78,7 +78,8 @@ void lut_rows(const Idx* codes, int n, int b0, int b1, const float* cb, int K, i
 }
 
 void lut_matvec(const Codes& codes, int b0, int b1, const uint16_t* codebook, int K, int d, int m, const float* x,
-                long ldx, float* y, long ldy, void* scratch) {
+                long ldx, float* y, long ldy, bool exact, void* scratch) {
+  (void)exact;  // float32 tables always
   float* cb = (float*)scratch;
   for (int i = 0; i < K * d; ++i) cb[i] = half_to_float(codebook[i]);
   float* tables = cb + (size_t)K * d;

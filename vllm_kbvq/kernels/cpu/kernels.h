@@ -22,10 +22,11 @@ struct Kernels {
   const char* name;
   // For each of m tokens t: y[t][r] += sum_j <codebook[code(r, j)], x[t][j*d : j*d+d]> over the rows
   // of blocks [b0, b1), y[t] indexed from block b0's first row; token rows are ldx / ldy apart.
-  // Each block's codes are read once for all m tokens.  codebook: [K][d] float16 bits.
-  // scratch: scratch_bytes(n, K, d, m).
+  // Each block's codes are read once for all m tokens.  codebook: [K][d] float16 bits.  exact: float32
+  // tables (float32 activations); otherwise a path may use narrower tables that lose no more than
+  // 16-bit activations already do.  scratch: scratch_bytes(n, K, d, m).
   void (*lut_matvec)(const Codes& codes, int b0, int b1, const uint16_t* codebook, int K, int d, int m,
-                     const float* x, long ldx, float* y, long ldy, void* scratch);
+                     const float* x, long ldx, float* y, long ldy, bool exact, void* scratch);
   size_t (*scratch_bytes)(int n, int K, int d, int m);
   // The rows of blocks [b0, b1) decoded and transposed for a GEMM: out[j*d + i][r] = codebook[code(r, j)][i]
   // for r from block b0's first row (out rows 64 (b1 - b0) apart), as float32 or (bf16) bfloat16.

@@ -224,7 +224,7 @@ void rows_forward(const Group& g, int s, int b0, int b1, int m, const float* X, 
   } else {
     std::fill(ybuf, ybuf + (size_t)nrows * m, 0.f);
     const Codes codes{g.codes + (size_t)s * g.shard_bytes(), g.index_bytes, g.n};
-    k.lut_matvec(codes, b0, b1, g.codebook + (size_t)s * g.K * g.d, g.K, g.d, m, X, ldx, ybuf, nrows,
+    k.lut_matvec(codes, b0, b1, g.codebook + (size_t)s * g.K * g.d, g.K, g.d, m, X, ldx, ybuf, nrows, !bf16,
                  scratch(k.scratch_bytes(g.n, g.K, g.d, m), 2));
   }
   for (int t = 0; t < m; ++t) {
