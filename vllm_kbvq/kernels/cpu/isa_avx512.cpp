@@ -22,6 +22,9 @@ namespace {
 
 constexpr int kGroup = 32;   // sub-vectors per table scale (int16 sums of 32 bytes cannot overflow)
 constexpr int kChunk = 256;  // sub-vectors per table pass for one token: 2 x 64 KiB of planes, L2-resident
+// A group's bounds lie within a factor 2^kSpread: each lookup keeps >= 15 - kSpread bits of its own
+// sub-vector's scale (11 here, against bfloat16 activations' 8), and random inputs need few groups.
+constexpr int kSpread = 4;
 
 // Sub-vectors per pass for m tokens: the m tokens' planes stay in L2 (<= ~512 KiB).
 inline int u8_chunk(int m) {
@@ -69,17 +72,26 @@ void transpose_codebook(const uint16_t* codebook, int K, int Kp, int d, float* c
     for (int k = 0; k < Kp; ++k) cbt[(size_t)i * Kp + k] = k < K ? _cvtsh_ss(codebook[(size_t)k * d + i]) : 0.f;
 }
 
+// table[k..k+15] = sum_i x[i] * cbt[i][k..k+15] (planes `stride` floats apart), d unrolled where the
+// project's vector dims are (1, 2, 4, 8), a loop elsewhere.
+template <int D>
+inline __m512 dot16(const float* cbt, size_t stride, const __m512* xb, int d, int k) {
+  __m512 t = _mm512_mul_ps(xb[0], _mm512_loadu_ps(cbt + k));
+  const int n = D ? D : d;
+  for (int i = 1; i < n; ++i) t = _mm512_fmadd_ps(xb[i], _mm512_loadu_ps(cbt + i * stride + k), t);
+  return t;
+}
+
 inline float* align64(void* p) { return (float*)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
 
 // --- 8-bit codes: quantised table, byte permutes ------------------------------------------------
 
 // The planes of sub-vectors [j0, j1) for one token, grouped by the binary exponent of a bound on
 // their entries, |table[j][k]| <= sum_i |x_j,i| max_k |codebook[k][i]| (cmax): within a group the
-// bounds differ by less than 2x, so each sub-vector keeps ~15 of the 16 bits.  Sub-vectors whose
-// input is zero are left out.
+// bounds differ by less than 2^kSpread.  Sub-vectors whose input is zero are left out.
 void build_planes(const float* cbt, const float* cmax, int d, const float* x, int j0, int j1, Planes& pl) {
   float bound[kChunk];
-  int expo[kChunk], count[257] = {0};
+  int expo[kChunk], count[257] = {0};  // bucket 0: skipped
   for (int j = j0; j < j1; ++j) {
     float s = 0.f;
     for (int i = 0; i < d; ++i) {
@@ -89,7 +101,7 @@ void build_planes(const float* cbt, const float* cmax, int d, const float* x, in
     uint32_t u;
     __builtin_memcpy(&u, &s, 4);
     bound[j - j0] = s;
-    expo[j - j0] = s > 0.f ? (int)((u >> 23) & 0xff) + 1 : 0;  // 0: skipped
+    expo[j - j0] = s > 0.f ? (int)((u >> 23) & 0xff) / kSpread + 1 : 0;  // 0: skipped
     ++count[expo[j - j0]];
   }
   int start[257], pos = 0;
@@ -114,9 +126,11 @@ void build_planes(const float* cbt, const float* cmax, int d, const float* x, in
       const float* xj = x + (size_t)pl.order[p] * d;
       int8_t* h = pl.hi + (size_t)p * 256;
       uint8_t* l = pl.lo + (size_t)p * 256;
+      __m512 xb[16];
+      for (int i = 0; i < d; ++i) xb[i] = _mm512_set1_ps(xj[i]);
       for (int k = 0; k < 256; k += 16) {
-        __m512 t = _mm512_mul_ps(_mm512_set1_ps(xj[0]), _mm512_load_ps(cbt + k));
-        for (int i = 1; i < d; ++i) t = _mm512_fmadd_ps(_mm512_set1_ps(xj[i]), _mm512_load_ps(cbt + i * 256 + k), t);
+        const __m512 t = d == 4 ? dot16<4>(cbt, 256, xb, d, k) : d == 2 ? dot16<2>(cbt, 256, xb, d, k)
+                                                                        : dot16<0>(cbt, 256, xb, d, k);
         const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(t, inv));
         _mm_store_si128((__m128i*)(h + k), _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 8)));
         _mm_store_si128((__m128i*)(l + k), _mm512_cvtepi32_epi8(_mm512_and_si512(q, low)));
@@ -216,12 +230,15 @@ void lut_f32(const Idx* codes, int n, int b0, int b1, const float* cbt, int K, i
       for (int j = j0; j < j1; ++j) {
         const float* xj = x + t * ldx + (size_t)j * d;
         float* tab = tables + t * per_token + (size_t)(j - j0) * K;
-        for (int k = 0; k < K; k += 16) {  // K is a power of two >= 16 (padded to 256 for 8-bit codes)
-          __m512 s = _mm512_mul_ps(_mm512_set1_ps(xj[0]), _mm512_loadu_ps(cbt + k));
-          for (int i = 1; i < d; ++i)
-            s = _mm512_fmadd_ps(_mm512_set1_ps(xj[i]), _mm512_loadu_ps(cbt + (size_t)i * K + k), s);
-          _mm512_storeu_ps(tab + k, s);
-        }
+        __m512 xb[16];
+        for (int i = 0; i < d; ++i) xb[i] = _mm512_set1_ps(xj[i]);
+        // K is a power of two >= 16 (padded to 256 for 8-bit codes)
+        if (d == 4)
+          for (int k = 0; k < K; k += 16) _mm512_storeu_ps(tab + k, dot16<4>(cbt, K, xb, d, k));
+        else if (d == 2)
+          for (int k = 0; k < K; k += 16) _mm512_storeu_ps(tab + k, dot16<2>(cbt, K, xb, d, k));
+        else
+          for (int k = 0; k < K; k += 16) _mm512_storeu_ps(tab + k, dot16<0>(cbt, K, xb, d, k));
       }
     for (int b = b0; b < b1; ++b) {
       const Idx* cbk = codes + (size_t)b * n * 64;
