@@ -34,6 +34,10 @@ def main():
     if a.tp > 1:
         extra["tensor_parallel_size"] = a.tp
         extra["distributed_executor_backend"] = "mp"
+        # vLLM's CPU build binds each rank's threads to a NUMA node unless told which cores to use;
+        # with one node (these machines) it refuses TP > 1, so give each rank one core of ours.
+        cores = sorted(os.sched_getaffinity(0))[: a.tp]
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, cores)))
     llm = LLM(model=a.model, dtype=a.dtype, max_model_len=512, enforce_eager=a.eager, seed=0,
               model_loader_extra_config={"enable_weights_track": True}, **extra)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in json.loads(a.prompts)]
