@@ -113,11 +113,12 @@ class KBVQExperts(nn.ModuleList):
     shared basis of each weight type lives in expert 0.
     """
 
+    cpu_tensors: tuple[torch.Tensor | None, ...] | None = None  # set by use_cpu_kernels (subclasses too)
+
     def __init__(self, arch: ArchSpec, n: int, hidden: int, inter: int, cfg: KBVQConfig, act_fn, device=None):
         super().__init__([_ExpertMLP(arch, hidden, inter, cfg, owns_basis=(e == 0), device=device) for e in range(n)])
         self.act_fn = act_fn
         self.cfg, self.n_experts, self.hidden, self.inter = cfg, n, hidden, inter  # len(self) counts act_fn too
-        self.cpu_tensors: tuple[torch.Tensor | None, ...] | None = None
 
     def use_cpu_kernels(self) -> bool:
         """Run :meth:`forward` through the native CPU MoE kernel, with the experts' tensors stacked as the
