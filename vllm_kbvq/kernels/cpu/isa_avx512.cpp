@@ -329,7 +329,7 @@ void decode_u8_bf16(const uint8_t* codes, int n, int b0, int b1, const float* cb
   alignas(64) uint8_t planes[512];
   for (int i = 0; i < d; ++i) {
     for (int k = 0; k < 256; ++k) {
-      const uint32_t u = k < K ? (uint32_t)_mm_cvtsi128_si32(_mm256_castsi256_si128(to_bf16(_mm512_set1_ps(cbt[(size_t)i * K + k])))) & 0xffffu : 0u;
+      const uint32_t u = k < K ? float_to_bfloat16(cbt[(size_t)i * K + k]) : 0u;
       planes[k] = (uint8_t)(u & 0xff);
       planes[256 + k] = (uint8_t)(u >> 8);
     }

@@ -11,7 +11,6 @@
 // vllm_kbvq.kernels.cpu_moe.cpu_layout: [(E,) S, blocks, n, 64], uint8 or int16 (read as uint16).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
