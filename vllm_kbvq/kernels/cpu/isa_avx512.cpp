@@ -9,8 +9,9 @@
 // combined (high * 256 + low) in int32 before the scale.  A 16-bit table loses about 2^-16 of the
 // group's largest entry per lookup, far below float16 codebooks' own rounding; one byte plane
 // (an int8 table) would be ~2x faster in the lookups but loses ~1% of the output.
-// 16-bit codes, and float32 activations (exact): a float32 table per sub-vector, read with 16-lane
-// gathers.
+// 16-bit codes with d a multiple of 4: no table, each codeword gathered and multiplied in directly.
+// Other 16-bit codes, and 8-bit codes with float32 activations (exact): a float32 table per
+// sub-vector, read with 16-lane gathers.
 #include "kernels.h"
 
 #if defined(__x86_64__)
@@ -58,12 +59,13 @@ inline Planes planes_at(uint8_t* w, int chunk) {
 inline int gather_chunk(int K) { return K >= 4096 ? 1 : 4096 / K; }
 
 size_t scratch_bytes(int n, int K, int d, int m) {
-  (void)n;
   const size_t cbt = sizeof(float) * (size_t)(K < 256 ? 256 : K) * d;
   const size_t vbmi = (size_t)m * u8_token_bytes(u8_chunk(m));
   const int Kp = K < 256 ? 256 : K;
   const size_t gather = sizeof(float) * (size_t)m * gather_chunk(Kp) * Kp;
-  return cbt + (vbmi > gather ? vbmi : gather) + 256;
+  const size_t dot = 2 * ((size_t)K * d + (size_t)m * n * d);  // bfloat16 codebook and activations
+  const size_t most = vbmi > gather ? vbmi : gather;
+  return cbt + (most > dot ? most : dot) + 256;
 }
 
 // cbt: [d][Kp] float32, the codebook transposed (zeros past K)
@@ -145,9 +147,12 @@ inline __m512i lookup(__m512i idx, __mmask64 high_half, const __m512i* t) {
                                 _mm512_permutex2var_epi8(t[2], idx, t[3]));
 }
 
-// NB row blocks (64 rows each, codes nb_stride bytes apart) over one token's planes.
+// NB row blocks (64 rows each, codes nb_stride bytes apart) over one token's planes.  The planes
+// are visited in group order, not the codes' order, which the hardware prefetcher cannot follow:
+// pf (if set) is the next blocks' codes for this pass, pf_n sub-vectors of them, fetched meanwhile.
 template <int NB>
-void lut_blocks(const uint8_t* codes, size_t nb_stride, const Planes& pl, float* y) {
+void lut_blocks(const uint8_t* codes, size_t nb_stride, const Planes& pl, float* y, const uint8_t* pf, int pf_n) {
+  int ahead = 0;
   __m512 acc[NB][4];
   for (int b = 0; b < NB; ++b)
     for (int q = 0; q < 4; ++q) acc[b][q] = _mm512_setzero_ps();
@@ -162,6 +167,11 @@ void lut_blocks(const uint8_t* codes, size_t nb_stride, const Planes& pl, float*
       const __m512i tl[4] = {_mm512_load_si512(plo), _mm512_load_si512(plo + 1), _mm512_load_si512(plo + 2),
                              _mm512_load_si512(plo + 3)};
       const uint8_t* cj = codes + (size_t)pl.order[p] * 64;
+      if (pf && ahead < pf_n) {
+        _mm_prefetch((const char*)(pf + (size_t)ahead * 64), _MM_HINT_T0);
+        _mm_prefetch((const char*)(pf + nb_stride + (size_t)ahead * 64), _MM_HINT_T0);
+        ++ahead;
+      }
       for (int b = 0; b < NB; ++b) {
         const __m512i idx = _mm512_loadu_si512(cj + b * nb_stride);
         const __mmask64 m = _mm512_movepi8_mask(idx);
@@ -206,10 +216,11 @@ void lut_u8(const uint8_t* codes, int n, int b0, int b1, const float* cbt, const
         Planes pl = planes_at(work + t * tb, chunk);
         pl.groups = *(const int*)(work + t * tb + tb - 64);
         float* yt = y + t * ldy + (size_t)(b - b0) * 64;
+        const uint8_t* pf = t == 0 && b + 2 < b1 ? codes + (b + 2) * stride + (size_t)j0 * 64 : nullptr;
         if (b + 2 <= b1)
-          lut_blocks<2>(codes + b * stride, stride, pl, yt);
+          lut_blocks<2>(codes + b * stride, stride, pl, yt, pf, j1 - j0);
         else
-          lut_blocks<1>(codes + b * stride, stride, pl, yt);
+          lut_blocks<1>(codes + b * stride, stride, pl, yt, nullptr, 0);
       }
   }
 }
@@ -256,8 +267,143 @@ void lut_f32(const Idx* codes, int n, int b0, int b1, const float* cbt, int K, i
   }
 }
 
+// --- 16-bit codes, d a multiple of 4: codewords gathered whole, no table --------------------------
+// A table of 4096+ entries per sub-vector costs more to build than the rows it serves, so each
+// code's codeword is gathered instead, four components (8 bytes) at a time, eight rows per gather,
+// and multiplied into the activations directly.  bfloat16 activations: codewords and activations
+// as bfloat16 pairs into vdpbf16ps (the rounding a bf16 model's own weights have), each gather
+// shared by up to three tokens; float32 activations (or no AVX512-BF16): float16 codewords widened,
+// float32 FMAs, exact.
+
+constexpr int kCodeAhead = 48;  // sub-vectors (128 bytes of codes each) prefetched ahead
+
+bool has_bf16_dot() { return __builtin_cpu_supports("avx512bf16"); }
+
+// rows 4q..4q+3 x components 0..3 in acc[q] (q < 16) -> the 64 row sums added into y
+inline void add_rows_4x4(const __m512* acc, float* y) {
+  const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  for (int g = 0; g < 4; ++g) {
+    const __m512 a0 = acc[4 * g], a1 = acc[4 * g + 1], a2 = acc[4 * g + 2], a3 = acc[4 * g + 3];
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_ps(a0, a1, 0x88), _mm512_shuffle_ps(a0, a1, 0xdd));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_ps(a2, a3, 0x88), _mm512_shuffle_ps(a2, a3, 0xdd));
+    // lane 4L + i: row L of acc[4g + i]
+    const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x88), _mm512_shuffle_ps(s01, s23, 0xdd));
+    float* p = y + 16 * g;
+    _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), _mm512_permutexvar_ps(perm, s)));
+  }
+}
+
+// eight code indices of 16 bits -> qword indices of quarter q of their codewords (dq quarters each)
+inline __m256i quarter_index(const uint16_t* c, int dq, int q) {
+  const __m256i i = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)c));
+  return dq == 1 ? i : _mm256_add_epi32(_mm256_mullo_epi32(i, _mm256_set1_epi32(dq)), _mm256_set1_epi32(q));
+}
+
+// float16 codewords ([K][d] as qwords), float32 activations: one token, blocks [b0, b1)
+void dot_f16(const uint16_t* codes, int n, int b0, int b1, const uint16_t* codebook, int d, int m, const float* x,
+             long ldx, float* y, long ldy) {
+  const int dq = d / 4;
+  for (int b = b0; b < b1; ++b) {
+    const uint16_t* cbk = codes + (size_t)b * n * 64;
+    for (int t = 0; t < m; ++t) {
+      const float* xt = x + t * ldx;
+      __m512 acc[16];
+      for (int q = 0; q < 16; ++q) acc[q] = _mm512_setzero_ps();
+      for (int j = 0; j < n; ++j)
+        for (int q = 0; q < dq; ++q) {
+          const __m512 xp = _mm512_broadcast_f32x4(_mm_loadu_ps(xt + (size_t)j * d + 4 * q));
+          const uint16_t* c = cbk + (size_t)j * 64;
+          for (int h = 0; h < 8; ++h) {
+            const __m512i w = _mm512_i32gather_epi64(quarter_index(c + 8 * h, dq, q), codebook, 8);
+            acc[2 * h] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(w)), xp, acc[2 * h]);
+            acc[2 * h + 1] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(w, 1)), xp, acc[2 * h + 1]);
+          }
+        }
+      add_rows_4x4(acc, y + t * ldy + (size_t)(b - b0) * 64);
+    }
+  }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512bf16")
+// MT tokens of one block: cbq the codebook as bfloat16 qwords [K][dq], xq[t] token t's activations
+// as bfloat16 qwords [n * dq]
+template <int MT>
+void dot_bf16_block(const uint16_t* cbk, int n, int dq, const uint64_t* cbq, const uint64_t* const* xq, float* const* yt) {
+  __m512 acc[MT][8];
+  for (int t = 0; t < MT; ++t)
+    for (int h = 0; h < 8; ++h) acc[t][h] = _mm512_setzero_ps();
+  for (int j = 0; j < n; ++j)
+    for (int q = 0; q < dq; ++q) {
+      __m512bh xp[MT];
+      for (int t = 0; t < MT; ++t) xp[t] = (__m512bh)_mm512_set1_epi64((long long)xq[t][(size_t)j * dq + q]);
+      const uint16_t* c = cbk + (size_t)j * 64;
+      if (q == 0) {  // the gathers' latency leaves the hardware prefetcher behind on the code stream
+        _mm_prefetch((const char*)(c + 64 * kCodeAhead), _MM_HINT_T0);
+        _mm_prefetch((const char*)(c + 64 * kCodeAhead + 32), _MM_HINT_T0);
+      }
+      for (int h = 0; h < 8; ++h) {
+        const __m512bh w = (__m512bh)_mm512_i32gather_epi64(quarter_index(c + 8 * h, dq, q), cbq, 8);
+        for (int t = 0; t < MT; ++t) acc[t][h] = _mm512_dpbf16_ps(acc[t][h], w, xp[t]);
+      }
+    }
+  // acc[h] lanes 2r, 2r + 1: the two halves of row 8h + r
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int t = 0; t < MT; ++t)
+    for (int h = 0; h < 8; h += 2) {
+      const __m512 s = _mm512_add_ps(_mm512_permutex2var_ps(acc[t][h], even, acc[t][h + 1]),
+                                     _mm512_permutex2var_ps(acc[t][h], odd, acc[t][h + 1]));
+      float* p = yt[t] + 8 * h;
+      _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), s));
+    }
+}
+
+void dot_bf16(const uint16_t* codes, int n, int b0, int b1, const uint16_t* codebook, int K, int d, int m,
+              const float* x, long ldx, float* y, long ldy, uint16_t* work) {
+  const int dq = d / 4;
+  uint16_t* cbb = work;  // [K][d] bfloat16
+  uint16_t* xb = work + (size_t)K * d;  // [m][n * d] bfloat16
+  for (size_t i = 0; i < (size_t)K * d; i += 16)
+    _mm256_storeu_si256((__m256i*)(cbb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(codebook + i)))));
+  const int in = n * d;
+  for (int t = 0; t < m; ++t)
+    for (int i = 0; i < in; i += 16) {
+      const __mmask16 k = in - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (in - i)) - 1);
+      _mm256_mask_storeu_epi16(xb + (size_t)t * in + i, k, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, x + t * ldx + i)));
+    }
+  const uint64_t* cbq = (const uint64_t*)cbb;
+  for (int b = b0; b < b1; ++b) {
+    const uint16_t* cbk = codes + (size_t)b * n * 64;
+    for (int t0 = 0; t0 < m; t0 += 3) {
+      const int mt = m - t0 < 3 ? m - t0 : 3;
+      const uint64_t* xq[3];
+      float* yt[3];
+      for (int t = 0; t < mt; ++t) {
+        xq[t] = (const uint64_t*)(xb + (size_t)(t0 + t) * in);
+        yt[t] = y + (t0 + t) * ldy + (size_t)(b - b0) * 64;
+      }
+      if (mt == 3)
+        dot_bf16_block<3>(cbk, n, dq, cbq, xq, yt);
+      else if (mt == 2)
+        dot_bf16_block<2>(cbk, n, dq, cbq, xq, yt);
+      else
+        dot_bf16_block<1>(cbk, n, dq, cbq, xq, yt);
+    }
+  }
+}
+#pragma GCC pop_options
+
 void lut_matvec(const Codes& codes, int b0, int b1, const uint16_t* codebook, int K, int d, int m, const float* x,
                 long ldx, float* y, long ldy, bool exact, void* scratch) {
+  if (codes.index_bytes == 2 && d % 4 == 0) {
+    const uint16_t* c = (const uint16_t*)codes.data;
+    if (!exact && has_bf16_dot())
+      dot_bf16(c, codes.n, b0, b1, codebook, K, d, m, x, ldx, y, ldy, (uint16_t*)align64(scratch));
+    else
+      dot_f16(c, codes.n, b0, b1, codebook, d, m, x, ldx, y, ldy);
+    return;
+  }
   float* cbt = align64(scratch);
   const int Kp = K < 256 ? 256 : K;  // 8-bit codes: a whole 256-entry table
   transpose_codebook(codebook, K, Kp, d, cbt);
