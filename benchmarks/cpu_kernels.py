@@ -7,10 +7,11 @@ One MoE layer per model (benchmarks/shapes.py, plus the SmolLM2 testbed): random
 top-k routing, bfloat16 activations. The baseline is vLLM's CPU fused-MoE op (``cpu_fused_moe`` on
 its prepacked bf16 weights, AMX where the CPU has it) plus bf16 ``F.linear`` for the shared expert;
 KBVQ is ``torch.ops.kbvq_cpu.moe`` plus ``torch.ops.kbvq_cpu.linear``, as the plugin calls them.
-Each KBVQ point is the dispatcher's choice (``dispatch.CPU_GEMM_MIN_TOKENS``); near the switch
+Each KBVQ point is the dispatcher's choice (``dispatch.cpu_gemm_min_tokens``); near the switch
 point each regime is also timed forced (every expert through the lookup tables, every expert
 through the tile GEMM, one run each), which is what locates it. Timings are interleaved (baseline, KBVQ, baseline, ...) and the medians
-reported, with the machine's load average; GB/s counts the weight bytes of the experts the
+reported, with the machine's load average. By default the caches are evicted before each timed call
+(``--cache cold``): a decode step reads each layer's experts from memory. GB/s counts the weight bytes of the experts the
 routing touches (codes, codebooks, factors and affine for KBVQ; bf16 weights for the baseline).
 Writes JSON (``--out``) and a plot of speed-up against batch (``--plot``).
 """
@@ -82,20 +83,34 @@ def _nbytes(tensors, experts_touched=None, n_experts=None):
     return total
 
 
-def _median_ms(fns, reps):
+class _Evict:
+    """Writes a buffer larger than the last-level cache before each timed call: in a decode step the
+    other layers' weights have evicted this layer's, so its experts come from memory, not cache."""
+
+    def __init__(self, on: bool):
+        l3 = os.sysconf("SC_LEVEL3_CACHE_SIZE") if "SC_LEVEL3_CACHE_SIZE" in os.sysconf_names else 0
+        self.buf = torch.empty(max(2 * max(l3, 0), 64 << 20) // 4) if on else None
+
+    def __call__(self):
+        if self.buf is not None:
+            self.buf.add_(1.0)
+
+
+def _median_ms(fns, reps, evict):
     """Interleaved: each rep runs every fn once; median milliseconds per fn."""
     for f in fns:
         f()  # warm-up
     times = [[] for _ in fns]
     for _ in range(reps):
         for i, f in enumerate(fns):
+            evict()
             t = time.perf_counter()
             f()
             times[i].append(time.perf_counter() - t)
     return [1e3 * statistics.median(ts) for ts in times]
 
 
-def bench_model(name: str, shape: MoEShape, bits_list, batches, reps, vllm_moe, seed=0):
+def bench_model(name: str, shape: MoEShape, bits_list, batches, reps, vllm_moe, evict, seed=0):
     g = torch.Generator().manual_seed(seed)
     H, I, E, top, S = shape.hidden, shape.inter, shape.experts, shape.top_k, shape.shared_inter
     # vLLM pads each expert's intermediate size to a multiple of 32 for its kernel; so does the baseline
@@ -148,15 +163,16 @@ def bench_model(name: str, shape: MoEShape, bits_list, batches, reps, vllm_moe, 
             return run
 
         fns, labels = [bf16], [("bf16", None)]
+        switch = {bits: dispatch.cpu_gemm_min_tokens(q[bits]["w13"][0].element_size()) for bits in bits_list}
         for bits in bits_list:
-            fns.append(kbvq(bits, dispatch.CPU_GEMM_MIN_TOKENS))
+            fns.append(kbvq(bits, switch[bits]))
             labels.append(("dispatch", bits))
-        ms = _median_ms(fns, reps)
+        ms = _median_ms(fns, reps, evict)
         # each regime forced, once, where it could be the better one (the switch point's neighbourhood)
         probes = [(regime, bits, gm) for bits in bits_list for regime, gm, near in
-                  (("lut", 10**9, T * top / E <= 4 * dispatch.CPU_GEMM_MIN_TOKENS),
-                   ("gemm", 1, T * top / E >= dispatch.CPU_GEMM_MIN_TOKENS / 4)) if near]
-        pms = _median_ms([kbvq(bits, gm) for _, bits, gm in probes], 1)
+                  (("lut", 10**9, T * top / E <= 4 * switch[bits]),
+                   ("gemm", 1, T * top / E >= switch[bits] / 4)) if near]
+        pms = _median_ms([kbvq(bits, gm) for _, bits, gm in probes], 1, evict)
         labels += [(regime, bits) for regime, bits, _ in probes]
         ms += pms
         bf16_bytes = 3 * I * H * 2 * touched + (3 * S * H * 2 if S else 0)
@@ -208,6 +224,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions per point (median)")
+    p.add_argument("--cache", choices=("cold", "warm"), default="cold",
+                   help="cold: evict the caches before each timed call, as the other layers do in a decode step "
+                        "(default); warm: the layer's weights may stay cached between calls")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu_kernels.json"))
     p.add_argument("--plot", type=Path, default=Path("benchmarks/results/cpu_kernels.png"))
     a = p.parse_args(argv)
@@ -217,12 +236,14 @@ def main(argv=None) -> int:
     vllm_moe = _vllm_moe()
     res = {"device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
            "kernel_isa": cpu_moe.isa(), "baseline": f"vllm cpu_fused_moe ({vllm_moe[2]})" if vllm_moe else
-           "bf16 F.linear per expert", "cpu_gemm_min_tokens": dispatch.CPU_GEMM_MIN_TOKENS, "bits": a.bits,
+           "bf16 F.linear per expert", "cpu_gemm_min_tokens": {f"{isa}/{b}": v for (isa, b), v in dispatch.CPU_GEMM_MIN_TOKENS.items()}
+           | {"other": dispatch.CPU_GEMM_MIN_TOKENS_OTHER}, "bits": a.bits, "cache": a.cache,
            "load_avg_before": os.getloadavg(), "threads": {}}
+    evict = _Evict(a.cache == "cold")
     for threads in a.threads:
         torch.set_num_threads(threads)
         print(f"{threads} thread(s), kernels {cpu_moe.isa()}, baseline {res['baseline']}", flush=True)
-        res["threads"][str(threads)] = {name: bench_model(name, ALL[name], a.bits, a.batch, a.reps, vllm_moe)
+        res["threads"][str(threads)] = {name: bench_model(name, ALL[name], a.bits, a.batch, a.reps, vllm_moe, evict)
                                         for name in a.models}
     res["load_avg_after"] = os.getloadavg()
     a.out.parent.mkdir(parents=True, exist_ok=True)

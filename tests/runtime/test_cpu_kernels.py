@@ -24,7 +24,7 @@ if not cpu_moe.available():
 
 ISAS = cpu_moe.available_isas()
 # max |native - torch| / max |torch|: float32 tables sum in another order (~1e-7)
-RTOL = {"avx512": 1e-5, "avx2": 1e-5, "portable": 1e-5,
+RTOL = {"amx": 1e-5, "avx512": 1e-5, "avx2": 1e-5, "portable": 1e-5,
         "bfloat16": 2 ** -7}  # both sides round to bfloat16 last: one ulp of the largest value, twice
 LUT, GEMM = 10**9, 1  # gemm_min_tokens forcing one regime
 CONFIGS = [(2, 4), (3, 4), (4, 2), (2, 8)]  # (bits, vector_dim): 8-, 12-, 8- and 16-bit indices
@@ -106,6 +106,18 @@ def test_linear_matches_torch(isa, bits, d, fused, rank):
         out = cpu_moe.kbvq_linear_cpu(x, *_native(lin, shards), gemm_min_tokens=gm)
         assert out.shape == (3, 5, shards * 72)
         _close(out, ref, isa, f"gemm_min_tokens={gm}")
+
+
+@pytest.mark.parametrize("bits,d", CONFIGS[:3], ids=[f"w{b}d{d}" for b, d in CONFIGS[:3]])
+def test_gemm_bf16_token_groups(isa, bits, d):
+    """bf16 GEMM regime past one 16-token tile (AMX: a partial last group) with an input that is no
+    multiple of 32 (padded k-steps)."""
+    g = torch.Generator().manual_seed(50 + bits)
+    cfg = KBVQConfig(bits=bits, vector_dim=d, arch="qwen2_moe", rank={})
+    lin = _group(g, cfg, None, 1, 136, 200, 4)
+    x = torch.randn(37, 200, generator=g).bfloat16()
+    ref = kbvq_linear_torch(x, *lin)
+    _close(cpu_moe.kbvq_linear_cpu(x, *_native(lin, 1), gemm_min_tokens=GEMM), ref, "bfloat16", "37 tokens")
 
 
 def test_dispatch_routes_by_layout():

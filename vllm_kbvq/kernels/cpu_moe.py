@@ -7,7 +7,8 @@ install`` and the CPU image do). If the build fails the package warns once and s
 torch path of :mod:`.torch_moe`, which is also the oracle the kernels are tested against.
 
 ``KBVQ_CPU_KERNELS=0`` keeps the torch path; ``KBVQ_CPU_ISA`` forces an instruction-set path
-(``avx512``, ``avx2``, ``portable``; default ``auto``, the best this CPU runs).
+(``amx``, ``avx512``, ``avx2``, ``portable``; default ``auto``, the best this CPU runs: ``amx`` is
+``avx512`` plus bf16 GEMMs on the AMX tile unit, where the CPU has it and Linux grants it).
 
 The kernels read codes in their own layout, made once at load by :func:`cpu_layout`:
 ``[..., S, blocks, n, 64]``, 64 rows of one sub-vector contiguous, so one byte permute (or one

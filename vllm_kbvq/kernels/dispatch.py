@@ -22,8 +22,8 @@ from .torch_moe import kbvq_linear_torch, kbvq_moe_torch, kbvq_moe_torch_static
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["select", "triton_block_m", "uses_cpu_kernels", "DECODE_MAX_PAIRS_PER_EXPERT", "CPU_GEMM_MIN_TOKENS", "moe",
-           "linear"]
+__all__ = ["select", "triton_block_m", "uses_cpu_kernels", "cpu_gemm_min_tokens", "DECODE_MAX_PAIRS_PER_EXPERT",
+           "CPU_GEMM_MIN_TOKENS", "moe", "linear"]
 
 # The Triton GEMV kernel while the average local expert gets at most this many (token, expert)
 # pairs, the grouped GEMM above. Provisional, not yet measured on a GPU:
@@ -36,11 +36,19 @@ BLOCK_M_SMALL, BLOCK_M_SMALL_UP_TO = 16, 16
 BLOCK_M_LARGE, BLOCK_M_LARGE_FROM = 128, 128
 BLOCK_M_MEDIUM = 64
 
-# CPU kernels: an expert (or shared linear) with at least this many tokens is decoded a tile at a time
-# for torch's GEMM; below, each token reads the codes through its own lookup table. Provisional
-# (the crossover of the two at Qwen1.5-MoE's expert shape, bf16, one thread); benchmarks/cpu_kernels.py
-# measures it at every supported shape.
-CPU_GEMM_MIN_TOKENS = 12
+# CPU kernels: an expert (or shared linear) with at least this many tokens has its codes decoded once
+# and multiplied by a GEMM (bf16 tiles on AMX where the CPU has it, else torch's GEMM a tile at a
+# time); below, each token reads the codes through its own lookup table (or gathers, 16-bit codes).
+# Keyed by (instruction set, bytes per code): the crossover of the two, bf16, one thread, cold
+# caches, at Qwen1.5-MoE's and Mixtral's expert shapes (benchmarks/cpu_kernels.py times both
+# regimes around it at every supported shape; results in benchmarks/results/cpu_kernels.json).
+CPU_GEMM_MIN_TOKENS = {("amx", 1): 4, ("amx", 2): 8}
+CPU_GEMM_MIN_TOKENS_OTHER = 12  # torch's GEMM on decoded tiles: the crossover at Qwen1.5-MoE's shape
+
+
+def cpu_gemm_min_tokens(index_bytes: int) -> int:
+    """The CPU kernels' switch point for codes of ``index_bytes`` bytes on this CPU's instruction set."""
+    return CPU_GEMM_MIN_TOKENS.get((cpu_moe.isa(), index_bytes), CPU_GEMM_MIN_TOKENS_OTHER)
 
 # op -> implementation where no kernel applies: the CPU, or CUDA without Triton
 _TORCH: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
@@ -82,15 +90,15 @@ def uses_cpu_kernels(device: torch.device) -> bool:
 _CPU_KERNELS = {"moe": cpu_moe.kbvq_moe_cpu, "linear": cpu_moe.kbvq_linear_cpu}
 
 
-def select(op: str, device: torch.device, pairs: int, n_local: int, cpu_layout: bool = False
+def select(op: str, device: torch.device, pairs: int, n_local: int, cpu_layout: bool = False, index_bytes: int = 1
            ) -> Callable[..., torch.Tensor]:
     """The implementation of ``op`` ("moe" or "linear") for inputs on ``device`` with ``pairs``
     (token, expert) pairs over ``n_local`` local experts (a linear: tokens over one); ``cpu_layout``:
-    the codes are in the CPU kernels' layout."""
+    the codes are in the CPU kernels' layout, ``index_bytes`` bytes per code."""
     if cpu_layout:
         if device.type != "cpu" or not cpu_moe.available():
             raise RuntimeError(f"KBVQ codes in the CPU kernels' layout on {device}, where those kernels do not run")
-        return functools.partial(_CPU_KERNELS[op], gemm_min_tokens=CPU_GEMM_MIN_TOKENS)
+        return functools.partial(_CPU_KERNELS[op], gemm_min_tokens=cpu_gemm_min_tokens(index_bytes))
     if device.type == "cuda" and (kernels := _triton()) is not None:
         fn = kernels.kbvq_moe_triton if op == "moe" else kernels.kbvq_linear_triton
         return functools.partial(fn, block_m=triton_block_m(pairs, n_local))
@@ -101,13 +109,13 @@ def select(op: str, device: torch.device, pairs: int, n_local: int, cpu_layout: 
 
 
 def _moe(x, topk_weights, topk_ids, expert_map, *groups):
-    return select("moe", x.device, topk_ids.numel(), groups[0].shape[0], cpu_moe.is_cpu_layout(groups[0], moe=True))(
-        x, topk_weights, topk_ids, expert_map, *groups)
+    return select("moe", x.device, topk_ids.numel(), groups[0].shape[0], cpu_moe.is_cpu_layout(groups[0], moe=True),
+                  groups[0].element_size())(x, topk_weights, topk_ids, expert_map, *groups)
 
 
 def _linear(x, *tensors):
-    return select("linear", x.device, x.numel() // x.shape[-1], 1, cpu_moe.is_cpu_layout(tensors[0], moe=False))(
-        x, *tensors)
+    return select("linear", x.device, x.numel() // x.shape[-1], 1, cpu_moe.is_cpu_layout(tensors[0], moe=False),
+                  tensors[0].element_size())(x, *tensors)
 
 
 def _custom_op(op: str, impl, signature: Callable[..., torch.Tensor]):

@@ -34,11 +34,18 @@ struct Kernels {
   void (*decode_tile)(const Codes& codes, int b0, int b1, const float* cbt, int K, int d, bool bf16, void* out);
   // y[i] = sum_c a[i][c] x[c], a: [rows][cols] float16 bits, row stride lda.
   void (*gemv_f16)(const uint16_t* a, int rows, int cols, long lda, const float* x, float* y);
+  // lut_matvec's result for many tokens, bfloat16 activations, d even: the codes decoded once and
+  // multiplied on a matrix unit; nullptr where the instruction set has none (a torch GEMM then).
+  void (*gemm_bf16)(const Codes& codes, int b0, int b1, const uint16_t* codebook, int K, int d, int m,
+                    const float* x, long ldx, float* y, long ldy, void* scratch);
+  size_t (*gemm_scratch_bytes)(int n, int K, int d, int m);
 };
 
 const Kernels* portable_kernels();
 const Kernels* avx2_kernels();    // nullptr where not built (not x86-64)
 const Kernels* avx512_kernels();  // nullptr where not built; needs AVX-512 F/BW/VL and VBMI
+const Kernels* amx_kernels();     // avx512's, plus gemm_bf16 on AMX; nullptr where not built
+bool amx_usable();                // the CPU has AMX-TILE and AMX-BF16 and the OS lets this process use them
 
 float half_to_float(uint16_t h);
 uint16_t float_to_bfloat16(float f);  // round to nearest even

@@ -44,6 +44,7 @@ bool cpu_has_avx2() {
 
 std::vector<std::string> supported() {
   std::vector<std::string> out;
+  if (amx_kernels() && cpu_has_avx512() && amx_usable()) out.push_back("amx");
   if (avx512_kernels() && cpu_has_avx512()) out.push_back("avx512");
   if (avx2_kernels() && cpu_has_avx2()) out.push_back("avx2");
   out.push_back("portable");
@@ -51,6 +52,7 @@ std::vector<std::string> supported() {
 }
 
 const Kernels* by_name(const std::string& name) {
+  if (name == "amx") return amx_kernels();
   if (name == "avx512") return avx512_kernels();
   if (name == "avx2") return avx2_kernels();
   return portable_kernels();
@@ -218,11 +220,15 @@ void rows_forward(const Group& g, int s, int b0, int b1, int m, const float* X, 
     scale[r - r0] = 1.f + half_to_float(g.affine_s[row0 + r]);
     shift[r - r0] = half_to_float(g.affine_b[row0 + r]);
   }
-  if (gemm) {
+  const Codes codes{g.codes + (size_t)s * g.shard_bytes(), g.index_bytes, g.n};
+  if (gemm && bf16 && k.gemm_bf16 && g.d % 2 == 0) {
+    std::fill(ybuf, ybuf + (size_t)nrows * m, 0.f);
+    k.gemm_bf16(codes, b0, b1, g.codebook + (size_t)s * g.K * g.d, g.K, g.d, m, X, ldx, ybuf, nrows,
+                scratch(k.gemm_scratch_bytes(g.n, g.K, g.d, m), 2));
+  } else if (gemm) {
     tile_gemm(g, s, b0, b1, m, X, ldx, bf16, ybuf);
   } else {
     std::fill(ybuf, ybuf + (size_t)nrows * m, 0.f);
-    const Codes codes{g.codes + (size_t)s * g.shard_bytes(), g.index_bytes, g.n};
     k.lut_matvec(codes, b0, b1, g.codebook + (size_t)s * g.K * g.d, g.K, g.d, m, X, ldx, ybuf, nrows, !bf16,
                  scratch(k.scratch_bytes(g.n, g.K, g.d, m), 2));
   }
