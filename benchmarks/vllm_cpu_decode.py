@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 
 
-def _worker(model: str, batches: list[int], tokens: int, dtype: str, repeats: int) -> dict:
+def _worker(model: str, batches: list[int], tokens: int, dtype: str, repeats: int, profile: bool) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    if profile:  # the engine in this process, so the profiler sees the model's ops
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
     t = time.perf_counter()
@@ -32,6 +34,8 @@ def _worker(model: str, batches: list[int], tokens: int, dtype: str, repeats: in
     sp = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     prompts = [f"Story {i}: once upon a time" for i in range(max(batches))]
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
+    if profile:
+        return {"model": model, "profile": _profile(llm, sp, prompts[:1], tokens)}
     rows = []
     for b in batches:
         times = []
@@ -46,6 +50,38 @@ def _worker(model: str, batches: list[int], tokens: int, dtype: str, repeats: in
     return {"model": model, "load_s": load_s, "runs": rows}
 
 
+# op-name keywords -> part of a decode step (first match wins); everything else is "other model ops"
+_PARTS = (("MoE experts", ("kbvq", "fused_moe", "moe")), ("attention", ("attention", "attn", "paged", "kv_cache")),
+          ("dense linears (attention projections, router, lm head)", ("linear", "addmm", "aten::mm", "matmul",
+                                                                      "onednn", "gemm")),
+          ("sampling", ("sampl", "topk", "top_k", "argmax", "multinomial", "gumbel")))
+
+
+def _profile(llm, sp, prompts, tokens: int) -> dict:
+    """Where one batch-1 request's decode time goes: torch profiler self-CPU time by op, grouped."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        llm.generate(prompts, sp, use_tqdm=False)
+    wall_ms = 1000 * (time.perf_counter() - t)
+    events = [(e.key, e.self_cpu_time_total / 1000) for e in prof.key_averages()]
+    parts = {name: 0.0 for name, _ in _PARTS}
+    parts["other model ops"] = 0.0
+    for key, ms in events:
+        low = key.lower()
+        part = next((name for name, words in _PARTS if any(w in low for w in words)), "other model ops")
+        parts[part] += ms
+    in_ops = sum(ms for _, ms in events)
+    top = sorted(events, key=lambda kv: -kv[1])[:25]
+    return {"wall_ms_per_step": wall_ms / tokens, "ms_per_step": {k: v / tokens for k, v in parts.items()},
+            "outside torch ops (python: scheduling, input preparation, detokenizing)_ms_per_step":
+                max(0.0, wall_ms - in_ops) / tokens,
+            "top_ops_ms_per_step": {k: v / tokens for k, v in top}, "torch": torch.__version__,
+            "note": "profiled run (profiler overhead included); in-process engine"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kbvq", required=True, nargs="+", help="KBVQ checkpoint directories")
@@ -55,23 +91,42 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=32, help="output tokens per request")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/vllm_cpu_decode.json"))
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one batch-1 request per model (torch profiler, in-process engine) and report "
+                        "where a decode step's time goes: MoE experts, attention, dense linears, sampling, the rest")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        print("RESULT " + json.dumps(_worker(a.worker, a.batch, a.tokens, a.dtype, a.repeats)))
+        print("RESULT " + json.dumps(_worker(a.worker, a.batch, a.tokens, a.dtype, a.repeats, a.profile)))
         return 0
     res, load_before = {}, os.getloadavg()
-    for name, model in (("base", a.base), *((f"kbvq:{Path(k).name}", k) for k in a.kbvq)):
+    models = (("base", a.base), *((f"kbvq:{Path(k).name}", k) for k in a.kbvq))
+
+    def worker(model, profile):
         cmd = [sys.executable, __file__, "--kbvq", *a.kbvq, "--base", a.base, "--worker", model, "--tokens",
-               str(a.tokens), "--dtype", a.dtype, "--repeats", str(a.repeats), "--batch", *map(str, a.batch)]
+               str(a.tokens), "--dtype", a.dtype, "--repeats", str(a.repeats), "--batch", *map(str, a.batch),
+               *(["--profile"] if profile else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             print(proc.stderr[-4000:], file=sys.stderr)
+            return None
+        return json.loads(line[-1][7:])
+
+    for name, model in models:
+        if (r := worker(model, False)) is None:
             return 1
-        res[name] = json.loads(line[-1][7:])
+        res[name] = r
         print(f"{name}: " + ", ".join(f"batch {r['batch']} {r['tokens_per_s']:.1f} tok/s" for r in res[name]["runs"]),
               flush=True)
+    for name, model in models if a.profile else ():  # after the timings, in their own processes
+        if (r := worker(model, True)) is None:
+            return 1
+        res[name]["profile"] = prof = r["profile"]
+        print(f"{name}, one request: {prof['wall_ms_per_step']:.1f} ms per step: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in prof["ms_per_step"].items()) + f", outside torch ops "
+            f"{prof['outside torch ops (python: scheduling, input preparation, detokenizing)_ms_per_step']:.2f}",
+            flush=True)
     ratios = {name: dict(zip(map(str, a.batch), (k["tokens_per_s"] / b["tokens_per_s"]
                                                  for b, k in zip(res["base"]["runs"], r["runs"]))))
               for name, r in res.items() if name != "base"}

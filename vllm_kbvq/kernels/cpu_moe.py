@@ -33,6 +33,11 @@ __all__ = ["available", "load", "isa", "set_isa", "available_isas", "cpu_layout"
 SOURCE_DIR = Path(__file__).with_name("cpu")
 SOURCES = ("moe_op.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx512.cpp")
 ROWS_PER_BLOCK = 64  # rows one lookup covers; the layout pads each shard to a multiple of it
+# -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is
+# built with OpenMP; the library then links libgomp.so.1, the soname torch has already loaded, so
+# the kernels share torch's intra-op thread pool instead of starting a second one.
+CFLAGS = ("-O3", "-std=c++17", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 
 def _disabled() -> bool:
@@ -41,8 +46,8 @@ def _disabled() -> bool:
 
 def build_dir() -> Path:
     """Where the compiled library lives: ``$KBVQ_CACHE_DIR`` (default ``~/.cache/vllm_kbvq``), then one
-    folder per source and torch version, so an upgrade rebuilds instead of loading a stale library."""
-    h = hashlib.sha256(torch.__version__.encode())
+    folder per source, flags and torch version, so an upgrade rebuilds instead of loading a stale library."""
+    h = hashlib.sha256(" ".join((torch.__version__, *CFLAGS, *LDFLAGS)).encode())
     for name in (*SOURCES, "kernels.h"):
         h.update((SOURCE_DIR / name).read_bytes())
     root = Path(os.environ.get("KBVQ_CACHE_DIR") or Path.home() / ".cache" / "vllm_kbvq")
@@ -57,7 +62,8 @@ def _compile(verbose: bool = False) -> None:
     # torch's loader takes a file lock in the build folder, so concurrent processes (tensor-parallel
     # workers) build once and the others wait for it.
     cpp_extension.load(name="kbvq_cpu_" + out.name.split("-")[-1], sources=[str(SOURCE_DIR / s) for s in SOURCES],
-                       extra_cflags=["-O3", "-std=c++17"], build_directory=str(out), is_python_module=False,
+                       extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(out),
+                       is_python_module=False,
                        verbose=verbose)
 
 
