@@ -94,7 +94,7 @@ def test_moe_matches_torch(isa, bits, d, case):
 
 
 @pytest.mark.parametrize("bits,d", CONFIGS[:3], ids=[f"w{b}d{d}" for b, d in CONFIGS[:3]])
-@pytest.mark.parametrize("fused,rank", [(True, 6), (False, 0), (False, 3)])
+@pytest.mark.parametrize("fused,rank", [(True, 6), (False, 0), (False, 3), (True, 20)])  # 20: two 16-wide rank chunks
 def test_linear_matches_torch(isa, bits, d, fused, rank):
     g = torch.Generator().manual_seed(bits * 7 + rank)
     cfg = KBVQConfig(bits=bits, vector_dim=d, arch="qwen2_moe", rank={})

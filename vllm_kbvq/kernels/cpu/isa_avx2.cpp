@@ -132,7 +132,7 @@ void decode_tile(const Codes& codes, int b0, int b1, const float* cbt, int K, in
     decode_rows((const uint16_t*)codes.data, codes.n, b0, b1, cbt, K, d, bf16, out);
 }
 
-const Kernels kTable = {"avx2", lut_matvec, scratch_bytes, decode_tile, gemv_f16, nullptr, nullptr};
+const Kernels kTable = {"avx2", lut_matvec, scratch_bytes, decode_tile, gemv_f16, nullptr, nullptr, nullptr};
 
 }  // namespace
 

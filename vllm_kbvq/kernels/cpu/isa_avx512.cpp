@@ -440,6 +440,50 @@ void gemv_f16(const uint16_t* a, int rows, int cols, long lda, const float* x, f
   }
 }
 
+// In-register transpose of 16 rows of 16 floats: r[c] becomes column c.
+inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  for (int g = 0; g < 4; ++g) {  // u[4g + q], 128-bit lane L: column 4L + q of rows 4g .. 4g + 3
+    u[4 * g] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xee);
+    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xee);
+  }
+  for (int q = 0; q < 4; ++q) {  // a 4 x 4 transpose of 128-bit lanes
+    const __m512 a0 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x44), a1 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0xee);
+    const __m512 a2 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0x44), a3 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0xee);
+    r[q] = _mm512_shuffle_f32x4(a0, a2, 0x88);
+    r[4 + q] = _mm512_shuffle_f32x4(a0, a2, 0xdd);
+    r[8 + q] = _mm512_shuffle_f32x4(a1, a3, 0x88);
+    r[12 + q] = _mm512_shuffle_f32x4(a1, a3, 0xdd);
+  }
+}
+
+// y[t][i] = sum_c a[i][c] bx[t][c] for m tokens: 16 rows of A transposed in registers once, then
+// rank-many FMAs per token, instead of a dot product and a horizontal sum per row and token.
+void lowrank_f16(const uint16_t* a, int rows, int r, long lda, int m, const float* bx, long ldbx, float* y, long ldy) {
+  for (int i0 = 0; i0 < rows; i0 += 16) {
+    const int nr = rows - i0 < 16 ? rows - i0 : 16;
+    const __mmask16 rm = (__mmask16)((1u << nr) - 1);
+    for (int c0 = 0; c0 < r; c0 += 16) {
+      const int nc = r - c0 < 16 ? r - c0 : 16;
+      const __mmask16 cm = (__mmask16)((1u << nc) - 1);
+      __m512 col[16];
+      for (int i = 0; i < 16; ++i)
+        col[i] = i < nr ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(cm, a + (size_t)(i0 + i) * lda + c0)) : _mm512_setzero_ps();
+      transpose16(col);
+      for (int t = 0; t < m; ++t) {
+        float* yt = y + t * ldy + i0;
+        __m512 acc = c0 ? _mm512_maskz_loadu_ps(rm, yt) : _mm512_setzero_ps();
+        const float* b = bx + t * ldbx + c0;
+        for (int c = 0; c < nc; ++c) acc = _mm512_fmadd_ps(col[c], _mm512_set1_ps(b[c]), acc);
+        _mm512_mask_storeu_ps(yt, rm, acc);
+      }
+    }
+  }
+}
+
 // float32 -> bfloat16, round to nearest even (inputs are finite: decoded float16 codewords)
 inline __m256i to_bf16(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
@@ -693,8 +737,9 @@ void gemm_amx(const Codes& codes, int b0, int b1, const uint16_t* codebook, int 
 }
 #pragma GCC pop_options
 
-const Kernels kTable = {"avx512", lut_matvec, scratch_bytes, decode_tile, gemv_f16, nullptr, nullptr};
-const Kernels kAmxTable = {"amx", lut_matvec, scratch_bytes, decode_tile, gemv_f16, gemm_amx, amx_scratch_bytes};
+const Kernels kTable = {"avx512", lut_matvec, scratch_bytes, decode_tile, gemv_f16, lowrank_f16, nullptr, nullptr};
+const Kernels kAmxTable = {"amx", lut_matvec, scratch_bytes, decode_tile, gemv_f16, lowrank_f16, gemm_amx,
+                           amx_scratch_bytes};
 
 }  // namespace
 

@@ -34,6 +34,9 @@ struct Kernels {
   void (*decode_tile)(const Codes& codes, int b0, int b1, const float* cbt, int K, int d, bool bf16, void* out);
   // y[i] = sum_c a[i][c] x[c], a: [rows][cols] float16 bits, row stride lda.
   void (*gemv_f16)(const uint16_t* a, int rows, int cols, long lda, const float* x, float* y);
+  // y[t][i] = sum_c a[i][c] bx[t][c] for m tokens (the low-rank term of a row block); nullptr: gemv_f16
+  // per token.
+  void (*lowrank)(const uint16_t* a, int rows, int r, long lda, int m, const float* bx, long ldbx, float* y, long ldy);
   // lut_matvec's result for many tokens, bfloat16 activations, d even: the codes decoded once and
   // multiplied on a matrix unit; nullptr where the instruction set has none (a torch GEMM then).
   void (*gemm_bf16)(const Codes& codes, int b0, int b1, const uint16_t* codebook, int K, int d, int m,

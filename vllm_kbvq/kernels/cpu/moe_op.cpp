@@ -214,8 +214,8 @@ void rows_forward(const Group& g, int s, int b0, int b1, int m, const float* X, 
   const Kernels& k = kernels();
   const int nrows = (b1 - b0) * 64;
   const int r0 = b0 * 64, r1 = std::min(b1 * 64, g.rows), row0 = s * g.rows;
-  float* ybuf = (float*)scratch(sizeof(float) * (size_t)nrows * (m + 3), 0);
-  float *lr = ybuf + (size_t)nrows * m, *scale = lr + nrows, *shift = scale + nrows;
+  float* ybuf = (float*)scratch(sizeof(float) * (size_t)nrows * (2 * m + 2), 0);
+  float *lr = ybuf + (size_t)nrows * m, *scale = lr + (size_t)nrows * m, *shift = scale + nrows;  // lr: [m][nrows]
   for (int r = r0; r < r1; ++r) {
     scale[r - r0] = 1.f + half_to_float(g.affine_s[row0 + r]);
     shift[r - r0] = half_to_float(g.affine_b[row0 + r]);
@@ -232,12 +232,15 @@ void rows_forward(const Group& g, int s, int b0, int b1, int m, const float* X, 
     k.lut_matvec(codes, b0, b1, g.codebook + (size_t)s * g.K * g.d, g.K, g.d, m, X, ldx, ybuf, nrows, !bf16,
                  scratch(k.scratch_bytes(g.n, g.K, g.d, m), 2));
   }
+  const uint16_t* a = g.lr_a ? g.lr_a + (size_t)(row0 + r0) * g.r : nullptr;
+  if (a && k.lowrank)
+    k.lowrank(a, r1 - r0, g.r, g.r, m, BX, ldbx, lr, nrows);
+  else if (a)
+    for (int t = 0; t < m; ++t) k.gemv_f16(a, r1 - r0, g.r, g.r, BX + t * ldbx, lr + (size_t)t * nrows);
   for (int t = 0; t < m; ++t) {
-    const float* yt = ybuf + (size_t)t * nrows;
-    if (g.lr_a) k.gemv_f16(g.lr_a + (size_t)(row0 + r0) * g.r, r1 - r0, g.r, g.r, BX + t * ldbx, lr);
+    const float *yt = ybuf + (size_t)t * nrows, *lt = lr + (size_t)t * nrows;
     float* out = Y + t * ldy + row0;
-    for (int r = r0; r < r1; ++r)
-      out[r] = (yt[r - r0] + (g.lr_a ? lr[r - r0] : 0.f)) * scale[r - r0] + shift[r - r0];
+    for (int r = r0; r < r1; ++r) out[r] = (yt[r - r0] + (a ? lt[r - r0] : 0.f)) * scale[r - r0] + shift[r - r0];
   }
 }
 
