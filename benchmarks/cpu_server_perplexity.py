@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
     ref = _ppl(ev.Target(str(a.ckpt), batch_size=a.batch_size), a.seqlen, a.ppl_windows)
     res["reference runtime"] = ref
     print(f"  perplexity {ref['perplexity']:.4f} ({ref['seconds']:.0f} s)", flush=True)
-    logs = a.out.parent / "cpu_server_perplexity_logs"
+    logs = Path(tempfile.mkdtemp(prefix="kbvq-server-ppl-"))
+    print(f"server logs in {logs}", flush=True)
     for name, dtype, env in RUNS:
         print(f"{name} ...", flush=True)
         srv = ServerProcess(a.ckpt, logs / f"{name.replace(' ', '_').replace(',', '')}.log", port=free_port(),

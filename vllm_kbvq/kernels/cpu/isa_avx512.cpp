@@ -575,7 +575,7 @@ struct alignas(64) TileConfig {
 struct AmxWork {
   int in, kpad, mpad;  // inputs, inputs padded to 32, tokens padded to 16
   uint8_t* planes;     // 8-bit codes: [d / 2][4][256] bytes of each codeword pair's bfloat16 bits
-  uint32_t* pairs;     // 16-bit codes: [K][d / 2] codeword pairs as bfloat16 x 2
+  uint32_t* pairs;     // [K][d / 2] codeword pairs as bfloat16 x 2 (the codebook in bfloat16)
   uint16_t* xb;        // [mpad][kpad] bfloat16 activations, zero padded
   uint8_t* panel;      // [kAmxSteps][4][16][64] B tiles
   float* acc;          // [mpad / 16][4][16][16] results of each token group
@@ -641,20 +641,22 @@ void gemm_amx(const Codes& codes, int b0, int b1, const uint16_t* codebook, int 
               long ldx, float* y, long ldy, void* scratch) {
   const int n = codes.n, dp = d / 2;
   AmxWork w = amx_work(scratch, n, K, d, m);
-  // codeword pairs as bfloat16
-  if (codes.index_bytes == 1) {
-    for (int p = 0; p < dp; ++p)
-      for (int k = 0; k < 256; ++k) {
-        const uint32_t lo = k < K ? float_to_bfloat16(_cvtsh_ss(codebook[(size_t)k * d + 2 * p])) : 0u;
-        const uint32_t hi = k < K ? float_to_bfloat16(_cvtsh_ss(codebook[(size_t)k * d + 2 * p + 1])) : 0u;
-        uint8_t* pl = w.planes + (size_t)p * 1024;
-        pl[k] = (uint8_t)lo, pl[256 + k] = (uint8_t)(lo >> 8), pl[512 + k] = (uint8_t)hi, pl[768 + k] = (uint8_t)(hi >> 8);
-      }
-  } else {
-    for (size_t i = 0; i < (size_t)K * dp; ++i)
-      w.pairs[i] = (uint32_t)float_to_bfloat16(_cvtsh_ss(codebook[2 * i])) |
-                   ((uint32_t)float_to_bfloat16(_cvtsh_ss(codebook[2 * i + 1])) << 16);
+  // the codebook as bfloat16, [K][d]: read as uint32, component pairs (2p, 2p + 1) in VNNI order.
+  // Vectorised: every call converts a whole codebook, and small experts make many calls.
+  const size_t kd = (size_t)K * d;
+  for (size_t i = 0; i < kd; i += 16) {
+    const __mmask16 km = kd - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (kd - i)) - 1);
+    _mm256_mask_storeu_epi16((uint16_t*)w.pairs + i, km,
+                             (__m256i)_mm512_cvtneps_pbh(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, codebook + i))));
   }
+  if (codes.index_bytes == 1)  // 8-bit codes: the pairs' four bytes as byte planes for the permutes
+    for (int p = 0; p < dp; ++p) {
+      uint8_t* pl = w.planes + (size_t)p * 1024;
+      for (int k = 0; k < 256; ++k) {
+        const uint32_t v = k < K ? w.pairs[(size_t)k * dp + p] : 0u;
+        pl[k] = (uint8_t)v, pl[256 + k] = (uint8_t)(v >> 8), pl[512 + k] = (uint8_t)(v >> 16), pl[768 + k] = (uint8_t)(v >> 24);
+      }
+    }
   const int steps = w.kpad / 32, groups = w.mpad / 16;
   // activations as A tiles, [group][step][16 tokens][32 inputs]: each tile one contiguous KiB
   for (int t = 0; t < w.mpad; ++t)
