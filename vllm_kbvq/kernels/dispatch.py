@@ -50,6 +50,7 @@ def cpu_gemm_min_tokens(index_bytes: int) -> int:
     """The CPU kernels' switch point for codes of ``index_bytes`` bytes on this CPU's instruction set."""
     return CPU_GEMM_MIN_TOKENS.get((cpu_moe.isa(), index_bytes), CPU_GEMM_MIN_TOKENS_OTHER)
 
+
 # op -> implementation where no kernel applies: the CPU, or CUDA without Triton
 _TORCH: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
     "cpu": {"moe": kbvq_moe_torch, "linear": kbvq_linear_torch},

@@ -329,6 +329,20 @@ void dot_f16(const uint16_t* codes, int n, int b0, int b1, const uint16_t* codeb
 
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
+// n float16 values as bfloat16 (a codebook, for the bf16 dot products and the AMX tiles)
+inline void f16_to_bf16(const uint16_t* h, size_t n, uint16_t* out) {
+  for (size_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+    _mm256_mask_storeu_epi16(out + i, k, (__m256i)_mm512_cvtneps_pbh(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, h + i))));
+  }
+}
+
+// 16 float32 activations as bfloat16, zeros past the first `left` (none when left <= 0)
+inline __m256i f32_to_bf16_16(const float* x, int left) {
+  const __mmask16 k = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
+  return (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, x));
+}
+
 // MT tokens of one block: cbq the codebook as bfloat16 qwords [K][dq], xq[t] token t's activations
 // as bfloat16 qwords [n * dq]
 template <int MT>
@@ -367,13 +381,12 @@ void dot_bf16(const uint16_t* codes, int n, int b0, int b1, const uint16_t* code
   const int dq = d / 4;
   uint16_t* cbb = work;  // [K][d] bfloat16
   uint16_t* xb = work + (size_t)K * d;  // [m][n * d] bfloat16
-  for (size_t i = 0; i < (size_t)K * d; i += 16)
-    _mm256_storeu_si256((__m256i*)(cbb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(codebook + i)))));
+  f16_to_bf16(codebook, (size_t)K * d, cbb);
   const int in = n * d;
   for (int t = 0; t < m; ++t)
     for (int i = 0; i < in; i += 16) {
       const __mmask16 k = in - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (in - i)) - 1);
-      _mm256_mask_storeu_epi16(xb + (size_t)t * in + i, k, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, x + t * ldx + i)));
+      _mm256_mask_storeu_epi16(xb + (size_t)t * in + i, k, f32_to_bf16_16(x + t * ldx + i, in - i));
     }
   const uint64_t* cbq = (const uint64_t*)cbb;
   for (int b = b0; b < b1; ++b) {
@@ -576,7 +589,7 @@ struct AmxWork {
   int in, kpad, mpad;  // inputs, inputs padded to 32, tokens padded to 16
   uint8_t* planes;     // 8-bit codes: [d / 2][4][256] bytes of each codeword pair's bfloat16 bits
   uint32_t* pairs;     // [K][d / 2] codeword pairs as bfloat16 x 2 (the codebook in bfloat16)
-  uint16_t* xb;        // [mpad][kpad] bfloat16 activations, zero padded
+  uint16_t* xb;        // bfloat16 activations as A tiles [mpad / 16][kpad / 32][16][32], zero padded
   uint8_t* panel;      // [kAmxSteps][4][16][64] B tiles
   float* acc;          // [mpad / 16][4][16][16] results of each token group
 };
@@ -643,12 +656,7 @@ void gemm_amx(const Codes& codes, int b0, int b1, const uint16_t* codebook, int 
   AmxWork w = amx_work(scratch, n, K, d, m);
   // the codebook as bfloat16, [K][d]: read as uint32, component pairs (2p, 2p + 1) in VNNI order.
   // Vectorised: every call converts a whole codebook, and small experts make many calls.
-  const size_t kd = (size_t)K * d;
-  for (size_t i = 0; i < kd; i += 16) {
-    const __mmask16 km = kd - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (kd - i)) - 1);
-    _mm256_mask_storeu_epi16((uint16_t*)w.pairs + i, km,
-                             (__m256i)_mm512_cvtneps_pbh(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(km, codebook + i))));
-  }
+  f16_to_bf16(codebook, (size_t)K * d, (uint16_t*)w.pairs);
   if (codes.index_bytes == 1)  // 8-bit codes: the pairs' four bytes as byte planes for the permutes
     for (int p = 0; p < dp; ++p) {
       uint8_t* pl = w.planes + (size_t)p * 1024;
@@ -661,10 +669,8 @@ void gemm_amx(const Codes& codes, int b0, int b1, const uint16_t* codebook, int 
   // activations as A tiles, [group][step][16 tokens][32 inputs]: each tile one contiguous KiB
   for (int t = 0; t < w.mpad; ++t)
     for (int i = 0; i < w.kpad; i += 16) {
-      const int left = t < m ? w.in - i : 0;
-      const __mmask16 k = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
       uint16_t* a = w.xb + (((size_t)(t / 16) * steps + i / 32) * 16 + t % 16) * 32 + i % 32;
-      _mm256_storeu_si256((__m256i*)a, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(k, x + (size_t)t * ldx + i)));
+      _mm256_storeu_si256((__m256i*)a, f32_to_bf16_16(x + (size_t)t * ldx + i, t < m ? w.in - i : 0));
     }
   // C and A tiles have as many rows as there are tokens (up to 16): the tile unit's time goes with them
   TileConfig cfg = {};
