@@ -80,7 +80,7 @@ class KBVQLinear(nn.Module):
     def forward(self, x: torch.Tensor, bx: torch.Tensor | None = None) -> torch.Tensor:
         """``bx`` is ``B x`` when the caller already has it (one per token for all experts)."""
         if self.cpu_codes is not None and x.device.type == "cpu" and self.vq_codebook.dtype == torch.float16:
-            return dispatch.select("linear", x.device, x.numel() // x.shape[-1], 1, cpu_layout=True)(
+            return dispatch.bind("linear", self.cpu_codes)(
                 x, self.cpu_codes, self.vq_codebook[None], self.lr_a if self.rank else None, self.lr_b,
                 self.affine_s, self.affine_b)
         xf = x.float()
@@ -158,7 +158,7 @@ class KBVQExperts(nn.ModuleList):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         if self.cpu_tensors is not None and hidden_states.device.type == "cpu":
-            return dispatch.select("moe", hidden_states.device, top_k_index.numel(), self.n_experts, cpu_layout=True)(
+            return dispatch.bind("moe", self.cpu_tensors[0])(
                 hidden_states, top_k_weights, top_k_index, None, *self.cpu_tensors)
         # B x for gate/up is the same for every expert: once per token.
         bxs = {}

@@ -27,7 +27,7 @@ ISAS = cpu_moe.available_isas()
 RTOL = {"amx": 1e-5, "avx512": 1e-5, "avx2": 1e-5, "portable": 1e-5,
         "bfloat16": 2 ** -7}  # both sides round to bfloat16 last: one ulp of the largest value, twice
 LUT, GEMM = 10**9, 1  # gemm_min_tokens forcing one regime
-CONFIGS = [(2, 4), (3, 4), (4, 2), (2, 8)]  # (bits, vector_dim): 8-, 12-, 8- and 16-bit indices
+CONFIGS = [(2, 4), (3, 4), (4, 2), (2, 8), (2, 2)]  # (bits, vector_dim): 8-, 12-, 8-, 16- and 4-bit indices
 
 
 @pytest.fixture(params=ISAS)
@@ -132,6 +132,13 @@ def test_dispatch_routes_by_layout():
     native = torch.ops.kbvq.moe(x, w, ids, None, *_native(w13, 2), *_native(w2, 1))
     _close(native, plain, cpu_moe.isa(), "dispatch")
     assert dispatch.uses_cpu_kernels(torch.device("cpu"))
+    # bound once per layer: the native op for CPU-layout codes (same result), the custom op otherwise
+    assert dispatch.bind("moe", w13[0]) is torch.ops.kbvq.moe
+    bound = dispatch.bind("moe", _native(w13, 2)[0])
+    torch.testing.assert_close(bound(x, w, ids, None, *_native(w13, 2), *_native(w2, 1)), native, atol=0, rtol=0)
+    lin = _group(g, cfg, None, 1, 64, 128, 0)
+    torch.testing.assert_close(dispatch.bind("linear", _native(lin, 1)[0])(x, *_native(lin, 1)),
+                               torch.ops.kbvq.linear(x, *_native(lin, 1)), atol=0, rtol=0)
 
 
 def test_cpu_layout():

@@ -67,6 +67,13 @@ def _compile(verbose: bool = False) -> None:
                        verbose=verbose)
 
 
+def _register_fakes() -> None:
+    """Shape functions of the native ops, so torch.compile traces a model that calls them directly."""
+    torch.library.register_fake("kbvq_cpu::moe")(lambda x, *args: torch.empty_like(x))
+    torch.library.register_fake("kbvq_cpu::linear")(
+        lambda x, codes, codebook, lr_a, lr_b, affine_s, *args: x.new_empty(*x.shape[:-1], affine_s.shape[0]))
+
+
 @functools.cache
 def load() -> bool:
     """Build (first use) and load the kernels; False, with one warning, where that fails or is turned off."""
@@ -74,6 +81,7 @@ def load() -> bool:
         return False
     try:
         _compile()
+        _register_fakes()
         choice = os.environ.get("KBVQ_CPU_ISA", "auto") or "auto"
         torch.ops.kbvq_cpu.set_isa(choice)
     except Exception as e:  # a missing compiler, ninja or header: the torch path still works

@@ -7,6 +7,8 @@ pairs per local expert), as AQLM's kernel table does; nothing else in the packag
 ``KBVQ_DISABLE_TRITON=1`` keeps CUDA on the torch path, ``KBVQ_CPU_KERNELS=0`` the CPU (for
 comparisons and debugging). The CPU kernels read codes in their own layout, which the loaders make
 when :func:`uses_cpu_kernels` says so; tensors in the plain runtime layout run the torch path.
+A layer whose weights are fixed asks :func:`bind` once instead: codes in the CPU layout get the
+native op itself, so a compiled graph calls C++ with no Python in between.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from .torch_moe import kbvq_linear_torch, kbvq_moe_torch, kbvq_moe_torch_static
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["select", "triton_block_m", "uses_cpu_kernels", "cpu_gemm_min_tokens", "DECODE_MAX_PAIRS_PER_EXPERT",
+__all__ = ["select", "bind", "triton_block_m", "uses_cpu_kernels", "cpu_gemm_min_tokens", "DECODE_MAX_PAIRS_PER_EXPERT",
            "CPU_GEMM_MIN_TOKENS", "moe", "linear"]
 
 # The Triton GEMV kernel while the average local expert gets at most this many (token, expert)
@@ -107,6 +109,18 @@ def select(op: str, device: torch.device, pairs: int, n_local: int, cpu_layout: 
         return _TORCH[device.type][op]
     except KeyError:
         raise NotImplementedError(f"no KBVQ {op} implementation for device type {device.type!r}") from None
+
+
+def bind(op: str, codes: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """What a layer holding ``codes`` calls for ``op`` ("moe" or "linear"), chosen once at load: codes in
+    the CPU kernels' layout get the native ``torch.ops.kbvq_cpu`` op with its switch point bound (the
+    ``torch.ops.kbvq`` custom op would run ~75 µs of Python per call around a kernel that takes
+    10-40 µs at small shapes); other codes get the ``torch.ops.kbvq`` custom op, which selects per call."""
+    if cpu_moe.is_cpu_layout(codes, moe=op == "moe"):
+        if codes.device.type != "cpu" or not cpu_moe.available():
+            raise RuntimeError(f"KBVQ codes in the CPU kernels' layout on {codes.device}, where those kernels do not run")
+        return functools.partial(getattr(torch.ops.kbvq_cpu, op), gemm_min_tokens=cpu_gemm_min_tokens(codes.element_size()))
+    return getattr(torch.ops.kbvq, op)
 
 
 def _moe(x, topk_weights, topk_ids, expert_map, *groups):

@@ -3,8 +3,9 @@
 The lifecycle is vLLM's (see its ``moe_wna16.py``): ``create_weights`` registers parameters of
 :meth:`.layout.GroupLayout.load_shapes` (the codes still packed, as the checkpoint holds them) with
 loaders that copy this rank's part of each checkpoint tensor; ``process_weights_after_loading``
-unpacks the codes into the runtime layout; ``apply`` calls the ``torch.ops.kbvq`` custom ops of
-:mod:`vllm_kbvq.kernels.dispatch`.
+unpacks the codes into the runtime layout and asks :func:`vllm_kbvq.kernels.dispatch.bind` for the
+op ``apply`` calls (the native CPU op where the codes are in its layout, else the ``torch.ops.kbvq``
+custom op).
 
 Import only inside a process that has vLLM.
 """
@@ -95,6 +96,7 @@ class KBVQMoEMethod(FusedMoEMethodBase):
     def process_weights_after_loading(self, layer) -> None:
         for group, layout in self.layouts.items():
             _unpack_codes(layer, f"{group}_vq_codes", layout)
+        self.op = dispatch.bind("moe", layer.w13_vq_codes)
 
     def get_fused_moe_quant_config(self, layer):
         return FUSED_MOE_UNQUANTIZED_CONFIG  # activations are not quantized
@@ -103,8 +105,8 @@ class KBVQMoEMethod(FusedMoEMethodBase):
         if layer.apply_router_weight_on_input:
             raise NotImplementedError("KBVQ experts do not support apply_router_weight_on_input")
         # the op takes each group's tensors in the format's suffix order (lr_* absent at rank 0)
-        return torch.ops.kbvq.moe(x, topk_weights, topk_ids, layer.expert_map,
-                                  *(getattr(layer, f"{g}_{s}", None) for g in ("w13", "w2") for s in SUFFIXES))
+        return self.op(x, topk_weights, topk_ids, layer.expert_map,
+                       *(getattr(layer, f"{g}_{s}", None) for g in ("w13", "w2") for s in SUFFIXES))
 
 
 class KBVQLinearMethod(LinearMethodBase):
@@ -136,8 +138,9 @@ class KBVQLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer) -> None:
         _unpack_codes(layer, "vq_codes", self.layout)
+        self.op = dispatch.bind("linear", layer.vq_codes)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = torch.ops.kbvq.linear(x, layer.vq_codes, layer.vq_codebook, getattr(layer, "lr_a", None),
+        y = self.op(x, layer.vq_codes, layer.vq_codebook, getattr(layer, "lr_a", None),
                                   getattr(layer, "lr_b", None), layer.affine_s, layer.affine_b)
         return y if bias is None else y + bias

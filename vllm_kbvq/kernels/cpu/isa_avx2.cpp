@@ -132,7 +132,14 @@ void decode_tile(const Codes& codes, int b0, int b1, const float* cbt, int K, in
     decode_rows((const uint16_t*)codes.data, codes.n, b0, b1, cbt, K, d, bf16, out);
 }
 
-const Kernels kTable = {"avx2", lut_matvec, scratch_bytes, decode_tile, gemv_f16, nullptr, nullptr, nullptr};
+void f16_to_f32(const uint16_t* h, int n, float* out) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + i))));
+  for (; i < n; ++i) out[i] = _cvtsh_ss(h[i]);
+}
+
+const Kernels kTable = {"avx2", lut_matvec, scratch_bytes, decode_tile, gemv_f16, nullptr, nullptr, nullptr,
+                        f16_to_f32};
 
 }  // namespace
 

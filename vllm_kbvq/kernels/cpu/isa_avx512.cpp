@@ -71,10 +71,36 @@ size_t scratch_bytes(int n, int K, int d, int m) {
   return cbt + (most > dot ? most : dot) + 256;
 }
 
-// cbt: [d][Kp] float32, the codebook transposed (zeros past K)
+// cbt: [d][Kp] float32, the codebook transposed (zeros past K).  d = 2 or 4 (the project's dims for
+// 8-bit codes) 16 codewords at a time: widened, then component i picked out by permutes.
 void transpose_codebook(const uint16_t* codebook, int K, int Kp, int d, float* cbt) {
+  int k0 = 0;
+  if (d == 2 || d == 4) {
+    for (; k0 + 16 <= K; k0 += 16) {
+      __m512 v[4];
+      for (int c = 0; c < d; ++c)
+        v[c] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(codebook + (size_t)k0 * d + 16 * c)));
+      for (int i = 0; i < d; ++i) {
+        // lane j: element d j + i of the concatenated pair (codewords j of the pair's 32 / d)
+        const __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3,
+                                                                                  4, 5, 6, 7),
+                                                                _mm512_set1_epi32(d)),
+                                             _mm512_set1_epi32(i));
+        __m512 out;
+        if (d == 2) {
+          out = _mm512_permutex2var_ps(v[0], _mm512_add_epi32(idx, _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16,
+                                                                                     16, 16, 16, 16, 16)),
+                                       v[1]);
+        } else {
+          const __m512 lo = _mm512_permutex2var_ps(v[0], idx, v[1]), hi = _mm512_permutex2var_ps(v[2], idx, v[3]);
+          out = _mm512_shuffle_f32x4(lo, hi, 0x44);
+        }
+        _mm512_storeu_ps(cbt + (size_t)i * Kp + k0, out);
+      }
+    }
+  }
   for (int i = 0; i < d; ++i)
-    for (int k = 0; k < Kp; ++k) cbt[(size_t)i * Kp + k] = k < K ? _cvtsh_ss(codebook[(size_t)k * d + i]) : 0.f;
+    for (int k = k0; k < Kp; ++k) cbt[(size_t)i * Kp + k] = k < K ? _cvtsh_ss(codebook[(size_t)k * d + i]) : 0.f;
 }
 
 // table[k..k+15] = sum_i x[i] * cbt[i][k..k+15] (planes `stride` floats apart), d unrolled where the
@@ -90,6 +116,42 @@ inline __m512 dot16(const float* cbt, size_t stride, const __m512* xb, int d, in
 inline float* align64(void* p) { return (float*)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
 
 // --- 8-bit codes: quantised table, byte permutes ------------------------------------------------
+
+// One sub-vector's 256 table entries, already scaled to int16 range (|entry| <= 32767), as a high
+// (signed) and a low byte plane: 64 entries at a time, rounded to int32, saturated to int16 by two
+// packs (which interleave 128-bit lanes) and split into bytes by two byte permutes that also undo
+// the interleave.
+template <int D>
+inline void table_planes_d(const float* cbt, const __m512* xb, int d, uint8_t* hi, uint8_t* lo) {
+  // entry e (< 64) sits in word 8 (r / 4) + 4 (e / 16 % 2) + r % 4 (r = e % 16) of pack (e / 32)
+  alignas(64) static const uint8_t kSplit[2][64] = {
+#define W(e) (uint8_t)(((e) / 32) * 64 + 2 * (8 * ((e) % 16 / 4) + 4 * ((e) / 16 % 2) + (e) % 4))
+#define R8(e) W(e), W(e + 1), W(e + 2), W(e + 3), W(e + 4), W(e + 5), W(e + 6), W(e + 7)
+      {R8(0), R8(8), R8(16), R8(24), R8(32), R8(40), R8(48), R8(56)},
+#undef W
+#define W(e) (uint8_t)(((e) / 32) * 64 + 2 * (8 * ((e) % 16 / 4) + 4 * ((e) / 16 % 2) + (e) % 4) + 1)
+      {R8(0), R8(8), R8(16), R8(24), R8(32), R8(40), R8(48), R8(56)},
+#undef W
+#undef R8
+  };
+  const __m512i lo_idx = _mm512_load_si512(kSplit[0]), hi_idx = _mm512_load_si512(kSplit[1]);
+  for (int k = 0; k < 256; k += 64) {
+    __m512i q[4];
+    for (int c = 0; c < 4; ++c) q[c] = _mm512_cvtps_epi32(dot16<D>(cbt, 256, xb, d, k + 16 * c));
+    const __m512i p01 = _mm512_packs_epi32(q[0], q[1]), p23 = _mm512_packs_epi32(q[2], q[3]);
+    _mm512_storeu_si512(hi + k, _mm512_permutex2var_epi8(p01, hi_idx, p23));
+    _mm512_storeu_si512(lo + k, _mm512_permutex2var_epi8(p01, lo_idx, p23));
+  }
+}
+
+inline void table_planes(const float* cbt, const __m512* xb, int d, uint8_t* hi, uint8_t* lo) {
+  if (d == 4)
+    table_planes_d<4>(cbt, xb, d, hi, lo);
+  else if (d == 2)
+    table_planes_d<2>(cbt, xb, d, hi, lo);
+  else
+    table_planes_d<0>(cbt, xb, d, hi, lo);
+}
 
 // The planes of sub-vectors [j0, j1) for one token, grouped by the binary exponent of a bound on
 // their entries, |table[j][k]| <= sum_i |x_j,i| max_k |codebook[k][i]| (cmax): within a group the
@@ -125,21 +187,12 @@ void build_planes(const float* cbt, const float* cmax, int d, const float* x, in
     }
     pl.end[pl.groups] = p1;
     pl.scale[pl.groups++] = mx / 32767.f;
-    const __m512 inv = _mm512_set1_ps(32767.f / mx);
-    const __m512i low = _mm512_set1_epi32(0xff);
+    const float inv = 32767.f / mx;
     for (int p = p0; p < p1; ++p) {
       const float* xj = x + (size_t)pl.order[p] * d;
-      int8_t* h = pl.hi + (size_t)p * 256;
-      uint8_t* l = pl.lo + (size_t)p * 256;
       __m512 xb[16];
-      for (int i = 0; i < d; ++i) xb[i] = _mm512_set1_ps(xj[i]);
-      for (int k = 0; k < 256; k += 16) {
-        const __m512 t = d == 4 ? dot16<4>(cbt, 256, xb, d, k) : d == 2 ? dot16<2>(cbt, 256, xb, d, k)
-                                                                        : dot16<0>(cbt, 256, xb, d, k);
-        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(t, inv));
-        _mm_store_si128((__m128i*)(h + k), _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 8)));
-        _mm_store_si128((__m128i*)(l + k), _mm512_cvtepi32_epi8(_mm512_and_si512(q, low)));
-      }
+      for (int i = 0; i < d; ++i) xb[i] = _mm512_set1_ps(xj[i] * inv);  // the scale folded into x
+      table_planes(cbt, xb, d, (uint8_t*)pl.hi + (size_t)p * 256, pl.lo + (size_t)p * 256);
     }
     p0 = p1;
   }
@@ -429,11 +482,11 @@ void lut_matvec(const Codes& codes, int b0, int b1, const uint16_t* codebook, in
     lut_f32((const uint8_t*)codes.data, codes.n, b0, b1, cbt, Kp, d, m, x, ldx, y, ldy, cbt + (size_t)Kp * d);
   } else {
     float cmax[16] = {0};  // d <= 8 for 8-bit indices
-    for (int i = 0; i < d; ++i)
-      for (int k = 0; k < 256; ++k) {
-        const float v = cbt[i * 256 + k] < 0 ? -cbt[i * 256 + k] : cbt[i * 256 + k];
-        cmax[i] = v > cmax[i] ? v : cmax[i];
-      }
+    for (int i = 0; i < d; ++i) {
+      __m512 mx = _mm512_setzero_ps();
+      for (int k = 0; k < 256; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(cbt + i * 256 + k)));
+      cmax[i] = _mm512_reduce_max_ps(mx);
+    }
     lut_u8((const uint8_t*)codes.data, codes.n, b0, b1, cbt, cmax, d, m, x, ldx, y, ldy, (uint8_t*)(cbt + 256 * d));
   }
 }
@@ -745,9 +798,17 @@ void gemm_amx(const Codes& codes, int b0, int b1, const uint16_t* codebook, int 
 }
 #pragma GCC pop_options
 
-const Kernels kTable = {"avx512", lut_matvec, scratch_bytes, decode_tile, gemv_f16, lowrank_f16, nullptr, nullptr};
+void f16_to_f32(const uint16_t* h, int n, float* out) {
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(out + i, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, h + i)));
+  }
+}
+
+const Kernels kTable = {"avx512", lut_matvec, scratch_bytes, decode_tile, gemv_f16, lowrank_f16, nullptr, nullptr,
+                        f16_to_f32};
 const Kernels kAmxTable = {"amx", lut_matvec, scratch_bytes, decode_tile, gemv_f16, lowrank_f16, gemm_amx,
-                           amx_scratch_bytes};
+                           amx_scratch_bytes, f16_to_f32};
 
 }  // namespace
 

@@ -122,7 +122,12 @@ void decode_tile(const Codes& codes, int b0, int b1, const float* cbt, int K, in
     decode_rows((const uint16_t*)codes.data, codes.n, b0, b1, cbt, K, d, bf16, out);
 }
 
-const Kernels kTable = {"portable", lut_matvec, scratch_bytes, decode_tile, gemv_f16, nullptr, nullptr, nullptr};
+void f16_to_f32(const uint16_t* h, int n, float* out) {
+  for (int i = 0; i < n; ++i) out[i] = half_to_float(h[i]);
+}
+
+const Kernels kTable = {"portable", lut_matvec, scratch_bytes, decode_tile, gemv_f16, nullptr, nullptr, nullptr,
+                        f16_to_f32};
 
 }  // namespace
 

@@ -42,6 +42,8 @@ struct Kernels {
   void (*gemm_bf16)(const Codes& codes, int b0, int b1, const uint16_t* codebook, int K, int d, int m,
                     const float* x, long ldx, float* y, long ldy, void* scratch);
   size_t (*gemm_scratch_bytes)(int n, int K, int d, int m);
+  // out[i] = float16 bits h[i] as float32, i < n.
+  void (*f16_to_f32)(const uint16_t* h, int n, float* out);
 };
 
 const Kernels* portable_kernels();

@@ -216,10 +216,8 @@ void rows_forward(const Group& g, int s, int b0, int b1, int m, const float* X, 
   const int r0 = b0 * 64, r1 = std::min(b1 * 64, g.rows), row0 = s * g.rows;
   float* ybuf = (float*)scratch(sizeof(float) * (size_t)nrows * (2 * m + 2), 0);
   float *lr = ybuf + (size_t)nrows * m, *scale = lr + (size_t)nrows * m, *shift = scale + nrows;  // lr: [m][nrows]
-  for (int r = r0; r < r1; ++r) {
-    scale[r - r0] = 1.f + half_to_float(g.affine_s[row0 + r]);
-    shift[r - r0] = half_to_float(g.affine_b[row0 + r]);
-  }
+  k.f16_to_f32(g.affine_s + row0 + r0, r1 - r0, scale);  // applied as 1 + s
+  k.f16_to_f32(g.affine_b + row0 + r0, r1 - r0, shift);
   const Codes codes{g.codes + (size_t)s * g.shard_bytes(), g.index_bytes, g.n};
   if (gemm && bf16 && k.gemm_bf16 && g.d % 2 == 0) {
     std::fill(ybuf, ybuf + (size_t)nrows * m, 0.f);
@@ -240,7 +238,7 @@ void rows_forward(const Group& g, int s, int b0, int b1, int m, const float* X, 
   for (int t = 0; t < m; ++t) {
     const float *yt = ybuf + (size_t)t * nrows, *lt = lr + (size_t)t * nrows;
     float* out = Y + t * ldy + row0;
-    for (int r = r0; r < r1; ++r) out[r] = (yt[r - r0] + (a ? lt[r - r0] : 0.f)) * scale[r - r0] + shift[r - r0];
+    for (int r = r0; r < r1; ++r) out[r] = (yt[r - r0] + (a ? lt[r - r0] : 0.f)) * (1.f + scale[r - r0]) + shift[r - r0];
   }
 }
 
