@@ -206,15 +206,20 @@ inline __m512i lookup(__m512i idx, __mmask64 high_half, const __m512i* t) {
 // NB row blocks (64 rows each, codes nb_stride bytes apart) over one token's planes.  The planes
 // are visited in group order, not the codes' order, which the hardware prefetcher cannot follow:
 // pf (if set) is the next blocks' codes for this pass, pf_n sub-vectors of them, fetched meanwhile.
+// The looked-up bytes are summed as int16 words split by shifts into even and odd rows (port 0),
+// not widened (port 5, which the permutes already keep busy); the rows are put back in order once,
+// at the end.
 template <int NB>
 void lut_blocks(const uint8_t* codes, size_t nb_stride, const Planes& pl, float* y, const uint8_t* pf, int pf_n) {
   int ahead = 0;
+  // acc[b][0]: rows 0, 2, .., 30; [1]: 32, .., 62; [2]: 1, .., 31; [3]: 33, .., 63
   __m512 acc[NB][4];
   for (int b = 0; b < NB; ++b)
     for (int q = 0; q < 4; ++q) acc[b][q] = _mm512_setzero_ps();
+  const __m512i low_byte = _mm512_set1_epi16(0xff);
   for (int g = 0, p0 = 0; g < pl.groups; p0 = pl.end[g++]) {
-    __m512i sh[NB][2], sl[NB][2];
-    for (int b = 0; b < NB; ++b) sh[b][0] = sh[b][1] = sl[b][0] = sl[b][1] = _mm512_setzero_si512();
+    __m512i he[NB], ho[NB], le[NB], lo[NB];  // int16 sums: high / low plane, even / odd rows
+    for (int b = 0; b < NB; ++b) he[b] = ho[b] = le[b] = lo[b] = _mm512_setzero_si512();
     for (int p = p0; p < pl.end[g]; ++p) {
       const __m512i* ph = (const __m512i*)(pl.hi + (size_t)p * 256);
       const __m512i* plo = (const __m512i*)(pl.lo + (size_t)p * 256);
@@ -224,34 +229,37 @@ void lut_blocks(const uint8_t* codes, size_t nb_stride, const Planes& pl, float*
                              _mm512_load_si512(plo + 3)};
       const uint8_t* cj = codes + (size_t)pl.order[p] * 64;
       if (pf && ahead < pf_n) {
-        _mm_prefetch((const char*)(pf + (size_t)ahead * 64), _MM_HINT_T0);
-        _mm_prefetch((const char*)(pf + nb_stride + (size_t)ahead * 64), _MM_HINT_T0);
+        for (int b = 0; b < NB; ++b) _mm_prefetch((const char*)(pf + b * nb_stride + (size_t)ahead * 64), _MM_HINT_T0);
         ++ahead;
       }
       for (int b = 0; b < NB; ++b) {
         const __m512i idx = _mm512_loadu_si512(cj + b * nb_stride);
         const __mmask64 m = _mm512_movepi8_mask(idx);
         const __m512i vh = lookup(idx, m, th), vl = lookup(idx, m, tl);
-        sh[b][0] = _mm512_add_epi16(sh[b][0], _mm512_cvtepi8_epi16(_mm512_castsi512_si256(vh)));
-        sh[b][1] = _mm512_add_epi16(sh[b][1], _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(vh, 1)));
-        sl[b][0] = _mm512_add_epi16(sl[b][0], _mm512_cvtepu8_epi16(_mm512_castsi512_si256(vl)));
-        sl[b][1] = _mm512_add_epi16(sl[b][1], _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(vl, 1)));
+        he[b] = _mm512_add_epi16(he[b], _mm512_srai_epi16(_mm512_slli_epi16(vh, 8), 8));
+        ho[b] = _mm512_add_epi16(ho[b], _mm512_srai_epi16(vh, 8));
+        le[b] = _mm512_add_epi16(le[b], _mm512_and_si512(vl, low_byte));
+        lo[b] = _mm512_add_epi16(lo[b], _mm512_srli_epi16(vl, 8));
       }
     }
     const __m512 sc = _mm512_set1_ps(pl.scale[g]);
     for (int b = 0; b < NB; ++b)
-      for (int h = 0; h < 2; ++h)
-        for (int q = 0; q < 2; ++q) {
-          const __m256i hh = q ? _mm512_extracti64x4_epi64(sh[b][h], 1) : _mm512_castsi512_si256(sh[b][h]);
-          const __m256i ll = q ? _mm512_extracti64x4_epi64(sl[b][h], 1) : _mm512_castsi512_si256(sl[b][h]);
-          const __m512i v = _mm512_add_epi32(_mm512_slli_epi32(_mm512_cvtepi16_epi32(hh), 8), _mm512_cvtepu16_epi32(ll));
-          acc[b][2 * h + q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), sc, acc[b][2 * h + q]);
-        }
+      for (int q = 0; q < 4; ++q) {
+        const __m512i hw = q < 2 ? he[b] : ho[b], lw = q < 2 ? le[b] : lo[b];
+        const __m256i hh = q % 2 ? _mm512_extracti64x4_epi64(hw, 1) : _mm512_castsi512_si256(hw);
+        const __m256i ll = q % 2 ? _mm512_extracti64x4_epi64(lw, 1) : _mm512_castsi512_si256(lw);
+        const __m512i v = _mm512_add_epi32(_mm512_slli_epi32(_mm512_cvtepi16_epi32(hh), 8), _mm512_cvtepu16_epi32(ll));
+        acc[b][q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), sc, acc[b][q]);
+      }
   }
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   for (int b = 0; b < NB; ++b)
-    for (int q = 0; q < 4; ++q) {
-      float* p = y + b * 64 + q * 16;
-      _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), acc[b][q]));
+    for (int h = 0; h < 2; ++h) {  // rows 32 h .. 32 h + 31 from the even and odd halves h
+      float* p = y + b * 64 + 32 * h;
+      _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), _mm512_permutex2var_ps(acc[b][h], first, acc[b][2 + h])));
+      _mm512_storeu_ps(p + 16,
+                       _mm512_add_ps(_mm512_loadu_ps(p + 16), _mm512_permutex2var_ps(acc[b][h], second, acc[b][2 + h])));
     }
 }
 
@@ -266,18 +274,23 @@ void lut_u8(const uint8_t* codes, int n, int b0, int b1, const float* cbt, const
       build_planes(cbt, cmax, d, x + t * ldx, j0, j1, pl);
       *(int*)(work + t * tb + tb - 64) = pl.groups;
     }
-    // each pair of blocks' codes for this pass (2 x 64 B per sub-vector) stay in L1 across the tokens
-    for (int b = b0; b < b1; b += 2)
+    // up to four blocks at a time: each token's planes are loaded once per four blocks (L2 -> L1 traffic
+    // bound the lookups), and the blocks' codes for this pass are reused across the tokens
+    for (int b = b0, nb; b < b1; b += nb) {
+      nb = b1 - b >= 4 ? 4 : b1 - b >= 2 ? 2 : 1;
       for (int t = 0; t < m; ++t) {
         Planes pl = planes_at(work + t * tb, chunk);
         pl.groups = *(const int*)(work + t * tb + tb - 64);
         float* yt = y + t * ldy + (size_t)(b - b0) * 64;
-        const uint8_t* pf = t == 0 && b + 2 < b1 ? codes + (b + 2) * stride + (size_t)j0 * 64 : nullptr;
-        if (b + 2 <= b1)
+        const uint8_t* pf = t == 0 && b + nb < b1 ? codes + (b + nb) * stride + (size_t)j0 * 64 : nullptr;
+        if (nb == 4)
+          lut_blocks<4>(codes + b * stride, stride, pl, yt, pf, j1 - j0);
+        else if (nb == 2)
           lut_blocks<2>(codes + b * stride, stride, pl, yt, pf, j1 - j0);
         else
           lut_blocks<1>(codes + b * stride, stride, pl, yt, nullptr, 0);
       }
+    }
   }
 }
 
