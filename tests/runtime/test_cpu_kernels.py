@@ -206,7 +206,7 @@ def test_outlier_input_channels_keep_precision(isa):
     whose codes select a zero codeword, must not cost the other sub-vectors their precision."""
     g = torch.Generator().manual_seed(5)
     cfg = KBVQConfig(bits=2, vector_dim=4, arch="qwen2_moe", rank={})
-    idx, cb, *rest = _group(g, cfg, None, 1, 96, 512, 0)
+    idx, cb, *rest = _group(g, cfg, None, 1, 352, 512, 0)  # 6 row blocks: a pass of 4, one of 2
     cb[0, 0] = 0
     idx[:, 7] = 0
     x = torch.randn(2, 512, generator=g)
