@@ -726,9 +726,15 @@ void gemm_amx(const Codes& codes, int b0, int b1, const uint16_t* codebook, int 
   if (codes.index_bytes == 1)  // 8-bit codes: the pairs' four bytes as byte planes for the permutes
     for (int p = 0; p < dp; ++p) {
       uint8_t* pl = w.planes + (size_t)p * 1024;
-      for (int k = 0; k < 256; ++k) {
-        const uint32_t v = k < K ? w.pairs[(size_t)k * dp + p] : 0u;
-        pl[k] = (uint8_t)v, pl[256 + k] = (uint8_t)(v >> 8), pl[512 + k] = (uint8_t)(v >> 16), pl[768 + k] = (uint8_t)(v >> 24);
+      for (int k = 0; k < 256; k += 16) {
+        const __mmask16 live = K - k >= 16 ? (__mmask16)0xffff : K > k ? (__mmask16)((1u << (K - k)) - 1) : 0;
+        const __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(k),
+                                                                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9,
+                                                                                                   10, 11, 12, 13, 14, 15)),
+                                                                _mm512_set1_epi32(dp)),
+                                             _mm512_set1_epi32(p));
+        const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, idx, w.pairs, 4);
+        for (int i = 0; i < 4; ++i) _mm_storeu_si128((__m128i*)(pl + 256 * i + k), _mm512_cvtepi32_epi8(_mm512_srli_epi32(v, 8 * i)));
       }
     }
   const int steps = w.kpad / 32, groups = w.mpad / 16;
