@@ -154,18 +154,21 @@ def bench_model(name: str, shape: MoEShape, bits_list, batches, reps, vllm_moe, 
         def kbvq(bits, gm):
             t = q[bits]
 
+            def sw(codes):  # gm None: the dispatcher's switch point for these codes, as the plugin binds it
+                return dispatch.cpu_gemm_min_tokens(codes) if gm is None else gm
+
             def run():
-                out = cpu_moe.kbvq_moe_cpu(x, tw, ti, None, *t["w13"], *t["w2"], gemm_min_tokens=gm)
+                out = cpu_moe.kbvq_moe_cpu(x, tw, ti, None, *t["w13"], *t["w2"], gemm_min_tokens=sw(t["w13"][0]))
                 if S:
-                    gg, u = cpu_moe.kbvq_linear_cpu(x, *t["s13"], gemm_min_tokens=gm).chunk(2, -1)
-                    out = out + cpu_moe.kbvq_linear_cpu(F.silu(gg) * u, *t["s2"], gemm_min_tokens=gm)
+                    gg, u = cpu_moe.kbvq_linear_cpu(x, *t["s13"], gemm_min_tokens=sw(t["s13"][0])).chunk(2, -1)
+                    out = out + cpu_moe.kbvq_linear_cpu(F.silu(gg) * u, *t["s2"], gemm_min_tokens=sw(t["s2"][0]))
                 return out
             return run
 
         fns, labels = [bf16], [("bf16", None)]
-        switch = {bits: dispatch.cpu_gemm_min_tokens(q[bits]["w13"][0].element_size()) for bits in bits_list}
+        switch = {bits: dispatch.cpu_gemm_min_tokens(q[bits]["w13"][0]) for bits in bits_list}
         for bits in bits_list:
-            fns.append(kbvq(bits, switch[bits]))
+            fns.append(kbvq(bits, None))
             labels.append(("dispatch", bits))
         ms = _median_ms(fns, reps, evict)
         # each regime forced, once, where it could be the better one (the switch point's neighbourhood)
@@ -237,6 +240,7 @@ def main(argv=None) -> int:
     res = {"device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
            "kernel_isa": cpu_moe.isa(), "baseline": f"vllm cpu_fused_moe ({vllm_moe[2]})" if vllm_moe else
            "bf16 F.linear per expert", "cpu_gemm_min_tokens": {f"{isa}/{b}": v for (isa, b), v in dispatch.CPU_GEMM_MIN_TOKENS.items()}
+           | {f"{isa}/{b} below {dispatch.CPU_GEMM_SMALL_ROWS} rows": v for (isa, b), v in dispatch.CPU_GEMM_MIN_TOKENS_SMALL.items()}
            | {"other": dispatch.CPU_GEMM_MIN_TOKENS_OTHER}, "bits": a.bits, "cache": a.cache,
            "load_avg_before": os.getloadavg(), "threads": {}}
     evict = _Evict(a.cache == "cold")

@@ -141,6 +141,19 @@ def test_dispatch_routes_by_layout():
                                torch.ops.kbvq.linear(x, *_native(lin, 1)), atol=0, rtol=0)
 
 
+def test_switch_point_by_width_and_rows():
+    """The dispatch table's switch point for codes of each width, and for matrices under CPU_GEMM_SMALL_ROWS rows."""
+    isa = cpu_moe.isa()
+    for dtype, width in ((torch.uint8, 1), (torch.int16, 2)):
+        for rows in (144, 2048):
+            codes = cpu_moe.cpu_layout(torch.zeros(rows, 8, dtype=torch.int32).to(dtype), 1)
+            want = dispatch.CPU_GEMM_MIN_TOKENS.get((isa, width), dispatch.CPU_GEMM_MIN_TOKENS_OTHER)
+            if rows < dispatch.CPU_GEMM_SMALL_ROWS:
+                want = dispatch.CPU_GEMM_MIN_TOKENS_SMALL.get((isa, width), want)
+            assert dispatch.cpu_gemm_min_tokens(codes) == want
+            assert dispatch.bind("linear", codes).keywords == {"gemm_min_tokens": want}
+
+
 def test_cpu_layout():
     """Rows padded per shard to whole 64-row blocks, 64 rows of one sub-vector contiguous, uint16 kept."""
     codes = torch.randint(0, 65536, (3, 2 * 70, 5), dtype=torch.int32)
@@ -169,7 +182,7 @@ def test_bad_input_is_named():
     with pytest.raises(RuntimeError, match="not available on this CPU.*available: "):
         cpu_moe.set_isa("sse1")
     with pytest.raises(RuntimeError, match="in the CPU kernels' layout on meta"):
-        dispatch.select("moe", torch.device("meta"), 1, 1, cpu_layout=True)
+        dispatch.bind("moe", _native(w13, 2)[0].to("meta"))
 
 
 def test_failed_build_warns_and_falls_back(tmp_path):

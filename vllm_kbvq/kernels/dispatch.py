@@ -25,7 +25,7 @@ from .torch_moe import kbvq_linear_torch, kbvq_moe_torch, kbvq_moe_torch_static
 logger = logging.getLogger(__name__)
 
 __all__ = ["select", "bind", "triton_block_m", "uses_cpu_kernels", "cpu_gemm_min_tokens", "DECODE_MAX_PAIRS_PER_EXPERT",
-           "CPU_GEMM_MIN_TOKENS", "moe", "linear"]
+           "CPU_GEMM_MIN_TOKENS", "CPU_GEMM_MIN_TOKENS_SMALL", "CPU_GEMM_SMALL_ROWS", "moe", "linear"]
 
 # The Triton GEMV kernel while the average local expert gets at most this many (token, expert)
 # pairs, the grouped GEMM above. Provisional, not yet measured on a GPU:
@@ -42,15 +42,24 @@ BLOCK_M_MEDIUM = 64
 # and multiplied by a GEMM (bf16 tiles on AMX where the CPU has it, else torch's GEMM a tile at a
 # time); below, each token reads the codes through its own lookup table (or gathers, 16-bit codes).
 # Keyed by (instruction set, bytes per code): the crossover of the two, bf16, one thread, cold
-# caches, at Qwen1.5-MoE's and Mixtral's expert shapes (benchmarks/cpu_kernels.py times both
-# regimes around it at every supported shape; results in benchmarks/results/cpu_kernels.json).
-CPU_GEMM_MIN_TOKENS = {("amx", 1): 4, ("amx", 2): 8}
+# caches, one expert at Qwen1.5-MoE's and Mixtral's shapes (8-bit codes: 4.5-5 and 5-6 tokens;
+# 16-bit: ~5 and 6-8). Matrices of fewer rows than CPU_GEMM_SMALL_ROWS (the testbed's 144) pay for
+# a token's tables with fewer lookups, so the GEMM wins sooner there (8-bit: ~3 tokens).
+# benchmarks/cpu_kernels.py times both regimes around the switch point at every supported shape
+# (results in benchmarks/results/cpu_kernels.json).
+CPU_GEMM_MIN_TOKENS = {("amx", 1): 5, ("amx", 2): 8}
+CPU_GEMM_SMALL_ROWS = 512
+CPU_GEMM_MIN_TOKENS_SMALL = {("amx", 1): 3}
 CPU_GEMM_MIN_TOKENS_OTHER = 12  # torch's GEMM on decoded tiles: the crossover at Qwen1.5-MoE's shape
 
 
-def cpu_gemm_min_tokens(index_bytes: int) -> int:
-    """The CPU kernels' switch point for codes of ``index_bytes`` bytes on this CPU's instruction set."""
-    return CPU_GEMM_MIN_TOKENS.get((cpu_moe.isa(), index_bytes), CPU_GEMM_MIN_TOKENS_OTHER)
+def cpu_gemm_min_tokens(codes: torch.Tensor) -> int:
+    """The CPU kernels' switch point for ``codes`` (in :func:`.cpu_moe.cpu_layout`: their width and rows
+    per matrix) on this CPU's instruction set."""
+    key, rows = (cpu_moe.isa(), codes.element_size()), codes.shape[-3] * cpu_moe.ROWS_PER_BLOCK
+    if rows < CPU_GEMM_SMALL_ROWS and key in CPU_GEMM_MIN_TOKENS_SMALL:
+        return CPU_GEMM_MIN_TOKENS_SMALL[key]
+    return CPU_GEMM_MIN_TOKENS.get(key, CPU_GEMM_MIN_TOKENS_OTHER)
 
 
 # op -> implementation where no kernel applies: the CPU, or CUDA without Triton
@@ -90,18 +99,10 @@ def uses_cpu_kernels(device: torch.device) -> bool:
     return torch.device(device).type == "cpu" and cpu_moe.available()
 
 
-_CPU_KERNELS = {"moe": cpu_moe.kbvq_moe_cpu, "linear": cpu_moe.kbvq_linear_cpu}
-
-
-def select(op: str, device: torch.device, pairs: int, n_local: int, cpu_layout: bool = False, index_bytes: int = 1
-           ) -> Callable[..., torch.Tensor]:
-    """The implementation of ``op`` ("moe" or "linear") for inputs on ``device`` with ``pairs``
-    (token, expert) pairs over ``n_local`` local experts (a linear: tokens over one); ``cpu_layout``:
-    the codes are in the CPU kernels' layout, ``index_bytes`` bytes per code."""
-    if cpu_layout:
-        if device.type != "cpu" or not cpu_moe.available():
-            raise RuntimeError(f"KBVQ codes in the CPU kernels' layout on {device}, where those kernels do not run")
-        return functools.partial(_CPU_KERNELS[op], gemm_min_tokens=cpu_gemm_min_tokens(index_bytes))
+def select(op: str, device: torch.device, pairs: int, n_local: int) -> Callable[..., torch.Tensor]:
+    """The implementation of ``op`` ("moe" or "linear") on codes in the runtime layout, for inputs on
+    ``device`` with ``pairs`` (token, expert) pairs over ``n_local`` local experts (a linear: tokens
+    over one). Codes in the CPU kernels' layout go through :func:`bind`."""
     if device.type == "cuda" and (kernels := _triton()) is not None:
         fn = kernels.kbvq_moe_triton if op == "moe" else kernels.kbvq_linear_triton
         return functools.partial(fn, block_m=triton_block_m(pairs, n_local))
@@ -119,18 +120,20 @@ def bind(op: str, codes: torch.Tensor) -> Callable[..., torch.Tensor]:
     if cpu_moe.is_cpu_layout(codes, moe=op == "moe"):
         if codes.device.type != "cpu" or not cpu_moe.available():
             raise RuntimeError(f"KBVQ codes in the CPU kernels' layout on {codes.device}, where those kernels do not run")
-        return functools.partial(getattr(torch.ops.kbvq_cpu, op), gemm_min_tokens=cpu_gemm_min_tokens(codes.element_size()))
+        return functools.partial(getattr(torch.ops.kbvq_cpu, op), gemm_min_tokens=cpu_gemm_min_tokens(codes))
     return getattr(torch.ops.kbvq, op)
 
 
 def _moe(x, topk_weights, topk_ids, expert_map, *groups):
-    return select("moe", x.device, topk_ids.numel(), groups[0].shape[0], cpu_moe.is_cpu_layout(groups[0], moe=True),
-                  groups[0].element_size())(x, topk_weights, topk_ids, expert_map, *groups)
+    if cpu_moe.is_cpu_layout(groups[0], moe=True):
+        return bind("moe", groups[0])(x, topk_weights, topk_ids, expert_map, *groups)
+    return select("moe", x.device, topk_ids.numel(), groups[0].shape[0])(x, topk_weights, topk_ids, expert_map, *groups)
 
 
 def _linear(x, *tensors):
-    return select("linear", x.device, x.numel() // x.shape[-1], 1, cpu_moe.is_cpu_layout(tensors[0], moe=False),
-                  tensors[0].element_size())(x, *tensors)
+    if cpu_moe.is_cpu_layout(tensors[0], moe=False):
+        return bind("linear", tensors[0])(x, *tensors)
+    return select("linear", x.device, x.numel() // x.shape[-1], 1)(x, *tensors)
 
 
 def _custom_op(op: str, impl, signature: Callable[..., torch.Tensor]):
