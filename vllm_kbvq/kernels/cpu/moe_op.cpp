@@ -90,14 +90,72 @@ std::string available_isas() {
   return list;
 }
 
-// Per-thread scratch, grown on demand and reused across calls.
+// Per-thread scratch, grown on demand and reused across calls.  Slots 0-2: the row kernels (on every
+// thread); 3-4: the op's own activation buffers (on the calling thread), so a call makes no ATen ops
+// but its output's allocation (each costs microseconds, and a testbed step makes ~90 calls).
 uint8_t* scratch(size_t bytes, int slot) {
-  thread_local std::vector<uint8_t> buf[3];
+  thread_local std::vector<uint8_t> buf[5];
   if (buf[slot].size() < bytes) buf[slot].resize(bytes);
   return buf[slot].data();
 }
 
 const uint16_t* f16(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
+
+// rows of a [rows, cols] float32 / bfloat16 / float16 tensor as float32, rows `sel` (all if null)
+void load_rows(const at::Tensor& x, int64_t cols, const int64_t* sel, int64_t rows, float* out) {
+  at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
+  const auto dt = xc.scalar_type();
+  if (dt != at::kFloat && dt != at::kBFloat16 && dt != at::kHalf) xc = xc.to(at::kFloat);
+  const char* base = (const char*)xc.data_ptr();
+  const size_t esz = xc.element_size();
+  const auto sdt = xc.scalar_type();
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const char* src = base + (size_t)(sel ? sel[r] : r) * cols * esz;
+      float* dst = out + r * cols;
+      if (sdt == at::kFloat)
+        std::memcpy(dst, src, sizeof(float) * cols);
+      else if (sdt == at::kBFloat16)
+        for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<float>(((const at::BFloat16*)src)[c]);
+      else
+        for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<float>(((const at::Half*)src)[c]);
+    }
+  });
+}
+
+// float32 rows into a new tensor of `x`'s dtype (float32, bfloat16 or float16; else via .to())
+at::Tensor store_rows(const float* y, at::IntArrayRef shape, const at::Tensor& like) {
+  const auto dt = like.scalar_type();
+  at::Tensor out = at::empty(shape, like.options().dtype(dt == at::kBFloat16 || dt == at::kHalf ? dt : at::kFloat));
+  const int64_t n = out.numel();
+  void* dst = out.data_ptr();
+  const auto odt = out.scalar_type();
+  at::parallel_for(0, n, 4096, [&](int64_t i0, int64_t i1) {
+    if (odt == at::kFloat)
+      std::memcpy((float*)dst + i0, y + i0, sizeof(float) * (i1 - i0));
+    else if (odt == at::kBFloat16)
+      for (int64_t i = i0; i < i1; ++i) ((at::BFloat16*)dst)[i] = at::BFloat16(y[i]);
+    else
+      for (int64_t i = i0; i < i1; ++i) ((at::Half*)dst)[i] = at::Half(y[i]);
+  });
+  return out.scalar_type() == dt ? out : out.to(dt);
+}
+
+// an integer index tensor's values as int64
+std::vector<int64_t> read_index(const at::Tensor& t) {
+  std::vector<int64_t> v(t.numel());
+  if (t.is_contiguous() && t.scalar_type() == at::kInt) {
+    const int32_t* p = t.data_ptr<int32_t>();
+    std::copy(p, p + v.size(), v.begin());
+  } else if (t.is_contiguous() && t.scalar_type() == at::kLong) {
+    const int64_t* p = t.data_ptr<int64_t>();
+    std::copy(p, p + v.size(), v.begin());
+  } else {
+    const at::Tensor l = t.to(at::kLong).contiguous();
+    std::copy(l.data_ptr<int64_t>(), l.data_ptr<int64_t>() + v.size(), v.begin());
+  }
+  return v;
+}
 
 // One expert's fused matrices (S shards of `rows` rows each), or a shared expert's linear.
 struct Group {
@@ -301,13 +359,17 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
               " for ", E, " experts");
   TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == T && topk_weights.sizes() == topk_ids.sizes(),
               "topk_ids/topk_weights must be [tokens, top_k]");
-  auto out = at::empty({T, H}, x.options());
-  if (T == 0) return out;
+  if (T == 0) return at::empty({T, H}, x.options());
 
   // local slot of every (token, k); -1: another expert-parallel rank's expert
-  at::Tensor ids = topk_ids.to(at::kLong).contiguous();
-  if (expert_map.has_value()) ids = expert_map->to(at::kLong).index({ids}).contiguous();
-  const int64_t* slot = ids.data_ptr<int64_t>();
+  std::vector<int64_t> slot = read_index(topk_ids);
+  if (expert_map.has_value()) {
+    const std::vector<int64_t> map = read_index(*expert_map);
+    for (auto& v : slot) {
+      TORCH_CHECK(v >= 0 && v < (int64_t)map.size(), "expert id ", v, " outside the expert map of ", map.size());
+      v = map[v];
+    }
+  }
   std::vector<int64_t> cnt(E, 0), off(E, 0);
   for (int64_t i = 0; i < T * top; ++i) {
     TORCH_CHECK(slot[i] < E, "expert slot ", slot[i], " out of range for ", E, " local experts");
@@ -326,26 +388,30 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
       pair_of[i] = fill[slot[i]]++;
       token[pair_of[i]] = i / top;
     }
+  std::vector<float> w(T * top);
+  if (topk_weights.is_contiguous() && topk_weights.scalar_type() == at::kFloat) {
+    std::copy(topk_weights.data_ptr<float>(), topk_weights.data_ptr<float>() + T * top, w.begin());
+  } else {
+    const at::Tensor wf = topk_weights.to(at::kFloat).contiguous();
+    std::copy(wf.data_ptr<float>(), wf.data_ptr<float>() + T * top, w.begin());
+  }
 
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  at::Tensor xf = x.to(at::kFloat).contiguous();
-  const float* xp = xf.data_ptr<float>();
-  // routed inputs in pair order (grouped by expert), and B x once per token
-  at::Tensor Xp = at::empty({P, H}, at::kFloat), BXp, Hp = at::empty({P, 2 * I}, at::kFloat);
-  at::Tensor A = at::empty({P, I}, at::kFloat), BX2, Y2 = at::empty({P, H}, at::kFloat);
-  float* X = Xp.data_ptr<float>();
-  for (int64_t p = 0; p < P; ++p) std::memcpy(X + p * H, xp + token[p] * H, sizeof(float) * H);
-  float* bx = nullptr;
-  if (g13.has_lr) {
-    at::Tensor bxt = at::empty({T, g13.r}, at::kFloat);
-    basis_all(g13.basis(), g13.r, H, T, xp, H, bxt.data_ptr<float>());
-    BXp = bxt.index_select(0, at::from_blob(token.data(), {P}, at::kLong));
-    bx = BXp.data_ptr<float>();
+  const int r13 = g13.has_lr ? g13.r : 0, r2 = g2.has_lr ? g2.r : 0;
+  // the op's buffers: routed inputs in pair order (grouped by expert) [P][H], gate/up [P][2I],
+  // SiLU * up [P][I], down [P][H], B x [P][r13] and [P][r2], tokens' inputs [T][H], output [T][H],
+  // B x per token [T][r13]
+  float* X = (float*)scratch(sizeof(float) * (size_t)(P * (2 * H + 3 * I + r13 + r2) + T * (2 * H + r13)), 3);
+  float *hp = X + P * H, *act = hp + P * 2 * I, *y2 = act + P * I, *bx = y2 + P * H, *bx2 = bx + P * r13;
+  float *xt = bx2 + P * r2, *o = xt + T * H, *bxt = o + T * H;
+  load_rows(x, H, token.data(), P, X);
+  if (g13.has_lr) {  // B x once per token, then in pair order
+    load_rows(x, H, nullptr, T, xt);
+    basis_all(g13.basis(), g13.r, H, T, xt, H, bxt);
+    for (int64_t p = 0; p < P; ++p) std::memcpy(bx + p * r13, bxt + token[p] * r13, sizeof(float) * r13);
   }
-  run_items(g13, plan(used, 2, g13.blocks), off, cnt, X, H, bx, g13.r, Hp.data_ptr<float>(), 2 * I, gemm_min_tokens,
-            bf16);
-  float* hp = Hp.data_ptr<float>();
-  float* act = A.data_ptr<float>();
+  run_items(g13, plan(used, 2, g13.blocks), off, cnt, X, H, g13.has_lr ? bx : nullptr, g13.r, hp, 2 * I,
+            gemm_min_tokens, bf16);
   at::parallel_for(0, P, 16, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int i = 0; i < I; ++i) {
@@ -353,30 +419,23 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
         act[p * I + i] = gate / (1.f + std::exp(-gate)) * hp[p * 2 * I + I + i];
       }
   });
-  float* bx2 = nullptr;
-  if (g2.has_lr) {
-    BX2 = at::empty({P, g2.r}, at::kFloat);
-    bx2 = BX2.data_ptr<float>();
-    basis_all(g2.basis(), g2.r, I, P, act, I, bx2);
-  }
-  run_items(g2, plan(used, 1, g2.blocks), off, cnt, act, I, bx2, g2.r, Y2.data_ptr<float>(), H, gemm_min_tokens,
+  if (g2.has_lr) basis_all(g2.basis(), g2.r, I, P, act, I, bx2);
+  run_items(g2, plan(used, 1, g2.blocks), off, cnt, act, I, g2.has_lr ? bx2 : nullptr, g2.r, y2, H, gemm_min_tokens,
             bf16);
   // the routing-weighted sum, one token per task
-  at::Tensor w = topk_weights.to(at::kFloat).contiguous(), of = at::zeros({T, H}, at::kFloat);
-  const float* wp = w.data_ptr<float>();
-  const float* y2 = Y2.data_ptr<float>();
-  float* o = of.data_ptr<float>();
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
+    for (int64_t t = t0; t < t1; ++t) {
+      float* ot = o + t * H;
+      std::fill(ot, ot + H, 0.f);
       for (int64_t k = 0; k < top; ++k) {
         const int64_t p = pair_of[t * top + k];
         if (p < 0) continue;
-        const float wk = wp[t * top + k];
-        for (int64_t h = 0; h < H; ++h) o[t * H + h] += wk * y2[p * H + h];
+        const float wk = w[t * top + k];
+        for (int64_t h = 0; h < H; ++h) ot[h] += wk * y2[p * H + h];
       }
+    }
   });
-  out.copy_(of);
-  return out;
+  return store_rows(o, {T, H}, x);
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
@@ -386,21 +445,19 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
   const GroupTensors g("linear", false, codes, codebook, lr_a, lr_b, affine_s, affine_b);
   const int64_t in = g.n * g.d, outf = (int64_t)g.S * g.rows;
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "x of shape ", x.sizes(), " has ", x.size(-1), " features, the matrix takes ", in);
-  at::Tensor xf = x.reshape({-1, in}).to(at::kFloat).contiguous();
-  const int64_t T = xf.size(0);
-  at::Tensor yf = at::empty({T, outf}, at::kFloat);
+  const int64_t T = x.numel() / in;
+  const int r = g.has_lr ? g.r : 0;
+  float* xf = (float*)scratch(sizeof(float) * (size_t)T * (in + r + outf), 3);
+  float *bx = xf + T * in, *yf = bx + T * r;
   if (T) {
-    at::Tensor bx;
-    if (g.has_lr) {
-      bx = at::empty({T, g.r}, at::kFloat);
-      basis_all(g.basis(), g.r, in, T, xf.data_ptr<float>(), in, bx.data_ptr<float>());
-    }
-    run_items(g, plan({0}, g.S, g.blocks), {0}, {T}, xf.data_ptr<float>(), in, g.has_lr ? bx.data_ptr<float>() : nullptr,
-              g.r, yf.data_ptr<float>(), outf, gemm_min_tokens, x.scalar_type() == at::kBFloat16);
+    load_rows(x.reshape({T, in}), in, nullptr, T, xf);
+    if (g.has_lr) basis_all(g.basis(), g.r, in, T, xf, in, bx);
+    run_items(g, plan({0}, g.S, g.blocks), {0}, {T}, xf, in, g.has_lr ? bx : nullptr, g.r, yf, outf, gemm_min_tokens,
+              x.scalar_type() == at::kBFloat16);
   }
   auto shape = x.sizes().vec();
   shape.back() = outf;
-  return yf.to(x.scalar_type()).reshape(shape);
+  return store_rows(yf, shape, x);
 }
 
 }  // namespace
