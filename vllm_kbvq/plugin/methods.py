@@ -141,6 +141,6 @@ class KBVQLinearMethod(LinearMethodBase):
         self.op = dispatch.bind("linear", layer.vq_codes)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.op(x, layer.vq_codes, layer.vq_codebook, getattr(layer, "lr_a", None),
-                                  getattr(layer, "lr_b", None), layer.affine_s, layer.affine_b)
+        y = self.op(x, layer.vq_codes, layer.vq_codebook, getattr(layer, "lr_a", None), getattr(layer, "lr_b", None),
+                    layer.affine_s, layer.affine_b)
         return y if bias is None else y + bias
