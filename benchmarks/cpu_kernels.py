@@ -237,11 +237,13 @@ def main(argv=None) -> int:
         print("the native CPU kernels are unavailable (see the warning above)", file=sys.stderr)
         return 1
     vllm_moe = _vllm_moe()
+    small = dispatch.CPU_GEMM_SMALL_ROWS
+    switch_points = ({f"{isa}/{b}": v for (isa, b), v in dispatch.CPU_GEMM_MIN_TOKENS.items()}
+                     | {f"{isa}/{b} below {small} rows": v for (isa, b), v in dispatch.CPU_GEMM_MIN_TOKENS_SMALL.items()}
+                     | {"other": dispatch.CPU_GEMM_MIN_TOKENS_OTHER})
     res = {"device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
            "kernel_isa": cpu_moe.isa(), "baseline": f"vllm cpu_fused_moe ({vllm_moe[2]})" if vllm_moe else
-           "bf16 F.linear per expert", "cpu_gemm_min_tokens": {f"{isa}/{b}": v for (isa, b), v in dispatch.CPU_GEMM_MIN_TOKENS.items()}
-           | {f"{isa}/{b} below {dispatch.CPU_GEMM_SMALL_ROWS} rows": v for (isa, b), v in dispatch.CPU_GEMM_MIN_TOKENS_SMALL.items()}
-           | {"other": dispatch.CPU_GEMM_MIN_TOKENS_OTHER}, "bits": a.bits, "cache": a.cache,
+           "bf16 F.linear per expert", "cpu_gemm_min_tokens": switch_points, "bits": a.bits, "cache": a.cache,
            "load_avg_before": os.getloadavg(), "threads": {}}
     evict = _Evict(a.cache == "cold")
     for threads in a.threads:

@@ -119,7 +119,8 @@ def bind(op: str, codes: torch.Tensor) -> Callable[..., torch.Tensor]:
     10-40 µs at small shapes); other codes get the ``torch.ops.kbvq`` custom op, which selects per call."""
     if cpu_moe.is_cpu_layout(codes, moe=op == "moe"):
         if codes.device.type != "cpu" or not cpu_moe.available():
-            raise RuntimeError(f"KBVQ codes in the CPU kernels' layout on {codes.device}, where those kernels do not run")
+            raise RuntimeError(f"KBVQ codes in the CPU kernels' layout on {codes.device}, "
+                               "where those kernels do not run")
         return functools.partial(getattr(torch.ops.kbvq_cpu, op), gemm_min_tokens=cpu_gemm_min_tokens(codes))
     return getattr(torch.ops.kbvq, op)
 
