@@ -91,18 +91,18 @@ std::string available_isas() {
 }
 
 // Per-thread scratch, grown on demand and reused across calls.  Slots 0-2: the row kernels (on every
-// thread); 3-4: the op's own activation buffers (on the calling thread), so a call makes no ATen ops
+// thread); 3: the op's own activation buffers (on the calling thread), so a call makes no ATen ops
 // but its output's allocation (each costs microseconds, and a testbed step makes ~90 calls).
 uint8_t* scratch(size_t bytes, int slot) {
-  thread_local std::vector<uint8_t> buf[5];
+  thread_local std::vector<uint8_t> buf[4];
   if (buf[slot].size() < bytes) buf[slot].resize(bytes);
   return buf[slot].data();
 }
 
 const uint16_t* f16(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
 
-// rows of a [rows, cols] float32 / bfloat16 / float16 tensor as float32, rows `sel` (all if null)
-void load_rows(const at::Tensor& x, int64_t cols, const int64_t* sel, int64_t rows, float* out) {
+// the rows of a [rows, cols] float32 / bfloat16 / float16 tensor as float32
+void load_rows(const at::Tensor& x, int64_t cols, int64_t rows, float* out) {
   at::Tensor xc = x.is_contiguous() ? x : x.contiguous();
   const auto dt = xc.scalar_type();
   if (dt != at::kFloat && dt != at::kBFloat16 && dt != at::kHalf) xc = xc.to(at::kFloat);
@@ -111,7 +111,7 @@ void load_rows(const at::Tensor& x, int64_t cols, const int64_t* sel, int64_t ro
   const auto sdt = xc.scalar_type();
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const char* src = base + (size_t)(sel ? sel[r] : r) * cols * esz;
+      const char* src = base + (size_t)r * cols * esz;
       float* dst = out + r * cols;
       if (sdt == at::kFloat)
         std::memcpy(dst, src, sizeof(float) * cols);
@@ -404,9 +404,9 @@ at::Tensor moe(const at::Tensor& x, const at::Tensor& topk_weights, const at::Te
   float* X = (float*)scratch(sizeof(float) * (size_t)(P * (2 * H + 3 * I + r13 + r2) + T * (2 * H + r13)), 3);
   float *hp = X + P * H, *act = hp + P * 2 * I, *y2 = act + P * I, *bx = y2 + P * H, *bx2 = bx + P * r13;
   float *xt = bx2 + P * r2, *o = xt + T * H, *bxt = o + T * H;
-  load_rows(x, H, token.data(), P, X);
+  load_rows(x, H, T, xt);  // converted once, then copied in pair order
+  for (int64_t p = 0; p < P; ++p) std::memcpy(X + p * H, xt + token[p] * H, sizeof(float) * H);
   if (g13.has_lr) {  // B x once per token, then in pair order
-    load_rows(x, H, nullptr, T, xt);
     basis_all(g13.basis(), g13.r, H, T, xt, H, bxt);
     for (int64_t p = 0; p < P; ++p) std::memcpy(bx + p * r13, bxt + token[p] * r13, sizeof(float) * r13);
   }
@@ -450,7 +450,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
   float* xf = (float*)scratch(sizeof(float) * (size_t)T * (in + r + outf), 3);
   float *bx = xf + T * in, *yf = bx + T * r;
   if (T) {
-    load_rows(x.reshape({T, in}), in, nullptr, T, xf);
+    load_rows(x.reshape({T, in}), in, T, xf);
     if (g.has_lr) basis_all(g.basis(), g.r, in, T, xf, in, bx);
     run_items(g, plan({0}, g.S, g.blocks), {0}, {T}, xf, in, g.has_lr ? bx : nullptr, g.r, yf, outf, gemm_min_tokens,
               x.scalar_type() == at::kBFloat16);
