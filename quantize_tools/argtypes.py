@@ -8,7 +8,7 @@ import argparse
 import math
 from fractions import Fraction
 
-__all__ = ["typed", "ratio", "positive_int", "positive_float", "seed", "tcp_port", "HelpFormatter"]
+__all__ = ["typed", "ratio", "positive_int", "nonnegative_int", "positive_float", "seed", "tcp_port", "HelpFormatter"]
 
 
 def typed(parse, ok, want: str, kind: str):
@@ -27,6 +27,7 @@ def typed(parse, ok, want: str, kind: str):
 
 ratio = typed(lambda t: float(Fraction(t)), lambda v: 0 <= v <= 1, "between 0 and 1", "a number or fraction")
 positive_int = typed(int, lambda v: v >= 1, ">= 1", "an integer")
+nonnegative_int = typed(int, lambda v: v >= 0, ">= 0", "an integer")
 positive_float = typed(float, lambda v: math.isfinite(v) and v > 0, "a number > 0", "a number")
 seed = typed(int, lambda v: 0 <= v < 2**63, "an integer >= 0", "an integer")
 tcp_port = typed(int, lambda v: 0 < v < 65536, "a TCP port (1..65535)", "a TCP port")

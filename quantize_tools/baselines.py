@@ -12,16 +12,13 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from vllm_kbvq.archs import WEIGHT_TYPES, ArchSpec
-from vllm_kbvq.format import matrix_shape
-from vllm_kbvq.reference import KBVQExperts
 
 from .gptq import gptq_quantize, rtn_quantize, second_moment
 from .moe_layer import routed_tokens
 
-__all__ = ["DenseExperts", "scalar_bits_per_weight", "quantize_moe_block_scalar"]
+__all__ = ["scalar_bits_per_weight", "quantize_moe_block_scalar"]
 
 _GROUP_META_BITS = 32  # fp16 scale + fp16 zero point per group
 
@@ -29,34 +26,6 @@ _GROUP_META_BITS = 32  # fp16 scale + fp16 zero point per group
 def scalar_bits_per_weight(bits: int, group_size: int, ic: int) -> float:
     """Stored bits per weight of one row of ``ic`` inputs (the last group may be shorter)."""
     return bits + math.ceil(ic / group_size) * _GROUP_META_BITS / ic
-
-
-class _DenseMLP(nn.Module):
-    def __init__(self, names: dict[str, str], hidden: int, inter: int, device=None):
-        super().__init__()
-        self.names = names
-        for wtype in WEIGHT_TYPES:
-            oc, ic = matrix_shape(wtype, hidden, inter)
-            setattr(self, names[wtype], nn.Linear(ic, oc, bias=False, device=device))
-
-    def proj(self, wtype: str) -> nn.Linear:
-        return getattr(self, self.names[wtype])
-
-
-class DenseExperts(KBVQExperts):
-    """Plain routed experts with the fused experts' call signature: the pipeline's stand-in for
-    transformers' module while later layers are calibrated on the baseline's outputs."""
-
-    def __init__(self, arch: ArchSpec, n: int, hidden: int, inter: int, act_fn, device=None):
-        nn.ModuleList.__init__(self, [_DenseMLP(dict(arch.proj_names), hidden, inter, device) for _ in range(n)])
-        self.act_fn = act_fn
-
-    def basis(self, wtype: str):
-        return None
-
-    def expert_forward(self, e: int, x: torch.Tensor, bx_gate=None, bx_up=None) -> torch.Tensor:
-        m = self[e]
-        return m.proj("down")(self.act_fn(m.proj("gate")(x)) * m.proj("up")(x))
 
 
 def quantize_moe_block_scalar(layer, x, topk, weights, arch: ArchSpec, n_experts: int, shared: bool, act_fn,

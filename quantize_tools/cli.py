@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .argtypes import HelpFormatter, positive_float, positive_int, ratio, seed
+from .argtypes import HelpFormatter, nonnegative_int, positive_float, positive_int, ratio, seed
 from .threads import available_cpus, configure_openmp
 
 __all__ = ["main", "build_parser"]
@@ -64,9 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--vq-method", choices=VQ_METHODS, default=QuantizeOptions.vq_method,
                    help="how vectors get their codewords: nearest k-means codeword (the paper's default), or "
                         "gptvq: the same codebook with Hessian-aware assignment and GPTQ-style error feedback")
+    q.add_argument("--row-scale", action="store_true",
+                   help="normalise each residual row to equal RMS before k-means (the scale is folded into the "
+                        "stored affine_s and lr_a: no extra tensor, no extra bits)")
     q.add_argument("--seed", metavar="N", type=seed, default=QuantizeOptions.seed, help="seed of calibration sampling and k-means")
     q.add_argument("--no-plain-vq-report", action="store_true",
                    help="skip the plain-VQ comparison in kbvq_report.json (halves k-means time)")
+
+    f = p.add_argument_group("fine-tuning (after each layer's codes are fixed)")
+    f.add_argument("--finetune-steps", metavar="N", type=nonnegative_int, default=QuantizeOptions.finetune_steps,
+                   help="Adam steps per layer on the MoE block's output error against the FP block's (codebooks, "
+                        "low-rank factors and affine terms of every expert matrix); 0: no fine-tuning")
+    f.add_argument("--finetune-lr", metavar="F", type=positive_float, default=QuantizeOptions.finetune_lr,
+                   help="step size relative to each tensor's RMS (cosine decay to a tenth)")
+    f.add_argument("--finetune-batch", metavar="N", type=positive_int, default=QuantizeOptions.finetune_batch,
+                   help="calibration tokens per step")
+    f.add_argument("--finetune-reassign", action="store_true",
+                   help="after tuning, move each vector to its nearest tuned codeword where that lowers the "
+                        "held-out block error")
 
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", metavar="FILE", type=Path, default=None,
@@ -95,7 +110,9 @@ def options_from_args(args: argparse.Namespace):
         bcos_mode=args.bcos_mode, bcos_min_tokens=args.bcos_min_tokens, damp=args.damp,
         kmeans_iters=args.kmeans_iters, vq_method=args.vq_method, compare_plain_vq=not args.no_plain_vq_report,
         seed=args.seed, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
-        device=args.device, method=args.method, group_size=args.group_size,
+        device=args.device, method=args.method, group_size=args.group_size, row_scale=args.row_scale,
+        finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, finetune_batch=args.finetune_batch,
+        finetune_reassign=args.finetune_reassign,
     )
 
 

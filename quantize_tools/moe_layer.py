@@ -19,6 +19,7 @@ from vllm_kbvq.packing import pack_codes
 from vllm_kbvq.reference import KBVQLinear
 
 from .bcos import OutputStats, fit_affine
+from .finetune import finetune_block
 from .options import VQ_METHODS, LayerOptions
 from .gptq import gptvq_assign, second_moment
 from .idre import CovarianceAccumulator, identity_klt, joint_svd, klt
@@ -96,6 +97,9 @@ def quantize_group(
     else:
         a = b = None
         residual, low_rank = w.float(), None
+    row_scale = _row_scale(residual) if opts.row_scale else None
+    if row_scale is not None:  # the codebook is fitted to rows of equal RMS
+        residual = residual / row_scale[..., None]
     codes, codebook = vq_quantize(residual, opts.bits, opts.vector_dim, opts.kmeans_iters, seed, progress=say)
     if opts.vq_method == "gptvq":
         for e in range(n):  # each member's own inputs: routed experts see different tokens
@@ -103,6 +107,8 @@ def quantize_group(
             h = second_moment(_chunks(inputs(e)), ic, device)
             codes[e] = gptvq_assign(residual[e], h, codebook[e], opts.damp)
     w_hat = dequantize_rows(codes, codebook[:, None])
+    if row_scale is not None:
+        w_hat = w_hat * row_scale[..., None]
     if low_rank is not None:
         w_hat = w_hat + low_rank
     w_plain = None
@@ -125,17 +131,23 @@ def quantize_group(
             st.add(y, x @ w_hat[e].T)
             if w_plain is not None:
                 st_plain.add(y, x @ w_plain[e].T)
+        se = be = torch.zeros(oc, dtype=torch.float64, device=device)
         if opts.bcos:
             se, be = fit_affine(st, opts.bcos_mode)
-            affine_s[e], affine_b[e] = se.to(torch.float16), be.to(torch.float16)
+            se, be = se.to(torch.float16).double(), be.to(torch.float16).double()
         energy += st.energy()
         err["idre_vq"] += st.sq_error()
-        err["idre_vq_bcos"] += st.sq_error(affine_s[e].double(), affine_b[e].double())
+        err["idre_vq_bcos"] += st.sq_error(se, be)
+        if row_scale is not None:  # y = (1+s) D (W_vq + (A/D) B) x + b: the row scale folds into s and A
+            se = (1 + se) * row_scale[e].double() - 1
+        affine_s[e], affine_b[e] = se.to(torch.float16), be.to(torch.float16)
         if w_plain is not None:
             err["plain_vq"] += st_plain.sq_error()
         elif rank == 0:  # without IDRE the "IDRE+VQ" matrices are plain VQ
             err["plain_vq"] += st.sq_error()
     rep["rel_err"] = {k: v / max(energy, 1e-30) for k, v in err.items()}
+    if row_scale is not None and a is not None:
+        a = (a.float() / row_scale[..., None]).to(torch.float16)
     if w_plain is None and rank > 0:
         rep["rel_err"]["plain_vq"] = None  # comparison skipped (--no-plain-vq-report)
     return GroupResult(
@@ -143,6 +155,14 @@ def quantize_group(
         lr_a=None if a is None else a.cpu(), lr_b=None if b is None else b.cpu(),
         affine_s=affine_s.cpu(), affine_b=affine_b.cpu(), ic=ic, report=rep,
     )
+
+
+def _row_scale(residual: torch.Tensor) -> torch.Tensor:
+    """Per output row, its RMS over the matrix's mean row RMS (``[n, oc]``), within [1/16, 16]: stored folded
+    as ``affine_s = (1 + s) * scale - 1`` in float16, whose rounding then moves a row's scale by < 0.4 %."""
+    rms = residual.double().pow(2).mean(-1).sqrt()
+    typical = rms.mean(-1, keepdim=True).clamp_min(1e-30)
+    return (rms / typical).clamp(1 / 16, 16).to(residual.dtype)
 
 
 def group_seed(seed: int, layer: int, group: str, wtype: str) -> int:
@@ -171,13 +191,15 @@ def quantize_moe_block(
     cfg: KBVQConfig,
     device="cpu",
     progress: Callable[[str], None] | None = None,
+    block=None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Quantize the routed (and shared) experts of one layer.
 
     ``x``: ``[T, hidden]`` tokens entering the block; ``topk``: ``[T, k]`` routed
     expert ids; ``weights(group, wtype)`` returns ``[n, oc, ic]`` FP weights.
     Returns the checkpoint tensors by name (:func:`vllm_kbvq.format.layer_matrices` names them) and
-    the layer's report. ``progress`` hears which weight type and stage is running.
+    the layer's report. ``progress`` hears which weight type and stage is running. ``block``, the
+    transformers MoE block (FP router and shared expert), is needed only for ``opts.finetune_steps``.
     """
     say = progress or (lambda msg: None)
     out: dict[str, torch.Tensor] = {}
@@ -246,6 +268,12 @@ def quantize_moe_block(
         report[group] = grep
         for wtype, res in (("gate", gu["gate"]), ("up", gu["up"]), ("down", dres)):
             results[group, wtype] = res
+    if opts.finetune_steps:
+        if block is None:
+            raise ValueError("fine-tuning (finetune_steps > 0) needs the MoE block")
+        report["finetune"] = finetune_block(block, arch, x, results, weights, n_experts, act_fn, opts, cfg,
+                                            group_seed(opts.seed, layer, "experts", "gate") ^ 0x5EED, device,
+                                            say)
     hidden = x.shape[1]
     inter = results["experts", "gate"].vq_codes.shape[1]
     for ref in layer_matrices(arch, cfg, layer, n_experts, hidden, inter):

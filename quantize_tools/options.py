@@ -63,6 +63,11 @@ class LayerOptions:
     vq_method: str = "kmeans"
     compare_plain_vq: bool = True
     seed: int = 42
+    row_scale: bool = False  # normalise each residual row before k-means (folded into affine_s and lr_a)
+    finetune_steps: int = 0  # Adam steps on the block-output error after the codes are fixed (0: none)
+    finetune_lr: float = 1e-2  # relative: each tensor's step is this times its initial RMS (affine_s: absolute)
+    finetune_batch: int = 1024  # calibration tokens per step
+    finetune_reassign: bool = False  # after tuning, move each vector to its nearest tuned codeword
 
     def validate(self) -> None:
         """Ranges of the options, as errors that name the command-line flag."""
@@ -80,6 +85,9 @@ class LayerOptions:
         check_option(self, "bcos_mode", self.bcos_mode in ("moment", "lstsq"), "moment or lstsq")
         check_option(self, "vq_method", self.vq_method in VQ_METHODS, " or ".join(VQ_METHODS))
         check_option(self, "seed", 0 <= self.seed < 2**63, "an integer >= 0")
+        check_option(self, "finetune_steps", self.finetune_steps >= 0, "an integer >= 0")
+        check_option(self, "finetune_lr", math.isfinite(self.finetune_lr) and self.finetune_lr > 0, "a number > 0")
+        check_option(self, "finetune_batch", self.finetune_batch >= 1, "a positive integer")
 
 
 @dataclass

@@ -9,7 +9,8 @@ finished layers from their shards (bit-identical to an uninterrupted run).
 
 Peak memory is about: calibration activations ``3 * nsamples * seqlen * hidden * 4`` bytes
 (layer input, MoE input, layer output, float32) + one decoder layer in float32 +
-the working set of one weight type (``n_experts * oc * ic * 4`` bytes a few times over).
+the working set of one weight type (``n_experts * oc * ic * 4`` bytes a few times over); fine-tuning
+adds one more copy of the activations (the FP block's outputs) and one layer's expert weights in float32.
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ from .layerwise import run_layer, stop_before
 from .moe_layer import quantize_moe_block, ranks_for
 from .options import METHODS, SCALAR_METHODS, QuantizeError, QuantizeOptions, check_device
 from .report import summarize, summarize_scalar
-from .baselines import DenseExperts, quantize_moe_block_scalar
+from .baselines import quantize_moe_block_scalar
+from .experts import DenseExperts
 from .shards import CheckpointError, ShardReader
 
 __all__ = ["QuantizeOptions", "quantize", "QuantizeError", "preflight", "check_output", "check_device"]
@@ -240,6 +242,7 @@ def quantize(
         rank=ranks_for(opts, hidden, inter, shared_inter), layers=moe_layers,
         shared_intermediate_size=shared_inter, idre=opts.idre, bcos=opts.bcos, rank_ratio=opts.rank_ratio,
         damp=opts.damp, kmeans_iters=opts.kmeans_iters, vq_method=opts.vq_method, seed=opts.seed,
+        row_scale=opts.row_scale, finetune_steps=opts.finetune_steps,
         calibration={**(calibration_info or {}), "nsamples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1])},
     )
     cfg.validate()
@@ -355,7 +358,7 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
                     bar.set_postfix_str(f"layer {i}: quantize")
                     tensors, rep = backend.quantize_block(
                         i, x, topk, weights, arch, n_experts, shared_inter is not None, _act_fn(config), opts, cfg,
-                        device, lambda msg, i=i: status(f"layer {i}: {msg}"))
+                        device, lambda msg, i=i: status(f"layer {i}: {msg}"), block=block)
                     del x, topk
                     rep["seconds"] = round(time.time() - t0, 2)
                     save_file(tensors, str(shard), metadata={"format": "pt"})
@@ -488,13 +491,13 @@ def _move_into_place(partial: Path, output: Path, overwrite: bool) -> None:
 class _Backend:
     """What differs between KBVQ and the scalar baselines; the layer streaming around it is shared."""
 
-    quantize_block: Callable  # (layer, x, topk, weights, arch, n_experts, shared, act_fn, opts, cfg, device, progress)
+    quantize_block: Callable  # (layer, x, topk, weights, arch, n_experts, shared, act_fn, opts, cfg, device, progress, block=)
     install: Callable  # the quantized experts into the block, for the forward that feeds the next layer
     summarize: Callable  # (opts, cfg, layer_reports, ckpt_dir, model_config, arch) -> report
     quant_config: bool  # config.json carries quantization_config (scalar checkpoints are plain ones)
 
 
-def _scalar_block(layer, x, topk, weights, arch, n_experts, shared, act_fn, opts, cfg, device, progress):
+def _scalar_block(layer, x, topk, weights, arch, n_experts, shared, act_fn, opts, cfg, device, progress, block=None):
     return quantize_moe_block_scalar(layer, x, topk, weights, arch, n_experts, shared, act_fn, opts, device)
 
 

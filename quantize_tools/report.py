@@ -53,7 +53,23 @@ def summarize(cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model_config: dict
             mean["layers"] = len(rows)
             errs[f"{group}.{wtype}"] = mean
     summary["mean_output_rel_err"] = errs
+    tuned = [r["finetune"] for r in layers if "finetune" in r]
+    if tuned:
+        summary["finetune"] = _finetune_summary(tuned, sum(r.get("seconds", 0.0) for r in layers))
     return {"quantization_config": cfg.to_dict(), "summary": summary, "layers": layers}
+
+
+def _finetune_summary(tuned: list[dict], layer_seconds: float) -> dict:
+    """Mean MoE-block output errors before and after tuning, layers kept, and the share of the time it took."""
+    out = {"layers": len(tuned), "layers_kept": sum(r["kept"] for r in tuned),
+           "seconds": round(sum(r["seconds"] for r in tuned), 1)}
+    out["share_of_layer_seconds"] = out["seconds"] / layer_seconds if layer_seconds else None
+    for when in ("before", "after"):
+        for split in ("fit", "held_out"):
+            vals = [r[f"rel_err_{when}"][split] for r in tuned if split in r[f"rel_err_{when}"]]
+            if vals:
+                out[f"mean_block_rel_err_{when}_{split}"] = sum(vals) / len(vals)
+    return out
 
 
 def _routed_counts(layers: list[dict]) -> dict:
@@ -116,6 +132,14 @@ def format_summary(report: dict) -> str:
         r = s["routed_tokens_per_expert"]
         lines.append(f"routed calibration tokens per expert: min {r['min']}, median {r['median']}, max {r['max']}; "
                      f"BCOS fell back to all tokens for {s['bcos_fallback_experts']} expert(s)")
+    if "finetune" in s:
+        f = s["finetune"]
+        held = f.get("mean_block_rel_err_before_held_out")
+        lines.append(
+            f"fine-tuning: mean MoE-block output error {f['mean_block_rel_err_before_fit']:.4f} -> "
+            f"{f['mean_block_rel_err_after_fit']:.4f} on the fitted tokens"
+            + (f", {held:.4f} -> {f['mean_block_rel_err_after_held_out']:.4f} held out" if held is not None else "")
+            + f"; tuned values kept in {f['layers_kept']}/{f['layers']} layers; {f['seconds']:.0f} s")
     if "run" in report:
         run = report["run"]
         lines.append(f"time {run['seconds']:.0f} s, peak memory {run['peak_memory_bytes'] / 2**30:.2f} GiB on {run['device']}")

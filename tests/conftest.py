@@ -33,14 +33,17 @@ def kbvq_tiny(tiny_model, tmp_path_factory):
 
     cache = {}
 
-    def get(arch: str):
-        if arch not in cache:
+    def get(arch: str, **options):
+        """``options``: further QuantizeOptions (e.g. row_scale, finetune_steps); each set is its own checkpoint."""
+        key = (arch, tuple(sorted(options.items())))
+        if key not in cache:
             out = tmp_path_factory.mktemp(f"kbvq_{arch}") / "q2"
             tokens = torch.randint(1, 320, (8, 64), generator=torch.Generator().manual_seed(0))
             quantize(tiny_model(arch), out, tokens,
-                     QuantizeOptions(bits=2, kmeans_iters=10, rank_ratio=1 / 16, compare_plain_vq=False),
+                     QuantizeOptions(bits=2, kmeans_iters=10, rank_ratio=1 / 16, compare_plain_vq=False, **options),
                      progress=False)
-            cache[arch] = out
-        return cache[arch]
+            cache[key] = out
+        return cache[key]
 
     return get
+

@@ -101,6 +101,9 @@ class KBVQConfig:
     kmeans_iters: int = 100
     vq_method: str = "kmeans"
     seed: int = 42
+    # how the stored values were made; the runtime reads none of these (the tensors carry everything)
+    row_scale: bool = False
+    finetune_steps: int = 0
     calibration: dict = field(default_factory=dict)
     quant_method: str = QUANT_METHOD
     format_version: int = FORMAT_VERSION
@@ -223,6 +226,8 @@ SCHEMA: dict[str, tuple] = {
     "kmeans_iters": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "vq_method": (lambda v: isinstance(v, str), "a string"),
     "seed": (_is_int, "an integer"),
+    "row_scale": (lambda v: isinstance(v, bool), "true or false"),
+    "finetune_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "calibration": (lambda v: isinstance(v, dict), "a JSON object"),
     "codebook_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
     "index_bits": (lambda v: _is_int(v) and v >= 1, "a positive integer"),

@@ -33,6 +33,8 @@ def tiny_config(arch: str):
 
 
 ARCH_NAMES = ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2")
+# quantizer options of a checkpoint with row-scaled codebooks and fine-tuned continuous tensors (kbvq_tiny(arch, **TUNED))
+TUNED = {"row_scale": True, "finetune_steps": 20, "finetune_batch": 128}
 
 
 def make_tiny_model(arch: str, path: Path, seed: int = 0) -> Path:

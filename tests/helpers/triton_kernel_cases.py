@@ -105,6 +105,22 @@ def test_moe_kernel_matches_torch_reference(n_tok, n_exp, top_k, bits, rank, kin
         assert err <= 0.02 * ref_h.abs().max(), dtype
 
 
+@pytest.mark.parametrize("n_tok", [1, 24])  # the decode and the grouped kernel
+def test_moe_kernel_with_row_scaled_affine(n_tok):
+    """``--row-scale`` stores ``(1 + s) * row scale - 1`` in affine_s: values from -15/16 to 15, not near 0."""
+    hidden, inter, n_exp = 64, 48, 8
+    g = torch.Generator().manual_seed(7 + n_tok)
+    ids, weights = _routing(n_tok, n_exp, 2, "random", g)
+    params = _experts(n_exp, hidden, inter, 2, 2, seed=7)
+    for i in (4, 10):  # affine_s of w13 and of w2
+        shape = params[i].shape
+        params[i] = (torch.exp(torch.empty(shape).uniform_(-2.7, 2.7, generator=g)) - 1).half().to(DEV)
+    x = torch.randn(n_tok, hidden, generator=g).to(DEV)
+    ref = kbvq_moe_torch(x, weights, ids, None, *params)
+    out = kbvq_moe_triton(x, weights, ids, None, *params, block_m=triton_block_m(ids.numel(), n_exp))
+    torch.testing.assert_close(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=1e-4)
+
+
 @pytest.mark.parametrize("n_tok,rank,bits", [(1, 2, 2), (5, 0, 3), (33, 3, 2), (65, 2, 4)])
 def test_linear_kernel_matches_torch_reference(n_tok, rank, bits):
     g = torch.Generator().manual_seed(n_tok)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_models import ARCH_NAMES
+from tiny_models import ARCH_NAMES, TUNED
 from vllm_kbvq.reference import load_kbvq_model
 
 pytest.importorskip("vllm")
@@ -61,6 +61,14 @@ def assert_matches_reference(model_dir: Path, results, prompts, atol=LOGPROB_ATO
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_vllm_matches_reference(arch, kbvq_tiny, tmp_path):
     model_dir = kbvq_tiny(arch)
+    results = vllm_generate(model_dir, PROMPTS, tmp_path)
+    assert_matches_reference(model_dir, results, PROMPTS)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])  # with and without a shared expert
+def test_vllm_serves_row_scaled_finetuned_checkpoints(arch, kbvq_tiny, tmp_path):
+    """Row scale (folded into affine_s and lr_a) and fine-tuned tensors change values, not the format."""
+    model_dir = kbvq_tiny(arch, **TUNED)
     results = vllm_generate(model_dir, PROMPTS, tmp_path)
     assert_matches_reference(model_dir, results, PROMPTS)
 

@@ -1,0 +1,126 @@
+"""Block fine-tuning and the row scale before k-means, measured against the FP model (transformers)."""
+import hashlib
+import signal
+
+import pytest
+import torch
+
+from interrupted import six_layer_model, stop_after_layers
+from quantize_tools.cli import main as cli_main
+from quantize_tools.moe_layer import quantize_group
+from quantize_tools.options import LayerOptions
+from quantize_tools.pipeline import QuantizeOptions, quantize
+from tiny_models import ARCH_NAMES, TEXT
+from vllm_kbvq.archs import arch_for_config
+from vllm_kbvq.format import KBVQConfig, validate_checkpoint
+from vllm_kbvq.reference import load_kbvq_model, moe_blocks
+
+
+def _tokens(n, seqlen=64, seed=0):
+    return torch.randint(1, 320, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def block_errors(model_dir, qdir, ids) -> list[float]:
+    """Per MoE layer, ``|Q(x) - FP(x)|^2 / |FP(x)|^2`` for the quantized block Q and the FP block of the
+    original model, both on the inputs the quantized model's own earlier layers give that block."""
+    from transformers import AutoModelForCausalLM
+
+    fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    q = load_kbvq_model(qdir, cpu_kernels=False)
+    arch = arch_for_config(fp.config)
+    seen = {}
+    hooks = [block.register_forward_hook(lambda m, args, out, i=i: seen.setdefault(i, []).append((args[0], out)))
+             for i, block in moe_blocks(q, arch)]
+    with torch.no_grad():
+        q(ids)
+        for h in hooks:
+            h.remove()
+        errs = []
+        for i, block in moe_blocks(fp, arch):
+            (x, y), = seen[i]
+            y_fp = block(x)
+            errs.append(float((y - y_fp).pow(2).sum() / y_fp.pow(2).sum()))
+    return errs
+
+
+_BASE = dict(bits=2, kmeans_iters=10, rank_ratio=1 / 16, compare_plain_vq=False)
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_finetuning_lowers_block_error_on_calibration_and_held_out_tokens(arch, tiny_model, tmp_path):
+    model_dir = tiny_model(arch)
+    calib, held = _tokens(16), _tokens(4, seed=1234)
+    errs = {}
+    for steps in (0, 40):
+        out = tmp_path / f"ft{steps}"
+        report = quantize(model_dir, out, calib, QuantizeOptions(**_BASE, finetune_steps=steps, finetune_batch=256),
+                          progress=False)
+        assert validate_checkpoint(out).finetune_steps == steps
+        errs[steps] = {"calibration": block_errors(model_dir, out, calib), "held out": block_errors(model_dir, out, held)}
+        if steps:
+            for layer in report["layers"]:
+                ft = layer["finetune"]
+                assert ft["kept"] and ft["rel_err_after"]["fit"] < ft["rel_err_before"]["fit"]
+                assert ft["seconds"] > 0
+    for tokens in ("calibration", "held out"):
+        for layer, (before, after) in enumerate(zip(errs[0][tokens], errs[40][tokens])):
+            assert after < before, f"{tokens} tokens, MoE layer {layer}: {before:.4f} -> {after:.4f}"
+
+
+def _sha(path):
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _calib(tmp_path):
+    p = tmp_path / "calib.txt"
+    p.write_text(TEXT * 40)
+    return p
+
+
+def test_finetuned_run_is_deterministic_and_resumes_identically(tmp_path):
+    model_dir = six_layer_model(tmp_path / "m")
+    calib = _calib(tmp_path)
+
+    def args(out):
+        return ["--model", str(model_dir), "--output", str(tmp_path / out), "--calib", str(calib), "--nsamples", "8",
+                "--seqlen", "64", "--kmeans-iters", "20", "--no-plain-vq-report", "--quiet", "--row-scale",
+                "--finetune-steps", "30", "--finetune-batch", "128"]
+
+    done = stop_after_layers(args("killed"), tmp_path / "killed", 2, signal.SIGKILL)
+    assert 2 <= len(done) < 6
+    assert cli_main(args("killed") + ["--resume"]) == 0
+    assert cli_main(args("a")) == 0
+    assert cli_main(args("b")) == 0
+    assert _sha(tmp_path / "a") == _sha(tmp_path / "b") == _sha(tmp_path / "killed")
+
+
+def _uneven_rows(n=3, oc=96, ic=128, seed=0):
+    """Matrices whose rows differ in scale by up to 30x, as real expert matrices' rows do, less extremely."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp(torch.empty(n, oc, 1).uniform_(-1.7, 1.7, generator=g))
+    return torch.randn(n, oc, ic, generator=g) * scale, torch.randn(2048, ic, generator=g)
+
+
+@pytest.mark.parametrize("rank_ratio", [0.0, 1 / 16])
+def test_row_scale_is_folded_exactly_and_lowers_output_error(rank_ratio):
+    """The stored tensors (row scale folded into affine_s and lr_a) compute what the quantizer measured,
+    and on rows of uneven scale the scaled codebook fits better."""
+    w, x = _uneven_rows()
+    n, oc, ic = w.shape
+    y = x @ w.transpose(1, 2)
+    errs = {}
+    for row_scale in (False, True):
+        opts = LayerOptions(bits=2, vector_dim=2, kmeans_iters=20, rank_ratio=rank_ratio, idre=rank_ratio > 0,
+                            compare_plain_vq=False, row_scale=row_scale)
+        rank = round(ic * rank_ratio)
+        cfg = KBVQConfig(bits=2, vector_dim=2, arch="qwen2_moe", rank={"experts": {"gate": rank}})
+        cov = x.T @ x / x.shape[0]
+        res = quantize_group(w, cov, lambda e: x, opts, cfg, rank, seed=3)
+        out = torch.stack([res.linear(e, cfg)(x) for e in range(n)])
+        err = float((out - y).pow(2).sum() / y.pow(2).sum())
+        assert err == pytest.approx(res.report["rel_err"]["idre_vq_bcos"], rel=2e-3)  # fp16 rounding of the fold
+        errs[row_scale] = err
+    assert errs[True] < 0.8 * errs[False], errs
