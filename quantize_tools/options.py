@@ -105,3 +105,8 @@ class QuantizeOptions(LayerOptions):
             check_option(self, name, getattr(self, name) >= 1, "a positive integer")
         check_option(self, "seqlen", self.seqlen >= 2, "an integer >= 2")
         check_option(self, "method", self.method in METHODS, " or ".join(METHODS))
+        if self.method != "kbvq":
+            for name, off in (("finetune_steps", 0), ("row_scale", False)):
+                if getattr(self, name) != off:
+                    raise QuantizeError(f"--{name.replace('_', '-')} applies to --method kbvq only, not "
+                                        f"{self.method}")

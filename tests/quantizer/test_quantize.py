@@ -216,6 +216,13 @@ def test_bad_inputs(tiny_model, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(_cli(good, out, "--bits", "5"))
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    # KBVQ-only options on a scalar baseline are refused, not ignored
+    _fails(capsys, _cli(good, out, "--method", "gptq", "--finetune-steps", "8"),
+           "--finetune-steps applies to --method kbvq only", out=out)
+    _fails(capsys, _cli(good, out, "--method", "rtn", "--row-scale"), "--row-scale applies to --method kbvq", out=out)
+    with pytest.raises(SystemExit) as e:
+        cli_main(_cli(good, out, "--finetune-steps", "-1"))
+    assert e.value.code == 2 and "--finetune-steps: must be >= 0" in capsys.readouterr().err
 
 
 # ---- bad checkpoints at load --------------------------------------------------------------
