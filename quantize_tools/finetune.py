@@ -141,6 +141,7 @@ def finetune_block(block, arch: ArchSpec, x: torch.Tensor, results: dict, weight
         n_hold = int(x.shape[0] * _HOLDOUT) if x.shape[0] >= 20 else 0
         hold, fit = perm[:n_hold], perm[n_hold:]
         probe = fit[:_PROBE]  # fit is in random order: a sample of the fitted tokens, for the report
+        judge, judged = ("held_out", hold) if n_hold else ("fit", probe)  # what decides which values are kept
         before = {"fit": block_error(block, x, target, probe)}
         if n_hold:
             before["held_out"] = block_error(block, x, target, hold)
@@ -174,16 +175,14 @@ def finetune_block(block, arch: ArchSpec, x: torch.Tensor, results: dict, weight
             saved = {key: [m.codes.clone() for m in lin] for key, (lin, _) in groups.items()}
             for (group, wtype), (lin, _) in groups.items():
                 _reassign(lin, weights(group, wtype))
-            check = hold if n_hold else probe
-            reassigned = block_error(block, x, target, check)
+            reassigned = block_error(block, x, target, judged)
             rep["rel_err_reassigned"] = reassigned
-            rep["reassign_kept"] = reassigned < after["held_out" if n_hold else "fit"]
+            rep["reassign_kept"] = reassigned < after[judge]
             if not rep["reassign_kept"]:
                 for key, (lin, _) in groups.items():
                     for m, c in zip(lin, saved[key]):
                         m.codes.copy_(c)
-        key = "held_out" if n_hold else "fit"
-        rep["kept"] = after[key] < before[key]
+        rep["kept"] = after[judge] < before[judge]
         if rep["kept"]:
             for k, (lin, basis) in groups.items():
                 _store(results[k], lin, basis, cfg.index_bits)

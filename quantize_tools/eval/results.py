@@ -266,10 +266,6 @@ def _claims(tb: Testbed, res: dict[str, dict]) -> list[str]:
     def ppl(key):
         return _wiki(res, key)
 
-    def bpw(key):
-        v = res[key].get("expert_bits_per_weight")
-        return "?" if v is None else f"{v:.3f}"
-
     fp = ppl("fp")
     lines = []
     for b in (2, 3):
@@ -281,12 +277,17 @@ def _claims(tb: Testbed, res: dict[str, dict]) -> list[str]:
         for c in cells_for(tb):
             if c.bits == b and c.method.startswith("GPTQ") and None not in (k, ppl(c.key)):
                 g = ppl(c.key)
-                lines.append(f"| {b}-bit KBVQ beats {c.method} | {k:.2f} vs {g:.2f} at {bpw(f'kbvq-w{b}')} vs "
-                             f"{bpw(c.key)} bits/weight | {'holds' if k < g else 'does not hold'} |")
+                lines.append(f"| {b}-bit KBVQ beats {c.method} | {k:.2f} vs {g:.2f} at {_bpw(res, f'kbvq-w{b}')} vs "
+                             f"{_bpw(res, c.key)} bits/weight | {'holds' if k < g else 'does not hold'} |")
         if None not in (k, gv):
             lines.append(f"| {b}-bit GPTVQ assignment beats k-means | {gv:.2f} vs {k:.2f} | "
                          f"{'holds' if gv < k else 'does not hold'} |")
     return lines
+
+
+def _bpw(res: dict[str, dict], key: str) -> str:
+    v = res[key].get("expert_bits_per_weight")
+    return "?" if v is None else f"{v:.3f}"
 
 
 def _records(tb: Testbed, root: Path) -> dict[str, dict]:
@@ -360,10 +361,6 @@ def _beyond_claims(tb: Testbed, res: dict[str, dict]) -> list[str]:
     def key(method, b):
         return Cell(method, b).key
 
-    def bpw(k):
-        v = res[k].get("expert_bits_per_weight")
-        return "?" if v is None else f"{v:.3f}"
-
     fp, lines = _wiki(res, "fp"), []
     for b, limits in _TARGET_RATIO.items():
         vq = [(p, c) for c in cells_for(tb) if c.bits == b and c.method.startswith("KBVQ") and not c.sweep
@@ -371,20 +368,24 @@ def _beyond_claims(tb: Testbed, res: dict[str, dict]) -> list[str]:
         if fp and vq:
             best, c = min(vq, key=lambda pc: pc[0])
             lines.append(f"| {b}-bit best cell ≤ {limits[tb.key]}× FP | {c.method}: {best:.2f} / {fp:.2f} = "
-                         f"{best / fp:.2f}× at {bpw(c.key)} bits/weight | {_verdict(best / fp <= limits[tb.key])} |")
+                         f"{best / fp:.2f}× at {_bpw(res, c.key)} bits/weight | "
+                         f"{_verdict(best / fp <= limits[tb.key])} |")
         for without, with_, what in _PARTS:
             p0, p1 = _wiki(res, key(without, b)), _wiki(res, key(with_, b))
             if None not in (p0, p1):
-                lines.append(f"| {b}-bit: {what} | {without} {p0:.2f} → {with_} {p1:.2f} ({100 * (p1 / p0 - 1):+.1f} %) "
-                             f"| {'lowers perplexity' if p1 < p0 else 'does not lower perplexity'} |")
+                lines.append(f"| {b}-bit: {what} | {without} {p0:.2f} → {with_} {p1:.2f} "
+                             f"({100 * (p1 / p0 - 1):+.1f} %) | "
+                             f"{'lowers perplexity' if p1 < p0 else 'does not lower perplexity'} |")
         gptq, best_b = _wiki(res, key("GPTQ g128", b)), _wiki(res, key(_BEST, b))
         if b == 3 and None not in (gptq, best_b):
-            lines.append(f"| 3-bit {_BEST} beats GPTQ g128 | {best_b:.2f} vs {gptq:.2f} at {bpw(key(_BEST, b))} vs "
-                         f"{bpw(key('GPTQ g128', b))} bits/weight | {_verdict(best_b < gptq)} |")
+            lines.append(f"| 3-bit {_BEST} beats GPTQ g128 | {best_b:.2f} vs {gptq:.2f} at "
+                         f"{_bpw(res, key(_BEST, b))} vs {_bpw(res, key('GPTQ g128', b))} bits/weight | "
+                         f"{_verdict(best_b < gptq)} |")
     scaled, rtn = _wiki(res, key(_SCALED_VQ[0], 4)), _wiki(res, key("RTN g128", 4))
     if None not in (scaled, rtn):
-        lines.append(f"| 4-bit {_SCALED_VQ[0]} ≤ RTN g128 | {scaled:.2f} vs {rtn:.2f} at {bpw(key(_SCALED_VQ[0], 4))} vs "
-                     f"{bpw(key('RTN g128', 4))} bits/weight | {_verdict(scaled <= rtn)} |")
+        lines.append(f"| 4-bit {_SCALED_VQ[0]} ≤ RTN g128 | {scaled:.2f} vs {rtn:.2f} at "
+                     f"{_bpw(res, key(_SCALED_VQ[0], 4))} vs {_bpw(res, key('RTN g128', 4))} bits/weight | "
+                     f"{_verdict(scaled <= rtn)} |")
     for c in cells_for(tb):
         ft = res.get(c.key, {}).get("quantize_summary", {}).get("finetune")
         if ft and res[c.key].get("quantize_seconds"):
@@ -402,8 +403,8 @@ def _beyond_claims(tb: Testbed, res: dict[str, dict]) -> list[str]:
                     verdict = "holds within the run only"
             lines.append(f"| {c.bits}-bit {c.method}: quantize time ≤ 2× without fine-tuning | {text} | {verdict} |")
             lines.append(f"| {c.bits}-bit {c.method}: MoE-block output error, mean over layers | "
-                         f"{ft['mean_block_rel_err_before_held_out']:.4f} → {ft['mean_block_rel_err_after_held_out']:.4f} "
-                         f"on held-out calibration tokens; tuned values kept in {ft['layers_kept']}/{ft['layers']} "
+                         f"{ft['mean_block_rel_err_before_held_out']:.4f} → "
+                         f"{ft['mean_block_rel_err_after_held_out']:.4f} on held-out calibration tokens; tuned values kept in {ft['layers_kept']}/{ft['layers']} "
                          "layers | — |")
     return lines
 

@@ -1,4 +1,5 @@
 """A quantizer run stopped part-way, as a user or a job scheduler stops it: shared by the resume tests."""
+import hashlib
 import json
 import signal
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_models import tiny_config, tiny_tokenizer
+from tiny_models import TEXT, tiny_config, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,6 +25,19 @@ def six_layer_model(path: Path) -> Path:
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def checkpoint_digest(d: Path) -> dict[str, str]:
+    """sha256 of a checkpoint's tensors, config and index: equal digests, bit-identical results."""
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.iterdir())
+            if f.suffix == ".safetensors" or f.name in ("config.json", "model.safetensors.index.json")}
+
+
+def calib_file(tmp_path: Path, repeats: int = 20) -> Path:
+    """A plain-text calibration file of the tiny tokenizer's sentences."""
+    p = tmp_path / "calib.txt"
+    p.write_text(TEXT * repeats)
+    return p
 
 
 def _as_in_a_terminal() -> None:

@@ -1,16 +1,15 @@
 """Block fine-tuning and the row scale before k-means, measured against the FP model (transformers)."""
-import hashlib
 import signal
 
 import pytest
 import torch
 
-from interrupted import six_layer_model, stop_after_layers
+from interrupted import calib_file, checkpoint_digest, six_layer_model, stop_after_layers
 from quantize_tools.cli import main as cli_main
 from quantize_tools.moe_layer import quantize_group
 from quantize_tools.options import LayerOptions
 from quantize_tools.pipeline import QuantizeOptions, quantize
-from tiny_models import ARCH_NAMES, TEXT
+from tiny_models import ARCH_NAMES
 from vllm_kbvq.archs import arch_for_config
 from vllm_kbvq.format import KBVQConfig, validate_checkpoint
 from vllm_kbvq.reference import load_kbvq_model, moe_blocks
@@ -67,22 +66,9 @@ def test_finetuning_lowers_block_error_on_calibration_and_held_out_tokens(arch, 
             assert after < before, f"{tokens} tokens, MoE layer {layer}: {before:.4f} -> {after:.4f}"
 
 
-def _sha(path):
-    h = hashlib.sha256()
-    for f in sorted(path.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def _calib(tmp_path):
-    p = tmp_path / "calib.txt"
-    p.write_text(TEXT * 40)
-    return p
-
-
 def test_finetuned_run_is_deterministic_and_resumes_identically(tmp_path):
     model_dir = six_layer_model(tmp_path / "m")
-    calib = _calib(tmp_path)
+    calib = calib_file(tmp_path, repeats=40)
 
     def args(out):
         return ["--model", str(model_dir), "--output", str(tmp_path / out), "--calib", str(calib), "--nsamples", "8",
@@ -94,7 +80,8 @@ def test_finetuned_run_is_deterministic_and_resumes_identically(tmp_path):
     assert cli_main(args("killed") + ["--resume"]) == 0
     assert cli_main(args("a")) == 0
     assert cli_main(args("b")) == 0
-    assert _sha(tmp_path / "a") == _sha(tmp_path / "b") == _sha(tmp_path / "killed")
+    digests = [checkpoint_digest(tmp_path / out) for out in ("a", "b", "killed")]
+    assert digests[0] == digests[1] == digests[2]
 
 
 def _uneven_rows(n=3, oc=96, ic=128, seed=0):

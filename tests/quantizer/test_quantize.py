@@ -1,10 +1,8 @@
 """End-to-end: quantize tiny models of every architecture, load them back, compare with the original."""
-import hashlib
 import json
 import math
 import shutil
 import signal
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +10,9 @@ from safetensors.torch import load_file, save_file
 
 from quantize_tools.cli import main as cli_main
 from bad_checkpoints import CASES, broken_copy
-from interrupted import six_layer_model, stop_after_layers
+from interrupted import calib_file as _calib, checkpoint_digest as _sha, six_layer_model, stop_after_layers
 from quantize_tools.pipeline import QuantizeOptions, quantize
-from tiny_models import ARCH_NAMES, TEXT, make_tiny_model, tiny_config
+from tiny_models import ARCH_NAMES, make_tiny_model, tiny_config
 from vllm_kbvq.format import FormatError, validate_checkpoint
 from vllm_kbvq.reference import load_kbvq_model
 
@@ -114,20 +112,9 @@ def test_reference_weight_matches_independent_dequantization(tiny_model, tmp_pat
     assert torch.allclose(lin(x.float(), bx).double(), y, atol=1e-4)
 
 
-def _sha(d: Path):
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.iterdir())
-            if f.suffix == ".safetensors" or f.name in ("config.json", "model.safetensors.index.json")}
-
-
 def _cli(model_dir, out, *extra):
     return ["--model", str(model_dir), "--output", str(out), "--nsamples", "4", "--seqlen", "32",
             "--kmeans-iters", "5", "--quiet", *extra]
-
-
-def _calib(tmp_path):
-    p = tmp_path / "calib.txt"
-    p.write_text(TEXT * 20)
-    return p
 
 
 def test_determinism(tiny_model, tmp_path):
