@@ -404,8 +404,8 @@ def _beyond_claims(tb: Testbed, res: dict[str, dict]) -> list[str]:
             lines.append(f"| {c.bits}-bit {c.method}: quantize time ≤ 2× without fine-tuning | {text} | {verdict} |")
             lines.append(f"| {c.bits}-bit {c.method}: MoE-block output error, mean over layers | "
                          f"{ft['mean_block_rel_err_before_held_out']:.4f} → "
-                         f"{ft['mean_block_rel_err_after_held_out']:.4f} on held-out calibration tokens; tuned values kept in {ft['layers_kept']}/{ft['layers']} "
-                         "layers | — |")
+                         f"{ft['mean_block_rel_err_after_held_out']:.4f} on held-out calibration tokens; "
+                         f"tuned values kept in {ft['layers_kept']}/{ft['layers']} layers | — |")
     return lines
 
 
