@@ -8,7 +8,8 @@ import argparse
 import math
 from fractions import Fraction
 
-__all__ = ["typed", "ratio", "positive_int", "nonnegative_int", "positive_float", "seed", "tcp_port", "HelpFormatter"]
+__all__ = ["typed", "ratio", "positive_int", "nonnegative_int", "positive_float", "seed", "tcp_port", "widths",
+           "HelpFormatter"]
 
 
 def typed(parse, ok, want: str, kind: str):
@@ -30,6 +31,20 @@ positive_int = typed(int, lambda v: v >= 1, ">= 1", "an integer")
 nonnegative_int = typed(int, lambda v: v >= 0, ">= 0", "an integer")
 positive_float = typed(float, lambda v: math.isfinite(v) and v > 0, "a number > 0", "a number")
 seed = typed(int, lambda v: 0 <= v < 2**63, "an integer >= 0", "an integer")
+
+
+def _parse_widths(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in text.split(","):
+        bits, d = part.strip().lower().split("x")
+        out.append((int(bits), int(d)))
+    return tuple(out)
+
+
+# "2x4,3x2": (bits, vector length) pairs; --bits-budget's candidates
+widths = typed(_parse_widths, lambda v: len(v) >= 2 and len(set(v)) == len(v) and all(
+    1 <= b <= 8 and d >= 1 and not d & (d - 1) and b * d <= 16 for b, d in v),
+    "two or more different BITSxD with bits 1..8, D a power of 2 and bits*D <= 16", "a list of BITSxD")
 tcp_port = typed(int, lambda v: 0 < v < 65536, "a TCP port (1..65535)", "a TCP port")
 
 

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from .argtypes import HelpFormatter, nonnegative_int, positive_float, positive_int, ratio, seed
+from .argtypes import HelpFormatter, nonnegative_int, positive_float, positive_int, ratio, seed, widths
 from .threads import available_cpus, configure_openmp
 
 __all__ = ["main", "build_parser"]
@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--row-scale", action="store_true",
                    help="normalise each residual row to equal RMS before k-means (the scale is folded into the "
                         "stored affine_s and lr_a: no extra tensor, no extra bits)")
+    q.add_argument("--bits-budget", metavar="B", type=positive_float, default=None,
+                   help="mixed precision: give each expert's gate/up and down one of --candidate-widths so that every "
+                        "layer averages at most B bits per expert weight (everything stored counted, as the report's "
+                        "expert_bits_per_weight), least calibration output error first; replaces --bits/--vector-dim")
+    q.add_argument("--candidate-widths", metavar="LIST", type=widths,
+                   default=",".join(f"{b}x{d}" for b, d in QuantizeOptions.candidate_widths),
+                   help="the widths --bits-budget chooses from, as BITSxD (bits per weight x vector length)")
     q.add_argument("--seed", metavar="N", type=seed, default=QuantizeOptions.seed, help="seed of calibration sampling and k-means")
     q.add_argument("--no-plain-vq-report", action="store_true",
                    help="skip the plain-VQ comparison in kbvq_report.json (halves k-means time)")
@@ -112,7 +119,8 @@ def options_from_args(args: argparse.Namespace):
         seed=args.seed, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
         device=args.device, method=args.method, group_size=args.group_size, row_scale=args.row_scale,
         finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, finetune_batch=args.finetune_batch,
-        finetune_reassign=args.finetune_reassign,
+        finetune_reassign=args.finetune_reassign, bits_budget=args.bits_budget,
+        candidate_widths=args.candidate_widths,
     )
 
 

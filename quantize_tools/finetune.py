@@ -59,27 +59,28 @@ def _mean_square(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return (total / (idx.numel() * t.shape[1])).to(t.dtype)
 
 
-def _tunable_group(res, index_bits: int, vector_dim: int, device) -> tuple[list[TunableLinear], nn.Parameter | None]:
+def _tunable_group(res, device) -> tuple[list[TunableLinear], nn.Parameter | None]:
     """A GroupResult's members as trainable matrices sharing one basis parameter."""
     basis = None if res.lr_b is None else nn.Parameter(res.lr_b.to(device, torch.float32).clone())
-    n = res.vq_codes.shape[0]
-    linears = [TunableLinear(unpack_codes(res.vq_codes[e], index_bits, res.ic // vector_dim).to(device),
+    n = len(res.vq_codes)
+    linears = [TunableLinear(unpack_codes(res.vq_codes[e], res.widths[e].index_bits,
+                                          res.ic // res.widths[e].vector_dim).to(device),
                              res.vq_codebook[e].to(device), None if res.lr_a is None else res.lr_a[e].to(device),
                              basis, res.affine_s[e].to(device), res.affine_b[e].to(device))
                for e in range(n)]
     return linears, basis
 
 
-def _store(res, linears: list[TunableLinear], basis: nn.Parameter | None, index_bits: int) -> None:
+def _store(res, linears: list[TunableLinear], basis: nn.Parameter | None) -> None:
     """Write the tuned values back into the GroupResult, in the format's dtypes."""
     half = lambda ts: torch.stack([t.detach().to("cpu", torch.float16) for t in ts])  # noqa: E731
-    res.vq_codebook = half(m.codebook for m in linears)
+    res.vq_codebook = [m.codebook.detach().to("cpu", torch.float16) for m in linears]
     res.affine_s = half(m.affine_s for m in linears)
     res.affine_b = half(m.affine_b for m in linears)
     if basis is not None:
         res.lr_a = half(m.lr_a for m in linears)
         res.lr_b = basis.detach().to("cpu", torch.float16)
-    res.vq_codes = pack_codes(torch.stack([m.codes.cpu() for m in linears]), index_bits)
+    res.vq_codes = [pack_codes(m.codes.cpu(), w.index_bits) for m, w in zip(linears, res.widths)]
 
 
 def _reassign(linears: list[TunableLinear], w_fp: torch.Tensor) -> None:
@@ -96,7 +97,7 @@ def _reassign(linears: list[TunableLinear], w_fp: torch.Tensor) -> None:
 
 
 def finetune_block(block, arch: ArchSpec, x: torch.Tensor, results: dict, weights: Callable, n_experts: int,
-                   act_fn, opts, cfg, seed: int, device="cpu",
+                   act_fn, opts, seed: int, device="cpu",
                    progress: Callable[[str], None] | None = None) -> dict:
     """Tune the ``results`` (``(group, wtype) -> GroupResult``, changed in place) of one MoE ``block``.
 
@@ -108,7 +109,7 @@ def finetune_block(block, arch: ArchSpec, x: torch.Tensor, results: dict, weight
     say = progress or (lambda msg: None)
     t0 = time.time()
     x = x.to(device, torch.float32)
-    hidden, inter = x.shape[1], results["experts", "gate"].vq_codes.shape[1]
+    hidden, inter = x.shape[1], results["experts", "gate"].oc
     shared_mlp = getattr(block, arch.shared_attr) if ("shared_experts", "gate") in results else None
     shared_names = {w: arch.shared_proj_names[w] for w in WEIGHT_TYPES}
     old_experts = getattr(block, arch.experts_attr)
@@ -130,7 +131,7 @@ def finetune_block(block, arch: ArchSpec, x: torch.Tensor, results: dict, weight
             target = torch.cat([_block_out(block, x[i:i + _CHUNK]) for i in range(0, x.shape[0], _CHUNK)])
         del dense
 
-        groups = {key: _tunable_group(res, cfg.index_bits, cfg.vector_dim, device) for key, res in results.items()}
+        groups = {key: _tunable_group(res, device) for key, res in results.items()}
         setattr(block, arch.experts_attr,
                 TunableExperts(arch, {w: groups["experts", w][0] for w in WEIGHT_TYPES}, act_fn))
         if shared_mlp is not None:
@@ -185,7 +186,7 @@ def finetune_block(block, arch: ArchSpec, x: torch.Tensor, results: dict, weight
         rep["kept"] = after[judge] < before[judge]
         if rep["kept"]:
             for k, (lin, basis) in groups.items():
-                _store(results[k], lin, basis, cfg.index_bits)
+                _store(results[k], lin, basis)
     finally:
         setattr(block, arch.experts_attr, old_experts)
         for w, mod in old_shared.items():

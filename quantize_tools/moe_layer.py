@@ -7,20 +7,22 @@ same way. Every matrix goes IDRE -> VQ of the residual -> BCOS.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 import torch
 
 from vllm_kbvq.archs import WEIGHT_TYPES, ArchSpec
-from vllm_kbvq.format import GROUPS, KBVQConfig, QuantizedMatrix, default_rank, layer_matrices, matrix_shape
+from vllm_kbvq.format import (GROUPS, KBVQConfig, QuantizedMatrix, Width, default_rank, layer_matrices, matrix_shape,
+                              spec_bits, tensor_specs)
 from vllm_kbvq.kernels.torch_moe import dequantize_rows
 from vllm_kbvq.packing import pack_codes
 from vllm_kbvq.reference import KBVQLinear
 
+from .allocate import AllocationError, Unit, allocate
 from .bcos import OutputStats, fit_affine
 from .finetune import finetune_block
-from .options import VQ_METHODS, LayerOptions
+from .options import VQ_METHODS, LayerOptions, QuantizeError
 from .gptq import gptvq_assign, second_moment
 from .idre import CovarianceAccumulator, identity_klt, joint_svd, klt
 from .vq import vq_quantize
@@ -33,16 +35,26 @@ _TOKEN_CHUNK = 8192  # tokens per matmul when streaming statistics
 @dataclass
 class GroupResult:
     """Stored tensors of one weight type for all ``n`` members of a group (routed experts, or one shared
-    expert), stacked over the members; the names are the format's."""
+    expert); the names are the format's. Codes and codebooks are per member (their shapes follow the
+    member's width), the rest stacked over the members."""
 
-    vq_codes: torch.Tensor  # [n, oc, words] int32
-    vq_codebook: torch.Tensor  # [n, K, d] fp16
+    vq_codes: list[torch.Tensor]  # n x [oc, words] int32
+    vq_codebook: list[torch.Tensor]  # n x [K, d] fp16
     lr_a: torch.Tensor | None  # [n, oc, k] fp16
     lr_b: torch.Tensor | None  # [k, ic] fp16, shared by the members
     affine_s: torch.Tensor  # [n, oc] fp16
     affine_b: torch.Tensor  # [n, oc] fp16
     ic: int
+    widths: list[Width]  # per member
     report: dict = field(default_factory=dict)
+    # per member, the squared output error over its inputs before and after BCOS; the members' output energy
+    member_err_vq: list[float] = field(default_factory=list)
+    member_err: list[float] = field(default_factory=list)
+    energy: float = 0.0
+
+    @property
+    def oc(self) -> int:
+        return self.affine_s.shape[1]
 
     def member(self, e: int, owns_basis: bool = True) -> QuantizedMatrix:
         """Member ``e``'s tensors; ``lr_b`` with them only where ``owns_basis`` (it is stored once)."""
@@ -51,13 +63,29 @@ class GroupResult:
             affine_b=self.affine_b[e], lr_a=None if self.lr_a is None else self.lr_a[e],
             lr_b=self.lr_b if owns_basis else None)
 
-    def linear(self, e: int, cfg: KBVQConfig) -> KBVQLinear:
+    def linear(self, e: int) -> KBVQLinear:
         """Member ``e`` as a runtime module (the same code the reference runtime uses)."""
-        oc = self.vq_codes.shape[1]
         rank = 0 if self.lr_a is None else self.lr_a.shape[-1]
-        lin = KBVQLinear(self.ic, oc, cfg, rank, owns_basis=True)
+        lin = KBVQLinear(self.ic, self.oc, self.widths[e], rank, owns_basis=True)
         lin.load(self.member(e))
         return lin
+
+    @staticmethod
+    def pick(by_width: dict[Width, "GroupResult"], widths: Sequence[Width]) -> "GroupResult":
+        """Member ``e`` from the result at ``widths[e]``; the results are of the same matrices, whose
+        shared basis does not depend on the width (IDRE comes before VQ)."""
+        first = next(iter(by_width.values()))
+        if first.lr_b is not None and not all(torch.equal(r.lr_b, first.lr_b) for r in by_width.values()):
+            raise AssertionError("the shared basis differs between widths: IDRE must not depend on the width")
+        take = lambda name: [getattr(by_width[w], name)[e] for e, w in enumerate(widths)]  # noqa: E731
+        stack = lambda name: None if getattr(first, name) is None else torch.stack(take(name))  # noqa: E731
+        out = GroupResult(vq_codes=take("vq_codes"), vq_codebook=take("vq_codebook"), lr_a=stack("lr_a"),
+                           lr_b=first.lr_b, affine_s=stack("affine_s"), affine_b=stack("affine_b"), ic=first.ic,
+                           widths=list(widths), report=first.report, member_err_vq=take("member_err_vq"),
+                           member_err=take("member_err"), energy=first.energy)
+        out.report = {**first.report, "rel_err": {"plain_vq": None, "idre_vq": sum(out.member_err_vq) / out.energy,
+                                                  "idre_vq_bcos": sum(out.member_err) / out.energy}}
+        return out
 
 
 def _chunks(x: torch.Tensor):
@@ -70,21 +98,24 @@ def quantize_group(
     cov: torch.Tensor,
     inputs: Callable[[int], torch.Tensor],
     opts: LayerOptions,
-    cfg: KBVQConfig,
     rank: int,
     seed: int,
     progress: Callable[[str], None] | None = None,
+    widths: Sequence[Width] | None = None,
 ) -> GroupResult:
     """IDRE + VQ + BCOS for the matrices ``w`` ``[n, oc, ic]`` that share one input space.
 
     ``cov`` is the input covariance used for the KLT; ``inputs(e)`` returns the
-    calibration inputs member ``e`` sees (its routed tokens, or the fallback).
+    calibration inputs member ``e`` sees (its routed tokens, or the fallback). ``widths``: per member
+    (default: all ``opts.bits`` in vectors of ``opts.vector_dim``); the members of one width share a
+    k-means call, and the shared basis is fitted over all of them.
     """
     if opts.vq_method not in VQ_METHODS:
         raise ValueError(f"unknown vq_method {opts.vq_method!r}: one of {', '.join(VQ_METHODS)}")
     say = progress or (lambda msg: None)
     n, oc, ic = w.shape
     device = w.device
+    widths = list(widths) if widths is not None else [Width(opts.bits, opts.vector_dim)] * n
     rep: dict = {"rank": rank}
     if rank > 0:
         say("KLT and joint SVD")
@@ -100,20 +131,26 @@ def quantize_group(
     row_scale = _row_scale(residual) if opts.row_scale else None
     if row_scale is not None:  # the codebook is fitted to rows of equal RMS
         residual = residual / row_scale[..., None]
-    codes, codebook = vq_quantize(residual, opts.bits, opts.vector_dim, opts.kmeans_iters, seed, progress=say)
-    if opts.vq_method == "gptvq":
-        for e in range(n):  # each member's own inputs: routed experts see different tokens
-            say(f"GPTVQ assignment {e + 1}/{n}")
-            h = second_moment(_chunks(inputs(e)), ic, device)
-            codes[e] = gptvq_assign(residual[e], h, codebook[e], opts.damp)
-    w_hat = dequantize_rows(codes, codebook[:, None])
+    codes, codebook = [None] * n, [None] * n
+    w_hat = torch.empty(n, oc, ic, dtype=torch.float32, device=device)
+    for width in sorted(set(widths)):
+        members = [e for e in range(n) if widths[e] == width]
+        sub = residual if len(members) == n else residual[members]
+        c, cb = vq_quantize(sub, width.bits, width.vector_dim, opts.kmeans_iters, seed, progress=say)
+        for k, e in enumerate(members):
+            if opts.vq_method == "gptvq":  # each member's own inputs: routed experts see different tokens
+                say(f"GPTVQ assignment {e + 1}/{n}")
+                h = second_moment(_chunks(inputs(e)), ic, device)
+                c[k] = gptvq_assign(residual[e], h, cb[k], opts.damp)
+            codes[e], codebook[e] = pack_codes(c[k].cpu(), width.index_bits), cb[k].cpu()
+        w_hat[members] = dequantize_rows(c, cb[:, None])
     if row_scale is not None:
         w_hat = w_hat * row_scale[..., None]
     if low_rank is not None:
         w_hat = w_hat + low_rank
     w_plain = None
-    if opts.compare_plain_vq and rank > 0:
-        pc, pb = vq_quantize(w.float(), opts.bits, opts.vector_dim, opts.kmeans_iters, seed + 7919,
+    if opts.compare_plain_vq and rank > 0 and len(set(widths)) == 1:
+        pc, pb = vq_quantize(w.float(), widths[0].bits, widths[0].vector_dim, opts.kmeans_iters, seed + 7919,
                              progress=lambda msg: say(f"plain-VQ comparison, {msg}"))
         w_plain = dequantize_rows(pc, pb[:, None])
 
@@ -121,6 +158,7 @@ def quantize_group(
     affine_b = torch.zeros(n, oc, dtype=torch.float16, device=device)
     err = {"plain_vq": 0.0, "idre_vq": 0.0, "idre_vq_bcos": 0.0}
     energy = 0.0
+    member_err, member_err_vq = [], []
     wf = w.float()
     say("BCOS and output errors")
     for e in range(n):
@@ -136,8 +174,10 @@ def quantize_group(
             se, be = fit_affine(st, opts.bcos_mode)
             se, be = se.to(torch.float16).double(), be.to(torch.float16).double()
         energy += st.energy()
-        err["idre_vq"] += st.sq_error()
-        err["idre_vq_bcos"] += st.sq_error(se, be)
+        member_err_vq.append(st.sq_error())
+        err["idre_vq"] += member_err_vq[-1]
+        member_err.append(st.sq_error(se, be))
+        err["idre_vq_bcos"] += member_err[-1]
         if row_scale is not None:  # y = (1+s) D (W_vq + (A/D) B) x + b: the row scale folds into s and A
             se = (1 + se) * row_scale[e].double() - 1
         affine_s[e], affine_b[e] = se.to(torch.float16), be.to(torch.float16)
@@ -151,9 +191,9 @@ def quantize_group(
     if w_plain is None and rank > 0:
         rep["rel_err"]["plain_vq"] = None  # comparison skipped (--no-plain-vq-report)
     return GroupResult(
-        vq_codes=pack_codes(codes.cpu(), cfg.index_bits), vq_codebook=codebook.cpu(),
-        lr_a=None if a is None else a.cpu(), lr_b=None if b is None else b.cpu(),
-        affine_s=affine_s.cpu(), affine_b=affine_b.cpu(), ic=ic, report=rep,
+        vq_codes=codes, vq_codebook=codebook, lr_a=None if a is None else a.cpu(), lr_b=None if b is None else b.cpu(),
+        affine_s=affine_s.cpu(), affine_b=affine_b.cpu(), ic=ic, widths=widths, report=rep,
+        member_err_vq=member_err_vq, member_err=member_err, energy=max(energy, 1e-30),
     )
 
 
@@ -225,17 +265,26 @@ def quantize_moe_block(
         what = f"{n} routed {wtype}" if group == "experts" else f"shared {wtype}"
         return lambda msg: say(f"{what} ({step}/{steps}): {msg}")
 
+    plans = {}
+    if opts.bits_budget is not None:  # every candidate width measured, then one chosen per unit
+        plans, report["allocation"] = _allocate_layer(layer, groups, x, token_ids, counts, weights, cov_x, act_fn,
+                                                      opts, cfg, stage, device)
+    widths_of: dict[str, dict[str, list[Width]]] = {}
     for group, n, group_inputs in groups:
         grep = {}
-        gu = {}
+        w_down = weights(group, "down").to(device)
+        if group in plans:
+            gu, down_widths = plans[group]
+        else:
+            gu = {wtype: quantize_group(weights(group, wtype).to(device), cov_x, group_inputs, opts,
+                                        cfg.rank[group][wtype], group_seed(opts.seed, layer, group, wtype),
+                                        stage(group, wtype, n))
+                  for wtype in ("gate", "up")}
+            down_widths = None
         for wtype in ("gate", "up"):
-            w = weights(group, wtype).to(device)
-            rank = cfg.rank[group][wtype]
-            gu[wtype] = quantize_group(w, cov_x, group_inputs, opts, cfg, rank, group_seed(opts.seed, layer, group, wtype),
-                                       stage(group, wtype, n))
             grep[wtype] = gu[wtype].report
-        gate = [gu["gate"].linear(e, cfg).to(device) for e in range(n)]
-        up = [gu["up"].linear(e, cfg).to(device) for e in range(n)]
+        gate = [gu["gate"].linear(e).to(device) for e in range(n)]
+        up = [gu["up"].linear(e).to(device) for e in range(n)]
         for lin in gate + up:  # run twice per expert below: dequantize once (bit-identical outputs)
             lin.cache_vq_weight()
 
@@ -243,42 +292,157 @@ def quantize_moe_block(
             xe = group_inputs(e).to(device)
             return torch.cat([act_fn(gate[e](c)) * up[e](c) for c in _chunks(xe)]) if xe.shape[0] else xe.new_zeros(0, gate[e].out_features)
 
-        w_down = weights(group, "down").to(device)
-        cov_h = CovarianceAccumulator(w_down.shape[2], device)
-        for e in range(n):
-            if group == "experts" and counts[e] == 0:
-                continue  # the down KLT pools routed activations only
-            idx = token_ids[e] if group == "experts" else None
-            xe = x[idx] if idx is not None else x
-            for c in _chunks(xe):
-                c = c.to(device)
-                cov_h.add(act_fn(gate[e](c)) * up[e](c))
-        rank = cfg.rank[group]["down"]
-        hidden_cache: dict[int, torch.Tensor] = {}
-
-        def down_inputs(e, hidden_of=hidden_of):
-            if e not in hidden_cache:
-                hidden_cache.clear()
-                hidden_cache[e] = hidden_of(e)
-            return hidden_cache[e]
-
-        dres = quantize_group(w_down, cov_h.covariance(), down_inputs, opts, cfg, rank,
-                              group_seed(opts.seed, layer, group, "down"), stage(group, "down", n))
+        cov_h = _down_covariance(group, n, x, token_ids, counts, gate, up, act_fn, w_down.shape[2], device)
+        down_inputs = _cached(hidden_of)
+        # the down projections are fitted (again, under a budget: at the chosen widths) to what the quantized
+        # gate and up produce
+        dres = quantize_group(w_down, cov_h, down_inputs, opts, cfg.rank[group]["down"],
+                              group_seed(opts.seed, layer, group, "down"), stage(group, "down", n), widths=down_widths)
         grep["down"] = dres.report
         report[group] = grep
         for wtype, res in (("gate", gu["gate"]), ("up", gu["up"]), ("down", dres)):
             results[group, wtype] = res
+            widths_of.setdefault(group, {})[wtype] = res.widths
     if opts.finetune_steps:
         if block is None:
             raise ValueError("fine-tuning (finetune_steps > 0) needs the MoE block")
-        report["finetune"] = finetune_block(block, arch, x, results, weights, n_experts, act_fn, opts, cfg,
+        report["finetune"] = finetune_block(block, arch, x, results, weights, n_experts, act_fn, opts,
                                             group_seed(opts.seed, layer, "experts", "gate") ^ 0x5EED, device,
                                             say)
+    if opts.bits_budget is not None:
+        report["width_of"] = {g: {w: [opts.candidate_widths.index((v.bits, v.vector_dim)) for v in ws]
+                                  for w, ws in per.items()} for g, per in widths_of.items()}
+    cfg = _with_widths(cfg, layer, report.get("width_of"))
     hidden = x.shape[1]
-    inter = results["experts", "gate"].vq_codes.shape[1]
+    inter = results["experts", "gate"].oc
     for ref in layer_matrices(arch, cfg, layer, n_experts, hidden, inter):
-        out.update(results[ref.group, ref.wtype].member(ref.member, ref.owns_basis).tensors(ref, cfg))
+        out.update(results[ref.group, ref.wtype].member(ref.member, ref.owns_basis).tensors(ref))
     return out, report
+
+
+def _with_widths(cfg: KBVQConfig, layer: int, width_of: dict | None) -> KBVQConfig:
+    """``cfg`` with this layer's widths filled in (the pipeline collects every layer's into the checkpoint's)."""
+    if width_of is None:
+        return cfg
+    return replace(cfg, width_of={**(cfg.width_of or {}), str(layer): width_of})
+
+
+def _down_covariance(group, n, x, token_ids, counts, gate, up, act_fn, inter: int, device) -> torch.Tensor:
+    """The down projections' input covariance, over what the quantized gate and up give the routed tokens."""
+    cov_h = CovarianceAccumulator(inter, device)
+    for e in range(n):
+        if group == "experts" and counts[e] == 0:
+            continue  # the down KLT pools routed activations only
+        xe = x[token_ids[e]] if group == "experts" else x
+        for c in _chunks(xe):
+            c = c.to(device)
+            cov_h.add(act_fn(gate[e](c)) * up[e](c))
+    return cov_h.covariance()
+
+
+def _allocate_layer(layer, groups, x, token_ids, counts, weights, cov_x, act_fn, opts, cfg, stage, device):
+    """Under ``opts.bits_budget``: every member's gate/up and down quantized at every candidate width, the
+    errors measured where they land (the member's output on its calibration inputs), then one width per
+    unit (a member's fused gate and up; its down) by :func:`.allocate.allocate`, so the layer's KBVQ
+    tensors take at most ``bits_budget`` bits per expert weight.
+
+    Gate/up's error at a width is the member's output error with its down in full precision; down's is
+    on the full-precision gate/up activations. Returns, per group, gate and up at the chosen widths and
+    the down widths (down is fitted again at them by the caller, on the quantized gate/up's activations),
+    and the allocation report.
+    """
+    cands = [Width(*w) for w in opts.candidate_widths]
+    opts = replace(opts, compare_plain_vq=False)  # the plain-VQ comparison is for uniform runs
+    units, where, measured = [], [], {}
+    total_weights = 0
+    for group, n, group_inputs in groups:
+        w = {wtype: weights(group, wtype).to(device) for wtype in WEIGHT_TYPES}
+        total_weights += sum(t.numel() for t in w.values())
+        gu = {wtype: {} for wtype in ("gate", "up")}
+        err = {"gate_up": [[0.0] * len(cands) for _ in range(n)], "down": [[0.0] * len(cands) for _ in range(n)]}
+
+        def fp_hidden(e, c, w=w):
+            return act_fn(c @ w["gate"][e].T) * (c @ w["up"][e].T)
+
+        def fp_inputs(e, group_inputs=group_inputs, fp_hidden=fp_hidden):
+            xe = group_inputs(e).to(device, torch.float32)
+            return torch.cat([fp_hidden(e, c) for c in _chunks(xe)]) if xe.shape[0] else xe.new_zeros(0, w["down"].shape[2])
+
+        fp_gate = [lambda c, e=e, w=w: c @ w["gate"][e].T for e in range(n)]
+        fp_up = [lambda c, e=e, w=w: c @ w["up"][e].T for e in range(n)]
+        cov_fp = _down_covariance(group, n, x, token_ids, counts, fp_gate, fp_up, act_fn, w["down"].shape[2], device)
+        for k, width in enumerate(cands):
+            for wtype in ("gate", "up"):
+                gu[wtype][width] = quantize_group(
+                    w[wtype], cov_x, group_inputs, opts, cfg.rank[group][wtype],
+                    group_seed(opts.seed, layer, group, wtype), stage(group, wtype, n), widths=[width] * n)
+            for e in range(n):
+                g, u = gu["gate"][width].linear(e).to(device), gu["up"][width].linear(e).to(device)
+                for c in _chunks(group_inputs(e).to(device, torch.float32)):
+                    d = (act_fn(g(c)) * u(c) - fp_hidden(e, c)) @ w["down"][e].T
+                    err["gate_up"][e][k] += float(d.double().pow(2).sum())
+            down = quantize_group(w["down"], cov_fp, _cached(fp_inputs), opts, cfg.rank[group]["down"],
+                                  group_seed(opts.seed, layer, group, "down"), stage(group, "down", n),
+                                  widths=[width] * n)
+            for e in range(n):
+                err["down"][e][k] = down.member_err[e]
+        measured[group] = gu
+        for unit, wtypes in _UNITS.items():
+            for e in range(n):
+                mats = [(*w[t].shape[1:], cfg.rank[group][t], e == 0) for t in wtypes]
+                units.append(Unit(tuple(_bits(mats, width) for width in cands), tuple(err[unit][e])))
+                where.append((group, unit, e))
+    budget = opts.bits_budget * total_weights
+    try:
+        choice = allocate(units, budget)
+    except AllocationError:
+        least = sum(min(u.costs) for u in units) / total_weights
+        raise QuantizeError(f"--bits-budget {opts.bits_budget}: layer {layer} needs at least {least:.3f} bits per "
+                            f"expert weight, with every matrix at its cheapest of --candidate-widths") from None
+    chosen: dict[str, dict[str, list[Width]]] = {}
+    for (group, unit, e), k in zip(where, choice):
+        n = next(m for g, m, _ in groups if g == group)
+        chosen.setdefault(group, {}).setdefault(unit, [None] * n)[e] = cands[k]
+    plans = {group: ({wtype: GroupResult.pick(measured[group][wtype], chosen[group]["gate_up"]) for wtype in ("gate", "up")},
+                     chosen[group]["down"]) for group in chosen}
+    spent = sum(u.costs[k] for u, k in zip(units, choice))
+    rep = {"budget_bits_per_weight": opts.bits_budget, "bits_per_weight": spent / total_weights,
+           "error": sum(u.errors[k] for u, k in zip(units, choice)),
+           "error_cheapest": sum(u.errors[min(range(len(cands)), key=lambda i: u.costs[i])] for u in units),
+           "widths": {group: {unit: {str(c): sum(v == c for v in ws) for c in cands} for unit, ws in per.items()}
+                      for group, per in chosen.items()}}
+    return plans, rep
+
+
+_UNITS = {"gate_up": ("gate", "up"), "down": ("down",)}  # what gets one width: an expert's fused gate and up; its down
+
+
+def _bits(mats: list[tuple[int, int, int, bool]], width: Width) -> int:
+    """Stored bits of matrices ``(oc, ic, rank, owns_basis)`` at ``width``: codes, codebook, factors, affine."""
+    return sum(spec_bits(tensor_specs(oc, ic, width, rank, owns)) for oc, ic, rank, owns in mats)
+
+
+def least_bits_per_weight(refs, widths: Sequence[Width]) -> float:
+    """The fewest bits per expert weight a layer of matrices ``refs`` (:class:`vllm_kbvq.format.MatrixRef`)
+    can store at the candidate ``widths``: every unit at its cheapest."""
+    units: dict[tuple, list] = {}
+    for r in refs:
+        unit = next(u for u, wtypes in _UNITS.items() if r.wtype in wtypes)
+        units.setdefault((r.group, r.member, unit), []).append((r.oc, r.ic, r.rank, r.owns_basis))
+    return sum(min(_bits(m, w) for w in widths) for m in units.values()) / sum(r.oc * r.ic for r in refs)
+
+
+def _cached(inputs: Callable[[int], torch.Tensor]) -> Callable[[int], torch.Tensor]:
+    """``inputs`` keeping its last member's result: quantize_group asks for each member's inputs twice in a row."""
+    cache: dict[int, torch.Tensor] = {}
+
+    def get(e: int) -> torch.Tensor:
+        if e not in cache:
+            cache.clear()
+            cache[e] = inputs(e)
+        return cache[e]
+
+    return get
 
 
 def ranks_for(opts: LayerOptions, hidden: int, inter: int, shared_inter: int | None) -> dict[str, dict[str, int]]:

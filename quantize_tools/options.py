@@ -68,6 +68,9 @@ class LayerOptions:
     finetune_lr: float = 1e-2  # relative: each tensor's step is this times its initial RMS (affine_s: absolute)
     finetune_batch: int = 1024  # calibration tokens per step
     finetune_reassign: bool = False  # after tuning, move each vector to its nearest tuned codeword
+    # mixed precision: average bits per expert weight to allocate over the candidate widths (None: --bits)
+    bits_budget: float | None = None
+    candidate_widths: tuple[tuple[int, int], ...] = ((2, 4), (3, 2), (4, 2))  # (bits, vector_dim)
 
     def validate(self) -> None:
         """Ranges of the options, as errors that name the command-line flag."""
@@ -88,6 +91,14 @@ class LayerOptions:
         check_option(self, "finetune_steps", self.finetune_steps >= 0, "an integer >= 0")
         check_option(self, "finetune_lr", math.isfinite(self.finetune_lr) and self.finetune_lr > 0, "a number > 0")
         check_option(self, "finetune_batch", self.finetune_batch >= 1, "a positive integer")
+        if self.bits_budget is not None:
+            check_option(self, "bits_budget", math.isfinite(self.bits_budget) and self.bits_budget > 0, "a number > 0")
+            widths = self.candidate_widths
+            check_option(self, "candidate_widths", len(widths) >= 2 and len(set(widths)) == len(widths),
+                         "at least two different widths")
+            for bits, d in widths:
+                check_option(self, "candidate_widths", 1 <= bits <= 8 and d >= 1 and not d & (d - 1) and bits * d <= 16,
+                             "widths BITSxD with bits 1..8, D a power of 2 and bits*D <= 16")
 
 
 @dataclass
@@ -106,7 +117,7 @@ class QuantizeOptions(LayerOptions):
         check_option(self, "seqlen", self.seqlen >= 2, "an integer >= 2")
         check_option(self, "method", self.method in METHODS, " or ".join(METHODS))
         if self.method != "kbvq":
-            for name, off in (("finetune_steps", 0), ("row_scale", False)):
+            for name, off in (("finetune_steps", 0), ("row_scale", False), ("bits_budget", None)):
                 if getattr(self, name) != off:
                     raise QuantizeError(f"--{name.replace('_', '-')} applies to --method kbvq only, not "
                                         f"{self.method}")

@@ -32,12 +32,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vllm_kbvq.archs import WEIGHT_TYPES, arch_for_config, layer_prefix
-from vllm_kbvq.format import REPORT_FILE, KBVQConfig, QuantizedMatrix, layer_matrices, load_json
+from vllm_kbvq.format import REPORT_FILE, KBVQConfig, QuantizedMatrix, Width, layer_matrices, load_json
 from vllm_kbvq.reference import KBVQExperts, KBVQLinear
 
 from .files import normal_permissions, write_json_atomic
 from .layerwise import run_layer, stop_before
-from .moe_layer import quantize_moe_block, ranks_for
+from .moe_layer import least_bits_per_weight, quantize_moe_block, ranks_for
 from .options import METHODS, SCALAR_METHODS, QuantizeError, QuantizeOptions, check_device
 from .report import summarize, summarize_scalar
 from .baselines import quantize_moe_block_scalar
@@ -63,7 +63,10 @@ class _ExpertsStandIn(torch.nn.Module):
 
 def _fingerprint(model_dir: Path, opts: QuantizeOptions, tokens: torch.Tensor) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps(dataclasses.asdict(opts), sort_keys=True, default=str).encode())
+    settings = dataclasses.asdict(opts)
+    if opts.bits_budget is None:  # uniform runs fingerprint as before mixed precision existed
+        del settings["bits_budget"], settings["candidate_widths"]
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(str(model_dir.resolve()).encode())
     h.update(tokens.numpy().tobytes())
     return h.hexdigest()
@@ -177,11 +180,16 @@ def preflight(model_dir: str | Path, output: str | Path, opts: QuantizeOptions, 
                             "not a Mixture-of-Experts model")
     if opts.method == "kbvq":
         for name, width in widths.items():
-            if not isinstance(width, int) or width % opts.vector_dim:
-                raise QuantizeError(f"{model_dir}: layer width {name}={width} is not divisible by --vector-dim "
-                                    f"{opts.vector_dim}")
+            for d in _vector_dims(opts):
+                if not isinstance(width, int) or width % d:
+                    raise QuantizeError(f"{model_dir}: layer width {name}={width} is not divisible by vector length {d} "
+                                        f"({'--candidate-widths' if opts.bits_budget else '--vector-dim'})")
     del reader
     check_output(model_dir, output, overwrite, resume)
+
+
+def _vector_dims(opts: QuantizeOptions) -> list[int]:
+    return sorted({d for _, d in opts.candidate_widths}) if opts.bits_budget is not None else [opts.vector_dim]
 
 
 def _layer_params(reader: ShardReader, arch, layer: int, expert_names: set[str]) -> dict[str, torch.Tensor]:
@@ -234,18 +242,29 @@ def quantize(
         lin = getattr(getattr(getattr(layers[moe_layers[0]], arch.moe_attr), arch.shared_attr),
                       arch.shared_proj_names["gate"])
         shared_inter = lin.out_features
-        if opts.method == "kbvq" and shared_inter % opts.vector_dim:
-            raise QuantizeError(f"{model_dir}: shared-expert width {shared_inter} is not divisible by --vector-dim "
-                                f"{opts.vector_dim}")
+        for d in _vector_dims(opts) if opts.method == "kbvq" else ():
+            if shared_inter % d:
+                raise QuantizeError(f"{model_dir}: shared-expert width {shared_inter} is not divisible by vector "
+                                    f"length {d}")
+    mixed = opts.bits_budget is not None and opts.method == "kbvq"
+    bits, vector_dim = min(opts.candidate_widths, key=lambda w: Width(*w)) if mixed else (opts.bits, opts.vector_dim)
     cfg = KBVQConfig(
-        bits=opts.bits, vector_dim=opts.vector_dim, arch=arch.name,
+        bits=bits, vector_dim=vector_dim, arch=arch.name,
         rank=ranks_for(opts, hidden, inter, shared_inter), layers=moe_layers,
         shared_intermediate_size=shared_inter, idre=opts.idre, bcos=opts.bcos, rank_ratio=opts.rank_ratio,
         damp=opts.damp, kmeans_iters=opts.kmeans_iters, vq_method=opts.vq_method, seed=opts.seed,
         row_scale=opts.row_scale, finetune_steps=opts.finetune_steps,
+        widths=[list(w) for w in opts.candidate_widths] if mixed else None,
+        bits_budget=opts.bits_budget if mixed else None,
         calibration={**(calibration_info or {}), "nsamples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1])},
     )
     cfg.validate()
+    if mixed:  # every MoE layer has the same matrices: one tells whether the budget can be met
+        least = least_bits_per_weight(layer_matrices(arch, cfg, moe_layers[0], n_experts, hidden, inter),
+                                      [Width(*w) for w in opts.candidate_widths])
+        if opts.bits_budget < least:
+            raise QuantizeError(f"--bits-budget {opts.bits_budget}: this model's layers need at least {least:.3f} bits "
+                                "per expert weight, with every matrix at its cheapest of --candidate-widths")
 
     _check_checkpoint(reader, arch, cfg, n_experts, hidden, inter)
     fingerprint = _fingerprint(model_dir, opts, tokens)
@@ -363,6 +382,8 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
                     rep["seconds"] = round(time.time() - t0, 2)
                     save_file(tensors, str(shard), metadata={"format": "pt"})
                     state["reports"][str(i)] = rep
+                if "width_of" in state["reports"][str(i)]:  # mixed precision: this layer's widths, for what follows
+                    cfg.width_of = {**(cfg.width_of or {}), str(i): state["reports"][str(i)]["width_of"]}
                 backend.install(block, arch, i, n_experts, hidden, inter, shared_inter, cfg, config, tensors, device)
             bar.set_postfix_str(f"layer {i}: forward")
             h = run_layer(layer, h, pos, pe, bs)
@@ -394,12 +415,12 @@ def _act_fn(config):
 
 
 def _install_quantized(block, arch, layer, n_experts, hidden, inter, shared_inter, cfg, config, tensors, device):
-    experts = KBVQExperts(arch, n_experts, hidden, inter, cfg, _act_fn(config), device=device)
+    experts = KBVQExperts(arch, n_experts, hidden, inter, cfg, _act_fn(config), layer, device=device)
     setattr(block, arch.experts_attr, experts)
     for ref in layer_matrices(arch, cfg, layer, n_experts, hidden, inter):
         new = None if ref.group == "experts" else (lambda old, ref=ref: KBVQLinear(
-            old.in_features, old.out_features, cfg, ref.rank, True, device=device))
-        _block_linear(block, arch, ref, new).load(QuantizedMatrix.read(tensors, ref, cfg))
+            old.in_features, old.out_features, ref.width, ref.rank, True, device=device))
+        _block_linear(block, arch, ref, new).load(QuantizedMatrix.read(tensors, ref))
 
 
 def _block_linear(block, arch, ref, new=None):

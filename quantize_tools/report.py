@@ -53,6 +53,9 @@ def summarize(cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model_config: dict
             mean["layers"] = len(rows)
             errs[f"{group}.{wtype}"] = mean
     summary["mean_output_rel_err"] = errs
+    alloc = [r["allocation"] for r in layers if "allocation" in r]
+    if alloc:
+        summary["allocation"] = _allocation_summary(alloc)
     tuned = [r["finetune"] for r in layers if "finetune" in r]
     if tuned:
         summary["finetune"] = _finetune_summary(tuned, sum(r.get("seconds", 0.0) for r in layers))
@@ -70,6 +73,21 @@ def _finetune_summary(tuned: list[dict], layer_seconds: float) -> dict:
             if vals:
                 out[f"mean_block_rel_err_{when}_{split}"] = sum(vals) / len(vals)
     return out
+
+
+def _allocation_summary(alloc: list[dict]) -> dict:
+    """What --bits-budget chose over all layers: matrices per width, per group and unit; each layer's bits."""
+    widths: dict = {}
+    for a in alloc:
+        for group, per in a["widths"].items():
+            for unit, counts in per.items():
+                into = widths.setdefault(group, {}).setdefault(unit, {})
+                for w, c in counts.items():
+                    into[w] = into.get(w, 0) + c
+    bpw = [a["bits_per_weight"] for a in alloc]
+    return {"bits_budget": alloc[0]["budget_bits_per_weight"], "layer_bits_per_weight_min": min(bpw),
+            "layer_bits_per_weight_max": max(bpw), "widths": widths,
+            "error_over_cheapest": sum(a["error"] for a in alloc) / max(sum(a["error_cheapest"] for a in alloc), 1e-30)}
 
 
 def _routed_counts(layers: list[dict]) -> dict:
@@ -132,6 +150,13 @@ def format_summary(report: dict) -> str:
         r = s["routed_tokens_per_expert"]
         lines.append(f"routed calibration tokens per expert: min {r['min']}, median {r['median']}, max {r['max']}; "
                      f"BCOS fell back to all tokens for {s['bcos_fallback_experts']} expert(s)")
+    if "allocation" in s:
+        a = s["allocation"]
+        chosen = "; ".join(f"{group.replace('_', ' ')} {unit.replace('_', '/')}: " + ", ".join(
+            f"{c} at {w}" for w, c in counts.items() if c) for group, per in a["widths"].items() for unit, counts in per.items())
+        lines.append(f"bits budget {a['bits_budget']:g}: layers at {a['layer_bits_per_weight_min']:.3f}-"
+                     f"{a['layer_bits_per_weight_max']:.3f} bits/weight; {chosen}; output error "
+                     f"{a['error_over_cheapest']:.2f}x that of the cheapest width everywhere")
     if "finetune" in s:
         f = s["finetune"]
         held = f.get("mean_block_rel_err_before_held_out")

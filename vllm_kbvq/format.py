@@ -1,4 +1,4 @@
-"""The KBVQ checkpoint contract (format version 1).
+"""The KBVQ checkpoint contract (format versions 1 and 2).
 
 This module is the single definition of what a KBVQ checkpoint holds; the
 quantizer writes it, the reference runtime and the vLLM plugin read it.
@@ -26,6 +26,14 @@ once, under expert 0's prefix. A shared expert owns its own ``lr_b``. Without
 BCOS, ``affine_s`` is 0 and ``affine_b`` is 0 (kept, so every checkpoint has the
 same tensors and the runtime has one code path).
 
+Every matrix has a :class:`Width`: its bits per weight and vector dimension, which fix the codebook's
+size (``2^(bits*d)`` codewords of length ``d``) and the packed index width. In format version 1 all
+matrices have the config's ``bits`` and ``vector_dim``. Version 2 (mixed precision, written by
+``--bits-budget``) lists the candidate widths in ``widths`` (``[[bits, vector_dim], ...]``) and gives
+each matrix one of them in ``width_of``: ``{layer: {group: {weight type: [index into widths, one
+per member]}}}``; ``bits`` and ``vector_dim`` are then the narrowest width. The gate and up matrices
+of one expert share a width (the runtime fuses them into one ``w13``).
+
 Which matrices a checkpoint holds, their names and shapes (:func:`layer_matrices`,
 :func:`matrix_shape`) and which tensors each one stores (:func:`tensor_specs`,
 :class:`QuantizedMatrix`) are defined here and nowhere else.
@@ -45,6 +53,8 @@ from .packing import packed_words
 __all__ = [
     "QUANT_METHOD",
     "FORMAT_VERSION",
+    "READ_VERSIONS",
+    "Width",
     "SUFFIXES",
     "GROUPS",
     "KBVQConfig",
@@ -55,6 +65,8 @@ __all__ = [
     "layer_matrices",
     "is_kbvq_tensor",
     "tensor_specs",
+    "spec_bits",
+    "expected_matrices",
     "default_rank",
     "validate_checkpoint",
     "checkpoint_tensors",
@@ -63,7 +75,8 @@ __all__ = [
 ]
 
 QUANT_METHOD = "kbvq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest; a checkpoint of uniform width is still written as version 1
+READ_VERSIONS = (1, 2)
 SUFFIXES = ("vq_codes", "vq_codebook", "lr_a", "lr_b", "affine_s", "affine_b")
 GROUPS = ("experts", "shared_experts")  # the routed experts of a layer, and its shared expert
 CODE_DTYPE = torch.int32
@@ -80,6 +93,35 @@ def default_rank(oc: int, ic: int, ratio: float) -> int:
     if ratio <= 0:
         return 0
     return max(1, round(min(oc, ic) * ratio))
+
+
+@dataclass(frozen=True, order=True)
+class Width:
+    """A matrix's bit width: ``bits`` per weight in vectors of ``vector_dim`` weights."""
+
+    bits: int
+    vector_dim: int
+
+    @property
+    def index_bits(self) -> int:
+        return self.bits * self.vector_dim
+
+    @property
+    def codebook_size(self) -> int:
+        return 1 << self.index_bits
+
+    def __str__(self) -> str:
+        return f"{self.bits}-bit d={self.vector_dim}"
+
+    def check(self) -> None:
+        if not (_is_int(self.bits) and 1 <= self.bits <= 8 and _is_int(self.vector_dim) and self.vector_dim >= 1):
+            raise FormatError(f"width [{self.bits!r}, {self.vector_dim!r}]: bits must be an integer 1..8 and "
+                              "vector_dim a positive integer")
+        if self.index_bits > 16:
+            raise FormatError(
+                f"bits*vector_dim = {self.index_bits} > 16: a codebook of 2^{self.index_bits} entries per "
+                "matrix is not supported; use a smaller vector_dim"
+            )
 
 
 @dataclass
@@ -105,19 +147,40 @@ class KBVQConfig:
     row_scale: bool = False
     finetune_steps: int = 0
     calibration: dict = field(default_factory=dict)
+    # mixed precision (format version 2): the candidate widths and each matrix's; None: all of bits/vector_dim
+    widths: list[list[int]] | None = None
+    width_of: dict[str, dict[str, dict[str, list[int]]]] | None = None
+    bits_budget: float | None = None  # the --bits-budget that chose width_of (informational)
     quant_method: str = QUANT_METHOD
-    format_version: int = FORMAT_VERSION
+
+    @property
+    def format_version(self) -> int:
+        return 1 if self.width_of is None else 2
+
+    @property
+    def default_width(self) -> Width:
+        return Width(self.bits, self.vector_dim)
 
     @property
     def index_bits(self) -> int:
-        return self.bits * self.vector_dim
+        return self.default_width.index_bits
 
     @property
     def codebook_size(self) -> int:
-        return 1 << self.index_bits
+        return self.default_width.codebook_size
+
+    def width(self, layer: int, group: str, wtype: str, member: int) -> Width:
+        """The width of one matrix."""
+        if self.width_of is None:
+            return self.default_width
+        return Width(*self.widths[self.width_of[str(layer)][group][wtype][member]])
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if self.width_of is None:  # version 1 has no such fields
+            for key in ("widths", "width_of", "bits_budget"):
+                d.pop(key)
+        d["format_version"] = self.format_version
         d["codebook_size"] = self.codebook_size
         d["index_bits"] = self.index_bits
         return d
@@ -131,12 +194,16 @@ class KBVQConfig:
         if method != QUANT_METHOD:
             raise FormatError(f"{source}: quantization_config.quant_method is {method!r}, expected {QUANT_METHOD!r}")
         version = d.get("format_version")
-        if not _is_int(version) or version != FORMAT_VERSION:
+        if not _is_int(version) or version not in READ_VERSIONS:
             raise FormatError(
                 f"{source}: quantization_config.format_version is {version!r}; this vllm-kbvq reads "
-                f"format version {FORMAT_VERSION} only"
+                f"format versions {', '.join(map(str, READ_VERSIONS))}"
             )
-        for key in ("bits", "vector_dim", "arch", "rank", "layers"):
+        mixed = d.get("width_of") is not None
+        if mixed != (version == 2):
+            raise FormatError(f"{source}: quantization_config.format_version is {version}, but width_of is "
+                              f"{'set' if mixed else 'missing'}: version 2 (mixed widths) has width_of, version 1 not")
+        for key in ("bits", "vector_dim", "arch", "rank", "layers") + (("widths",) if mixed else ()):
             if key not in d:
                 raise FormatError(f"{source}: quantization_config is missing the field {key!r}")
         for key in _DERIVED:  # not fields: checked here, and against bits and vector_dim below
@@ -162,11 +229,39 @@ class KBVQConfig:
         for key, (ok, want) in SCHEMA.items():
             if key not in _DERIVED and not ok(getattr(self, key)):
                 raise FormatError(f"quantization_config.{key} must be {want}, got {getattr(self, key)!r}")
-        if self.index_bits > 16:
-            raise FormatError(
-                f"bits*vector_dim = {self.index_bits} > 16: a codebook of 2^{self.index_bits} entries per "
-                "matrix is not supported; use a smaller vector_dim"
-            )
+        self.default_width.check()
+        if self.width_of is not None:
+            self._validate_widths()
+
+    def _validate_widths(self) -> None:
+        """``widths`` and ``width_of`` (version 2) against each other and ``layers``; member counts are
+        checked against the model's config in :func:`expected_matrices`."""
+        if not isinstance(self.widths, list) or not self.widths or not all(
+                isinstance(w, list) and len(w) == 2 for w in self.widths):
+            raise FormatError(f"quantization_config.widths must be a list of [bits, vector_dim], got {self.widths!r}")
+        for w in self.widths:
+            Width(*w).check()
+        if min(Width(*w) for w in self.widths) != self.default_width:
+            raise FormatError(f"quantization_config.bits and vector_dim ({self.default_width}) must be the narrowest "
+                              f"of widths {self.widths}")
+        want = {str(i) for i in self.layers}
+        if not isinstance(self.width_of, dict) or set(self.width_of) != want:
+            got = sorted(self.width_of) if isinstance(self.width_of, dict) else self.width_of
+            raise FormatError(f"quantization_config.width_of must have one entry per layer {sorted(want)}, got {got}")
+        for layer, groups in self.width_of.items():
+            where = f"quantization_config.width_of[{layer!r}]"
+            if not isinstance(groups, dict) or not set(groups) <= set(self.rank) or "experts" not in groups:
+                raise FormatError(f"{where} must map the groups of rank ({sorted(self.rank)}) to weight types")
+            for group, per_wtype in groups.items():
+                if not isinstance(per_wtype, dict) or set(per_wtype) != set(WEIGHT_TYPES):
+                    raise FormatError(f"{where}[{group!r}] must map each of {list(WEIGHT_TYPES)} to a list")
+                for wtype, idx in per_wtype.items():
+                    if not isinstance(idx, list) or not all(_is_int(i) and 0 <= i < len(self.widths) for i in idx):
+                        raise FormatError(f"{where}[{group!r}][{wtype!r}] must be a list of indices into widths "
+                                          f"(0..{len(self.widths) - 1}), got {idx!r}")
+                if per_wtype["gate"] != per_wtype["up"]:
+                    raise FormatError(f"{where}[{group!r}]: gate and up widths differ; an expert's gate and up "
+                                      "share one width (the runtime fuses them)")
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> "KBVQConfig":
@@ -229,6 +324,7 @@ SCHEMA: dict[str, tuple] = {
     "row_scale": (lambda v: isinstance(v, bool), "true or false"),
     "finetune_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "calibration": (lambda v: isinstance(v, dict), "a JSON object"),
+    "bits_budget": (lambda v: v is None or (_is_number(v) and v > 0), "null or a number > 0"),
     "codebook_size": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
     "index_bits": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
 }
@@ -244,14 +340,14 @@ def is_kbvq_tensor(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in SUFFIXES
 
 
-def tensor_specs(oc: int, ic: int, cfg: KBVQConfig, rank: int, owns_basis: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Shapes and dtypes of the tensors of one quantized ``oc x ic`` matrix."""
-    d = cfg.vector_dim
+def tensor_specs(oc: int, ic: int, width: Width, rank: int, owns_basis: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes and dtypes of the tensors of one quantized ``oc x ic`` matrix of ``width``."""
+    d = width.vector_dim
     if ic % d:
         raise FormatError(f"input size {ic} is not divisible by vector_dim {d}")
     specs = {
-        "vq_codes": ((oc, packed_words(ic // d, cfg.index_bits)), CODE_DTYPE),
-        "vq_codebook": ((cfg.codebook_size, d), FLOAT_DTYPE),
+        "vq_codes": ((oc, packed_words(ic // d, width.index_bits)), CODE_DTYPE),
+        "vq_codebook": ((width.codebook_size, d), FLOAT_DTYPE),
         "affine_s": ((oc,), FLOAT_DTYPE),
         "affine_b": ((oc,), FLOAT_DTYPE),
     }
@@ -260,6 +356,14 @@ def tensor_specs(oc: int, ic: int, cfg: KBVQConfig, rank: int, owns_basis: bool)
         if owns_basis:
             specs["lr_b"] = ((rank, ic), FLOAT_DTYPE)
     return specs
+
+
+_BITS = {CODE_DTYPE: 32, FLOAT_DTYPE: 16}
+
+
+def spec_bits(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """Bits the tensors of :func:`tensor_specs` take in a checkpoint."""
+    return sum(math.prod(shape) * _BITS[dtype] for shape, dtype in specs.values())
 
 
 @dataclass(frozen=True)
@@ -274,6 +378,7 @@ class MatrixRef:
     ic: int
     rank: int
     prefix: str  # the original ``.weight`` tensor's name without ``.weight``
+    width: Width
 
     @property
     def owns_basis(self) -> bool:
@@ -283,8 +388,8 @@ class MatrixRef:
     def name(self, suffix: str) -> str:
         return f"{self.prefix}.{suffix}"
 
-    def specs(self, cfg: KBVQConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return tensor_specs(self.oc, self.ic, cfg, self.rank, self.owns_basis)
+    def specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return tensor_specs(self.oc, self.ic, self.width, self.rank, self.owns_basis)
 
 
 def layer_matrices(arch, cfg: KBVQConfig, layer: int, n_experts: int, hidden: int, inter: int) -> list[MatrixRef]:
@@ -300,9 +405,14 @@ def layer_matrices(arch, cfg: KBVQConfig, layer: int, n_experts: int, hidden: in
         for group, members, width in groups:
             oc, ic = matrix_shape(wtype, hidden, width)
             rank = cfg.rank.get(group, {}).get(wtype, 0)
+            if cfg.width_of is not None:
+                listed = cfg.width_of[str(layer)].get(group, {}).get(wtype)
+                if listed is None or len(listed) != members:
+                    raise FormatError(f"quantization_config.width_of[{str(layer)!r}][{group!r}][{wtype!r}] must list "
+                                      f"{members} width(s), one per member, got {listed!r}")
             for m in range(members):
                 prefix = arch.tensor(layer, group, m, wtype).removesuffix(".weight")
-                out.append(MatrixRef(layer, group, m, wtype, oc, ic, rank, prefix))
+                out.append(MatrixRef(layer, group, m, wtype, oc, ic, rank, prefix, cfg.width(layer, group, wtype, m)))
     return out
 
 
@@ -317,14 +427,14 @@ class QuantizedMatrix:
     lr_a: torch.Tensor | None = None
     lr_b: torch.Tensor | None = None
 
-    def tensors(self, ref: MatrixRef, cfg: KBVQConfig) -> dict[str, torch.Tensor]:
+    def tensors(self, ref: MatrixRef) -> dict[str, torch.Tensor]:
         """Checkpoint name -> tensor, exactly the tensors :func:`tensor_specs` lists for ``ref``."""
-        return {ref.name(s): getattr(self, s).contiguous() for s in ref.specs(cfg)}
+        return {ref.name(s): getattr(self, s).contiguous() for s in ref.specs()}
 
     @classmethod
-    def read(cls, tensors: dict[str, torch.Tensor], ref: MatrixRef, cfg: KBVQConfig) -> "QuantizedMatrix":
+    def read(cls, tensors: dict[str, torch.Tensor], ref: MatrixRef) -> "QuantizedMatrix":
         """The matrix ``ref`` from checkpoint tensors by name (a ``KeyError`` names a missing one)."""
-        return cls(**{s: tensors[ref.name(s)] for s in ref.specs(cfg)})
+        return cls(**{s: tensors[ref.name(s)] for s in ref.specs()})
 
 
 def checkpoint_tensors(path: str | Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
@@ -365,12 +475,28 @@ def model_widths(model_config: dict, arch, source: str) -> tuple[int, int, int]:
 _ST_DTYPES = {torch.int32: "I32", torch.float16: "F16"}
 
 
-def expected_tensors(model_config: dict, cfg: KBVQConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Every KBVQ tensor a checkpoint with this config must hold, with shape and dtype."""
+def expected_matrices(model_config: dict, cfg: KBVQConfig) -> list[MatrixRef]:
+    """Every quantized matrix a checkpoint with this config holds."""
     arch = ARCHS[cfg.arch]
     n, hidden, inter = model_widths(model_config, arch, "config.json")
-    return {ref.name(suffix): spec for layer in cfg.layers for ref in layer_matrices(arch, cfg, layer, n, hidden, inter)
-            for suffix, spec in ref.specs(cfg).items()}
+    return [ref for layer in cfg.layers for ref in layer_matrices(arch, cfg, layer, n, hidden, inter)]
+
+
+def _check_tensor(path: Path, have: dict, ref: MatrixRef, suffix: str, shape, dtype) -> None:
+    name = ref.name(suffix)
+    if name not in have:
+        raise FormatError(f"{path}: tensor {name} is missing")
+    file, got_shape, got_dtype = have[name]
+    if got_shape != shape:
+        w = ref.width
+        hint = ""
+        if suffix == "vq_codebook":
+            hint = f" (bits={w.bits}, vector_dim={w.vector_dim} need {w.codebook_size} codewords of length {w.vector_dim})"
+        elif suffix == "vq_codes":
+            hint = f" (bits={w.bits}, vector_dim={w.vector_dim} give {w.index_bits}-bit indices)"
+        raise FormatError(f"{path / file}: tensor {name} has shape {list(got_shape)}, expected {list(shape)}{hint}")
+    if got_dtype != _ST_DTYPES[dtype]:
+        raise FormatError(f"{path / file}: tensor {name} has dtype {got_dtype}, expected {_ST_DTYPES[dtype]}")
 
 
 def validate_checkpoint(path: str | Path) -> KBVQConfig:
@@ -387,23 +513,12 @@ def validate_checkpoint(path: str | Path) -> KBVQConfig:
     model_config = load_json(path / "config.json")
     have = checkpoint_tensors(path)
     try:
-        expected = expected_tensors(model_config, cfg)
+        expected = expected_matrices(model_config, cfg)
     except FormatError as e:
         raise FormatError(f"{path / 'config.json'}: {str(e).removeprefix('config.json: ')}") from None
-    for name, (shape, dtype) in expected.items():
-        if name not in have:
-            raise FormatError(f"{path}: tensor {name} is missing")
-        file, got_shape, got_dtype = have[name]
-        if got_shape != shape:
-            hint = ""
-            if name.endswith("vq_codebook"):
-                hint = (f" (bits={cfg.bits}, vector_dim={cfg.vector_dim} need {cfg.codebook_size} "
-                        f"codewords of length {cfg.vector_dim})")
-            elif name.endswith("vq_codes"):
-                hint = f" (bits={cfg.bits}, vector_dim={cfg.vector_dim} give {cfg.index_bits}-bit indices)"
-            raise FormatError(f"{path / file}: tensor {name} has shape {list(got_shape)}, expected {list(shape)}{hint}")
-        if got_dtype != _ST_DTYPES[dtype]:
-            raise FormatError(f"{path / file}: tensor {name} has dtype {got_dtype}, expected {_ST_DTYPES[dtype]}")
+    for ref in expected:
+        for suffix, (shape, dtype) in ref.specs().items():
+            _check_tensor(path, have, ref, suffix, shape, dtype)
     arch = ARCHS[cfg.arch]
     for layer in cfg.layers:
         stale = arch.expert_tensor(layer, 0, "gate", "weight")

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .archs import WEIGHT_TYPES, ArchSpec, arch_for_config
-from .format import QUANT_METHOD, SUFFIXES, KBVQConfig, QuantizedMatrix, matrix_shape, tensor_specs
+from .format import QUANT_METHOD, SUFFIXES, KBVQConfig, QuantizedMatrix, Width, matrix_shape, tensor_specs
 from .kernels import cpu_moe, dispatch
 from .kernels.torch_moe import affine_linear, dequantize_rows, sum_routed
 from .packing import unpack_codes
-from .plugin.layout import load_tensor, moe_layouts, process_codes
+from .plugin.layout import load_tensor, moe_banks, process_codes
 
 __all__ = ["KBVQLinear", "KBVQExperts", "load_kbvq_model", "use_cpu_kernels", "quantize_modules", "cast_unquantized",
            "register_with_transformers"]
@@ -31,12 +31,12 @@ __all__ = ["KBVQLinear", "KBVQExperts", "load_kbvq_model", "use_cpu_kernels", "q
 class KBVQLinear(nn.Module):
     """One quantized matrix: ``y = (1+s) * (W_vq x + A (B x)) + b``."""
 
-    def __init__(self, in_features: int, out_features: int, cfg: KBVQConfig, rank: int, owns_basis: bool,
+    def __init__(self, in_features: int, out_features: int, width: Width, rank: int, owns_basis: bool,
                  device=None):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.index_bits = cfg.index_bits
-        for name, (shape, dtype) in tensor_specs(out_features, in_features, cfg, rank, owns_basis).items():
+        self.index_bits = width.index_bits
+        for name, (shape, dtype) in tensor_specs(out_features, in_features, width, rank, owns_basis).items():
             self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype, device=device),
                                                        requires_grad=False))
         if rank == 0 or not owns_basis:
@@ -92,14 +92,14 @@ class KBVQLinear(nn.Module):
 
 
 class _ExpertMLP(nn.Module):
-    def __init__(self, arch: ArchSpec, hidden: int, inter: int, cfg: KBVQConfig, owns_basis: bool, device=None):
+    def __init__(self, arch: ArchSpec, hidden: int, inter: int, cfg: KBVQConfig, layer: int, e: int, device=None):
         super().__init__()
         self.names = dict(arch.proj_names)
         ranks = cfg.rank.get("experts", {})
         for wtype in WEIGHT_TYPES:
             oc, ic = matrix_shape(wtype, hidden, inter)
-            setattr(self, arch.proj_names[wtype],
-                    KBVQLinear(ic, oc, cfg, ranks.get(wtype, 0), owns_basis, device=device))
+            setattr(self, arch.proj_names[wtype], KBVQLinear(ic, oc, cfg.width(layer, "experts", wtype, e),
+                                                             ranks.get(wtype, 0), e == 0, device=device))
 
     def proj(self, wtype: str) -> KBVQLinear:
         return getattr(self, self.names[wtype])
@@ -113,12 +113,15 @@ class KBVQExperts(nn.ModuleList):
     shared basis of each weight type lives in expert 0.
     """
 
-    cpu_tensors: tuple[torch.Tensor | None, ...] | None = None  # set by use_cpu_kernels (subclasses too)
+    # set by use_cpu_kernels (subclasses too): per bank of experts of one width pair, its global -> slot map
+    # (None: one bank of all experts) and its stacked tensors
+    cpu_banks: list[tuple[torch.Tensor | None, tuple[torch.Tensor | None, ...]]] | None = None
 
-    def __init__(self, arch: ArchSpec, n: int, hidden: int, inter: int, cfg: KBVQConfig, act_fn, device=None):
-        super().__init__([_ExpertMLP(arch, hidden, inter, cfg, owns_basis=(e == 0), device=device) for e in range(n)])
+    def __init__(self, arch: ArchSpec, n: int, hidden: int, inter: int, cfg: KBVQConfig, act_fn, layer: int,
+                 device=None):
+        super().__init__([_ExpertMLP(arch, hidden, inter, cfg, layer, e, device=device) for e in range(n)])
         self.act_fn = act_fn
-        self.cfg, self.n_experts, self.hidden, self.inter = cfg, n, hidden, inter  # len(self) counts act_fn too
+        self.cfg, self.layer, self.n_experts, self.hidden, self.inter = cfg, layer, n, hidden, inter
 
     def use_cpu_kernels(self) -> bool:
         """Run :meth:`forward` through the native CPU MoE kernel, with the experts' tensors stacked as the
@@ -127,21 +130,24 @@ class KBVQExperts(nn.ModuleList):
         probe = torch.linspace(-8, 8, 65)
         if not torch.equal(self.act_fn(probe), F.silu(probe)):  # transformers has its own SiLU classes
             return False
-        tensors = []
-        for group, layout in moe_layouts(self.cfg, self.hidden, self.inter).items():
-            wtypes = ("gate", "up") if group == "w13" else ("down",)
-            params = {}
-            for suffix, (shape, dtype) in layout.load_shapes().items():
-                per_layer = suffix == "lr_b"
-                dst = torch.zeros(shape if per_layer else (self.n_experts, *shape), dtype=dtype)
-                for shard, wtype in enumerate(wtypes):
-                    for e in range(1 if per_layer else self.n_experts):
-                        src = getattr(self[e].proj(wtype), suffix)
-                        load_tensor(dst if per_layer else dst[e], suffix, src.detach().cpu(), shard, layout)
-                params[suffix] = dst
-            params["vq_codes"] = process_codes(params["vq_codes"], layout, cpu_kernels=True)
-            tensors += [params.get(s) for s in SUFFIXES]
-        self.cpu_tensors = tuple(tensors)
+        banks = moe_banks(self.cfg, self.layer, self.n_experts, self.hidden, self.inter)
+        self.cpu_banks = []
+        for bank in banks:
+            tensors = []
+            for group, layout in bank.layouts.items():
+                wtypes = ("gate", "up") if group == "w13" else ("down",)
+                params = {}
+                for suffix, (shape, dtype) in layout.load_shapes().items():
+                    per_layer = suffix == "lr_b"
+                    dst = torch.zeros(shape if per_layer else (len(bank.experts), *shape), dtype=dtype)
+                    for shard, wtype in enumerate(wtypes):
+                        for slot, e in enumerate((0,) if per_layer else bank.experts):
+                            src = getattr(self[e].proj(wtype), suffix)
+                            load_tensor(dst if per_layer else dst[slot], suffix, src.detach().cpu(), shard, layout)
+                    params[suffix] = dst
+                params["vq_codes"] = process_codes(params["vq_codes"], layout, cpu_kernels=True)
+                tensors += [params.get(s) for s in SUFFIXES]
+            self.cpu_banks.append((bank.slot_map(self.n_experts) if len(banks) > 1 else None, tuple(tensors)))
         return True
 
     def basis(self, wtype: str) -> torch.Tensor | None:
@@ -157,9 +163,10 @@ class KBVQExperts(nn.ModuleList):
         return down(h, bx)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        if self.cpu_tensors is not None and hidden_states.device.type == "cpu":
-            return dispatch.bind("moe", self.cpu_tensors[0])(
-                hidden_states, top_k_weights, top_k_index, None, *self.cpu_tensors)
+        if self.cpu_banks is not None and hidden_states.device.type == "cpu":
+            op = dispatch.bind("moe", self.cpu_banks[0][1][0])
+            return sum(op(hidden_states, top_k_weights, top_k_index, slot_map, *tensors)
+                       for slot_map, tensors in self.cpu_banks)
         # B x for gate/up is the same for every expert: once per token.
         bxs = {}
         for wtype in ("gate", "up"):
@@ -193,14 +200,15 @@ def quantize_modules(model, cfg: KBVQConfig, device=None) -> None:
     n = arch.num_experts(model.config)
     hidden = model.config.hidden_size
     inter = arch.expert_intermediate(model.config)
-    for _, block in moe_blocks(model, arch):
+    for i, block in moe_blocks(model, arch):
         old = getattr(block, arch.experts_attr)
-        setattr(block, arch.experts_attr, KBVQExperts(arch, n, hidden, inter, cfg, old.act_fn, device=device))
+        setattr(block, arch.experts_attr, KBVQExperts(arch, n, hidden, inter, cfg, old.act_fn, i, device=device))
         shared = getattr(block, arch.shared_attr) if arch.shared_attr else None
         ranks = cfg.rank.get("shared_experts", {})
         for wtype, lin in _shared_linears(arch, block).items():
             setattr(shared, arch.shared_proj_names[wtype],
-                    KBVQLinear(lin.in_features, lin.out_features, cfg, ranks.get(wtype, 0), True, device=device))
+                    KBVQLinear(lin.in_features, lin.out_features, cfg.width(i, "shared_experts", wtype, 0),
+                               ranks.get(wtype, 0), True, device=device))
 
 
 def cast_unquantized(model, dtype: torch.dtype) -> None:

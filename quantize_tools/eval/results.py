@@ -81,6 +81,7 @@ class Cell:
     sweep: bool = False  # a side study (rank sweep, codebook size, seed repeats): first table only
     testbed: str | None = None  # run on that testbed only
     ppl_only: bool = False  # scored with EVAL_PPL
+    mixed: bool = False  # a --bits-budget cell: in the mixed-precision section, not the bit widths' tables
 
     @property
     def key(self) -> str:
@@ -123,6 +124,18 @@ def _seed_method(method: str, seed: int) -> str:
     return f"{method}, seed {seed}"
 
 
+# Mixed precision (issue 27): plain KBVQ under --bits-budget, against uniform KBVQ at 2, 3 and 4 bits. The
+# candidates are the uniform rows' widths (2x4, 3x2, 4x2) and 2-bit d=2: on the sparse testbed's 72-neuron
+# experts a 256 x 4 codebook makes uniform 2-bit cost 2.65 bits/weight, above a 2.5 budget; a 16 x 2 codebook
+# costs 0.01. (--bits 2 is ignored.)
+MIXED_BUDGETS = {"all-experts": ("2.5",), "sparse": ("2.5", "3.0")}
+MIXED_WIDTHS = "2x2,2x4,3x2,4x2"
+
+
+def _mixed_method(budget: str) -> str:
+    return f"KBVQ mixed, budget {budget}"
+
+
 CELLS = [Cell("FP", None)] + [
     Cell(m, b, a + (() if m in _SCALAR else _VQ_ARGS.get(b, ()))) for b in (2, 3, 4) for m, a in _METHODS] + [
     Cell(m, b, a + _VQ_ARGS.get(b, ())) for b in (2, 3) for m, a in _BEYOND] + [
@@ -133,7 +146,9 @@ CELLS = [Cell("FP", None)] + [
     for m, a in _METHODS if m in _SPREAD_METHODS for s in SPREAD_SEEDS] + [
     # the sparse testbed's 72-neuron experts make a 256 x 4 codebook cost 0.4 bits/weight, so 2-bit VQ
     # there spends ~2.65 bits/weight: GPTQ with groups of 64 (~2.57) is the scalar baseline at about equal bits
-    Cell("GPTQ g64", 2, ("--method", "gptq", "--group-size", "64"), testbed="sparse")]
+    Cell("GPTQ g64", 2, ("--method", "gptq", "--group-size", "64"), testbed="sparse")] + [
+    Cell(_mixed_method(b), 2, ("--bits-budget", b, "--candidate-widths", MIXED_WIDTHS), testbed=tb, mixed=True)
+    for tb, budgets in MIXED_BUDGETS.items() for b in budgets]
 CELL_BY_KEY = {c.key: c for c in CELLS}
 # table rows within a bit width: the scalar baselines together, then the VQ family
 _ROW_ORDER = ("FP", "RTN g128", "GPTQ g128", "GPTQ g64", *(m for m, _ in _METHODS if m not in _SCALAR),
@@ -236,15 +251,19 @@ def _minutes(seconds, others) -> str:
     return f"{seconds / 60:.1f}" + ("*" if others is not None and others > SHARED_CPU else "")
 
 
+def _bits_label(c: Cell) -> str:
+    return "mixed" if c.mixed else str(c.bits or "FP")
+
+
 def _row(c: Cell, r: dict | None, fallback: bool = False) -> str:
     extra = 1 if fallback else 0
     if r is None:
-        return f"| {c.method} | {c.bits or 'FP'} | not run yet |" + " |" * (5 + len(ZERO_SHOT) + extra)
+        return f"| {c.method} | {_bits_label(c)} | not run yet |" + " |" * (5 + len(ZERO_SHOT) + extra)
     zs = [r["zero_shot"].get(t, {}).get(m) for t, m, _ in ZERO_SHOT]
     avg = sum(zs) / len(zs) if all(v is not None for v in zs) else None
     bpw = r.get("expert_bits_per_weight")
     cells = [
-        c.method, str(c.bits or "FP"), _fmt(bpw, 3) if bpw else "32 (fp32)",
+        c.method, _bits_label(c), _fmt(bpw, 3) if bpw else "32 (fp32)",
         _fmt(r["perplexity"].get("wikipedia")), _fmt(r["perplexity"].get("lambada_text")),
         *[_fmt(None if v is None else 100 * v, 1) for v in zs], _fmt(None if avg is None else 100 * avg, 1),
         _minutes(r.get("quantize_seconds"), r.get("quantize_other_cores")),
@@ -306,7 +325,7 @@ def _routing_section(root: Path) -> list[str]:
 
 def _table_section(tb: Testbed, res: dict[str, dict]) -> list[str]:
     sparse = tb.top_k is not None
-    main_cells = [c for c in cells_for(tb) if not c.sweep]
+    main_cells = [c for c in cells_for(tb) if not c.sweep and not c.mixed]
     lines = [f"## {tb.title}", "", f"**Model.** {tb.model}", "", "### Perplexity and zero-shot accuracy", "",
              *_header(sparse)]
     for b in (None, 2, 3, 4):
@@ -333,6 +352,7 @@ def _table_section(tb: Testbed, res: dict[str, dict]) -> list[str]:
     claims = _claims(tb, res)
     lines += ["", "### The paper's claims, checked on Wikipedia perplexity", "", "| claim | numbers | verdict |",
               "|---|---|---|", *(claims or ["| (cells not run yet) | | |"])]
+    lines += ["", *_mixed_section(tb, res)]
     lines += ["", "### Beyond the paper: block fine-tuning and the row scale", "",
               f"`--finetune-steps {FINETUNE_STEPS}` tunes each layer's codebooks, low-rank factors and affine terms on "
               "its MoE block's output error once its codes are fixed; `--row-scale` fits the codebooks to rows of "
@@ -406,6 +426,44 @@ def _beyond_claims(tb: Testbed, res: dict[str, dict]) -> list[str]:
                          f"{ft['mean_block_rel_err_before_held_out']:.4f} → "
                          f"{ft['mean_block_rel_err_after_held_out']:.4f} on held-out calibration tokens; "
                          f"tuned values kept in {ft['layers_kept']}/{ft['layers']} layers | — |")
+    return lines
+
+
+def _mixed_section(tb: Testbed, res: dict[str, dict]) -> list[str]:
+    """Mixed-precision cells beside uniform KBVQ, and issue 27's target: below the straight line between
+    uniform 2- and 3-bit at their measured bits per weight, and nearer 3-bit's perplexity than 2-bit's."""
+    mixed = [c for c in cells_for(tb) if c.mixed]
+    if not mixed:
+        return []
+    uniform = [Cell("KBVQ", b) for b in (2, 3, 4)]
+    lines = ["### Mixed precision: a width per expert matrix under a bits budget", "",
+             f"`--bits-budget B --candidate-widths {MIXED_WIDTHS}` gives each expert's gate/up pair and its down "
+             "projection one of 2-bit d=2, 2-bit d=4, 3-bit d=2 and 4-bit d=2 (the uniform rows' widths, and a 2-bit "
+             "width with a 16 x 2 codebook) so that every layer stores at most B bits per expert weight, least "
+             "calibration output error first (issue 27).", "", *_header()]
+    lines += [_row(c, res.get(c.key)) for c in uniform + mixed]
+    (b2, p2), (b3, p3) = [(res.get(c.key, {}).get("expert_bits_per_weight"), _wiki(res, c.key)) for c in uniform[:2]]
+    claims = []
+    for c in mixed:
+        r = res.get(c.key)
+        if r is None or None in (b2, p2, b3, p3):
+            continue
+        bpw, p = r["expert_bits_per_weight"], _wiki(res, c.key)
+        line = p2 + (p3 - p2) * (bpw - b2) / (b3 - b2)
+        claims.append(f"| {c.method}: below the 2-bit–3-bit line | {p:.2f} at {bpw:.3f} bits/weight; the line there "
+                      f"{line:.2f} (2-bit {p2:.2f} at {b2:.3f}, 3-bit {p3:.2f} at {b3:.3f}) | {_verdict(p < line)} |")
+        claims.append(f"| {c.method}: nearer 3-bit's perplexity than 2-bit's | {abs(p - p3):.2f} from 3-bit's, "
+                      f"{abs(p - p2):.2f} from 2-bit's | {_verdict(abs(p - p3) < abs(p - p2))} |")
+        alloc = r.get("quantize_summary", {}).get("allocation")
+        if alloc:
+            chosen = "; ".join(f"{g.replace('_', ' ')} {u.replace('_', '/')}: " + ", ".join(
+                f"{n} at {w}" for w, n in counts.items() if n) for g, per in alloc["widths"].items()
+                for u, counts in per.items())
+            claims.append(f"| {c.method}: what the allocation chose (matrices summed over layers) | {chosen}; layers "
+                          f"at {alloc['layer_bits_per_weight_min']:.3f}–{alloc['layer_bits_per_weight_max']:.3f} "
+                          "bits/weight | — |")
+    if claims:
+        lines += ["", "| target or part | numbers | verdict |", "|---|---|---|", *claims]
     return lines
 
 
@@ -563,11 +621,12 @@ def _plot(res: dict[str, dict[str, dict]], path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, len(TESTBEDS), figsize=(12, 4.5), sharey=True)
     for ax, (k, tb) in zip(axes, TESTBEDS.items()):
-        for method in [m for m, _ in _METHODS] + [_BEST]:
+        mixed = {c.method for c in CELLS if c.mixed}
+        for label, methods in [(m, {m}) for m, _ in _METHODS] + [(_BEST, {_BEST}), ("KBVQ mixed (--bits-budget)", mixed)]:
             pts = sorted((r["expert_bits_per_weight"], r["perplexity"]["wikipedia"]) for r in res[k].values()
-                         if r["method"] == method and r.get("expert_bits_per_weight"))
+                         if r["method"] in methods and r.get("expert_bits_per_weight"))
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
+                ax.plot(*zip(*pts), marker="s" if methods is mixed else "o", label=label)
         if "fp" in res[k]:
             ax.axhline(res[k]["fp"]["perplexity"]["wikipedia"], color="k", ls="--", label="FP")
         ax.set_title(tb.title, fontsize=10)

@@ -103,3 +103,29 @@ def test_beyond_the_paper_targets_and_parts(tmp_path):
     # quantize 120 s, of which 50 s tuning: 120 / 70 = 1.71x; the GPTVQ cell without it took 120 s too
     assert ("2.0 min, of which fine-tuning 0.8 min: 1.71× (within the run); 1.00× the recorded cell without it "
             "(2.0 min, another run) | holds |") in first
+
+
+def test_mixed_precision_section(tmp_path):
+    """Budget cells beside uniform KBVQ, checked against the straight line between uniform 2 and 3 bits."""
+    recs, doc = tmp_path / "records", tmp_path / "results.md"
+    _record(recs, "sparse", "fp", "FP", None, 30.0)
+    _record(recs, "sparse", "kbvq-w2", "KBVQ", 2, 160.0, bpw=2.6)
+    _record(recs, "sparse", "kbvq-w3", "KBVQ", 3, 60.0, bpw=3.4)
+    _record(recs, "sparse", "kbvq-mixed-budget-3-0-w2", results._mixed_method("3.0"), 2, 90.0, bpw=3.0)
+    alloc = {"widths": {"experts": {"gate_up": {"2-bit d=4": 30, "3-bit d=2": 0}, "down": {"3-bit d=2": 16}}},
+             "layer_bits_per_weight_min": 2.98, "layer_bits_per_weight_max": 3.0}
+    mixed = recs / "sparse" / "kbvq-mixed-budget-3-0-w2.json"
+    rec = json.loads(mixed.read_text())
+    rec["quantize_summary"]["allocation"] = alloc
+    mixed.write_text(json.dumps(rec))
+    results.render(recs, doc, plot=False)
+    second = doc.read_text().split("## The sparse-routed testbed")[1]
+    # the line at 3.0 bits/weight: 160 + (60 - 160) * (3.0 - 2.6) / (3.4 - 2.6) = 110; 90 is below it and
+    # 30 from 3-bit's 60, 70 from 2-bit's 160
+    assert ("| KBVQ mixed, budget 3.0: below the 2-bit–3-bit line | 90.00 at 3.000 bits/weight; the line there "
+            "110.00 (2-bit 160.00 at 2.600, 3-bit 60.00 at 3.400) | holds |") in second
+    assert "| KBVQ mixed, budget 3.0: nearer 3-bit's perplexity than 2-bit's | 30.00 from 3-bit's, 70.00 from 2-bit's | holds |" in second
+    assert "experts gate/up: 30 at 2-bit d=4; experts down: 16 at 3-bit d=2; layers at 2.980–3.000" in second
+    assert "| KBVQ mixed, budget 2.5 | mixed | not run yet |" in second
+    assert "| KBVQ mixed, budget 3.0 | mixed | 3.000 |" in second
+    assert "KBVQ mixed" not in doc.read_text().split("## The sparse-routed testbed")[0].split("### Mixed precision")[0]

@@ -35,7 +35,7 @@ CASES = {
               f"{_SHAPE} has shape"),
     "dtype": (lambda c: _edit_tensor(c, _DTYPE, lambda sd: sd.__setitem__(_DTYPE, sd[_DTYPE].float())),
               f"{_DTYPE} has dtype F32"),
-    "version": (lambda c: _edit_config(c, lambda q: q.__setitem__("format_version", 2)), "format_version is 2"),
+    "version": (lambda c: _edit_config(c, lambda q: q.__setitem__("format_version", 3)), "format_version is 3"),
     "bits": (lambda c: _edit_config(c, lambda q: (q.__setitem__("bits", 3), q.pop("codebook_size"),
                                                   q.pop("index_bits"))), "bits=3, vector_dim=4"),
     "method": (lambda c: _edit_config(c, lambda q: q.__setitem__("quant_method", "gptq")), "quant_method is 'gptq'"),
@@ -76,7 +76,7 @@ BAD_FIELDS = {
     "codebook_size": ["256", 255],
     "index_bits": [8.0, 9],
     "quant_method": [5, "gptq"],
-    "format_version": ["1", 2],
+    "format_version": ["1", 3],
 }
 
 

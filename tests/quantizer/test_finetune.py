@@ -11,7 +11,7 @@ from quantize_tools.options import LayerOptions
 from quantize_tools.pipeline import QuantizeOptions, quantize
 from tiny_models import ARCH_NAMES
 from vllm_kbvq.archs import arch_for_config
-from vllm_kbvq.format import KBVQConfig, validate_checkpoint
+from vllm_kbvq.format import validate_checkpoint
 from vllm_kbvq.reference import load_kbvq_model, moe_blocks
 
 
@@ -103,10 +103,9 @@ def test_row_scale_is_folded_exactly_and_lowers_output_error(rank_ratio):
         opts = LayerOptions(bits=2, vector_dim=2, kmeans_iters=20, rank_ratio=rank_ratio, idre=rank_ratio > 0,
                             compare_plain_vq=False, row_scale=row_scale)
         rank = round(ic * rank_ratio)
-        cfg = KBVQConfig(bits=2, vector_dim=2, arch="qwen2_moe", rank={"experts": {"gate": rank}})
         cov = x.T @ x / x.shape[0]
-        res = quantize_group(w, cov, lambda e: x, opts, cfg, rank, seed=3)
-        out = torch.stack([res.linear(e, cfg)(x) for e in range(n)])
+        res = quantize_group(w, cov, lambda e: x, opts, rank, seed=3)
+        out = torch.stack([res.linear(e)(x) for e in range(n)])
         err = float((out - y).pow(2).sum() / y.pow(2).sum())
         assert err == pytest.approx(res.report["rel_err"]["idre_vq_bcos"], rel=2e-3)  # fp16 rounding of the fold
         errs[row_scale] = err

@@ -17,7 +17,7 @@ from vllm_kbvq.kernels import cpu_moe, dispatch
 from vllm_kbvq.kernels.torch_moe import kbvq_linear_torch, kbvq_moe_torch
 from vllm_kbvq.plugin.layout import moe_layouts
 from vllm_kbvq.reference import KBVQExperts, load_kbvq_model
-from tiny_models import ARCH_NAMES, TUNED
+from tiny_models import ARCH_NAMES, MIXED, TUNED
 
 if not cpu_moe.available():
     pytest.skip("the native CPU kernels did not build here", allow_module_level=True)
@@ -198,15 +198,19 @@ def test_failed_build_warns_and_falls_back(tmp_path):
     assert "python -m vllm_kbvq.kernels.cpu_moe --verbose" in proc.stderr
 
 
-@pytest.mark.parametrize("arch,tuned", [(a, False) for a in ARCH_NAMES] + [("qwen2_moe", True), ("deepseek_v2", True)],
-                         ids=[*ARCH_NAMES, "qwen2_moe-rowscale-ft", "deepseek_v2-rowscale-ft"])
-def test_reference_runtime_on_the_kernels(arch, tuned, kbvq_tiny):
+_VARIANTS = {"uniform": {}, "rowscale-ft": TUNED, "mixed": MIXED}
+
+
+@pytest.mark.parametrize("arch,variant", [(a, "uniform") for a in ARCH_NAMES] + [
+    ("qwen2_moe", "rowscale-ft"), ("deepseek_v2", "rowscale-ft")] + [(a, "mixed") for a in ARCH_NAMES])
+def test_reference_runtime_on_the_kernels(arch, variant, kbvq_tiny):
     """load_kbvq_model on CPU runs the kernels by default: its logits are the torch path's, and so are
-    its greedy tokens (also for a checkpoint with row scales folded into affine_s and tuned tensors)."""
-    path = kbvq_tiny(arch, **(TUNED if tuned else {}))
+    its greedy tokens (also for a checkpoint with row scales folded into affine_s and tuned tensors, and
+    for one of mixed widths: one kernel call per bank of experts of one width pair)."""
+    path = kbvq_tiny(arch, **_VARIANTS[variant])
     torch_model = load_kbvq_model(path, cpu_kernels=False)
     native = load_kbvq_model(path)
-    assert all(m.cpu_tensors is not None for m in native.modules() if isinstance(m, KBVQExperts))
+    assert all(m.cpu_banks is not None for m in native.modules() if isinstance(m, KBVQExperts))
     ids = torch.randint(1, 300, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         a, b = torch_model(ids).logits, native(ids).logits

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-from tiny_models import ARCH_NAMES
+from tiny_models import ARCH_NAMES, MIXED
 from vllm_kbvq.archs import ARCHS
 from vllm_kbvq.format import SUFFIXES, FormatError, KBVQConfig
 from vllm_kbvq.packing import pack_codes
-from vllm_kbvq.plugin.layout import GroupLayout, load_tensor, moe_layouts, process_codes, shared_layout
+from vllm_kbvq.plugin.layout import GroupLayout, load_tensor, moe_banks, moe_layouts, process_codes, shared_layout
 from vllm_kbvq.kernels import cpu_moe
 from vllm_kbvq.kernels.cpu_moe import cpu_layout
 from vllm_kbvq.kernels.torch_moe import kbvq_linear_torch, kbvq_moe_torch, kbvq_moe_torch_static
@@ -66,12 +66,18 @@ def _fill(layout: GroupLayout, sources, n_local=None, cpu_kernels=False):
 
 
 def _setup(path):
+    """The checkpoint and its reference model's MoE layer with the most banks (widths; 1 when uniform)."""
     cfg = KBVQConfig.from_model_dir(path)
     model_cfg = json.loads((path / "config.json").read_text())
     arch = ARCHS[cfg.arch]
     model = load_kbvq_model(path, dtype=torch.float32, cpu_kernels=False)  # the torch oracle
-    layer, block = next(iter(moe_blocks(model, arch)))
+    sizes = (arch.num_experts(model_cfg), model_cfg["hidden_size"], arch.expert_intermediate(model_cfg))
+    layer, block = max(moe_blocks(model, arch), key=lambda lb: len(moe_banks(cfg, lb[0], *sizes)))
     return cfg, model_cfg, arch, _tensors(path), layer, block
+
+
+def _checkpoint(kbvq_tiny, arch, mixed):
+    return kbvq_tiny(arch, **(MIXED if mixed else {}))
 
 
 def _routing(n_tokens, n_experts, top_k, seed=0):
@@ -83,17 +89,29 @@ def _routing(n_tokens, n_experts, top_k, seed=0):
     return ids, weights
 
 
-def _moe_rank(cfg, arch, tensors, layer, hidden, inter, tp_rank, tp_size, experts, cpu_kernels=False):
-    params = {}
-    for group, layout in moe_layouts(cfg, hidden, inter, tp_rank, tp_size).items():
-        wtypes = ("gate", "up") if group == "w13" else ("down",)
-        srcs = [lambda e, s, w=w: tensors[arch.expert_tensor(layer, e, w, s)] for w in wtypes]
-        params.update({f"{group}_{k}": v for k, v in _fill(layout, srcs, experts, cpu_kernels).items()})
-    return params
+def _moe_rank(cfg, arch, tensors, layer, n, hidden, inter, tp_rank, tp_size, experts, cpu_kernels=False):
+    """One rank's routed-expert tensors (holding ``experts``), per bank of one width pair: (the bank's map
+    from global expert ids to its slots, its tensors). A uniform checkpoint has one bank; its map is None
+    (the caller's expert map applies)."""
+    banks = moe_banks(cfg, layer, n, hidden, inter, tp_rank, tp_size)
+    out = []
+    for bank in banks:
+        held = bank.held(list(experts))
+        if not held:
+            continue  # as the plugin does: a rank runs only the banks it holds experts of
+        params = {}
+        for group, layout in bank.layouts.items():
+            wtypes = ("gate", "up") if group == "w13" else ("down",)
+            srcs = [lambda e, s, w=w: tensors[arch.expert_tensor(layer, e, w, s)] for w in wtypes]
+            params.update({f"{group}_{k}": v for k, v in _fill(layout, srcs, held, cpu_kernels).items()})
+        out.append((bank.slot_map(n, list(experts)) if len(banks) > 1 else None, params))
+    return out
 
 
-def _moe(x, ids, w, expert_map, p, impl=kbvq_moe_torch):
-    return impl(x, w, ids, expert_map, *(p.get(f"{g}_{s}") for g in ("w13", "w2") for s in SUFFIXES))
+def _moe(x, ids, w, expert_map, banks, impl=kbvq_moe_torch):
+    """The rank's output: the op once per bank, summed (the plugin's ``apply``)."""
+    return sum(impl(x, w, ids, expert_map if slot_map is None else slot_map,
+                    *(p.get(f"{g}_{s}") for g in ("w13", "w2") for s in SUFFIXES)) for slot_map, p in banks)
 
 
 _NATIVE = cpu_moe.available()
@@ -111,11 +129,15 @@ def _native(impl) -> bool:
 
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["uniform", "mixed"])
 @pytest.mark.parametrize("impl,n_tokens", IMPLS, ids=["loop", "static-gather", "static-masked", "cpu-lut", "cpu-gemm"])
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_routed_experts_tp_and_ep_sum_to_reference(arch, impl, n_tokens, kbvq_tiny):
-    cfg, model_cfg, spec, tensors, layer, block = _setup(kbvq_tiny(arch))
+def test_routed_experts_tp_and_ep_sum_to_reference(arch, impl, n_tokens, mixed, kbvq_tiny):
+    """Mixed widths: one op call per bank of experts of one width pair, each with its slot map (composed
+    with expert parallelism's), summed."""
+    cfg, model_cfg, spec, tensors, layer, block = _setup(_checkpoint(kbvq_tiny, arch, mixed))
     n, hidden, inter = spec.num_experts(model_cfg), model_cfg["hidden_size"], spec.expert_intermediate(model_cfg)
+    assert (len(moe_banks(cfg, layer, n, hidden, inter)) > 1) == mixed
     x = torch.randn(n_tokens, hidden, generator=torch.Generator().manual_seed(1))
     ids, w = _routing(n_tokens, n, 2)
     _moe_ = partial(_moe, impl=impl)
@@ -124,10 +146,10 @@ def test_routed_experts_tp_and_ep_sum_to_reference(arch, impl, n_tokens, kbvq_ti
     with torch.no_grad():
         ref = experts(x, ids, w)
 
-    full = _moe_(x, ids, w, None, _moe_rank_(cfg, spec, tensors, layer, hidden, inter, 0, 1, range(n)))
+    full = _moe_(x, ids, w, None, _moe_rank_(cfg, spec, tensors, layer, n, hidden, inter, 0, 1, range(n)))
     torch.testing.assert_close(full, ref, atol=ATOL, rtol=0)
 
-    tp = sum(_moe_(x, ids, w, None, _moe_rank_(cfg, spec, tensors, layer, hidden, inter, r, 2, range(n)))
+    tp = sum(_moe_(x, ids, w, None, _moe_rank_(cfg, spec, tensors, layer, n, hidden, inter, r, 2, range(n)))
              for r in range(2))
     torch.testing.assert_close(tp, ref, atol=ATOL, rtol=0)
 
@@ -137,7 +159,7 @@ def test_routed_experts_tp_and_ep_sum_to_reference(arch, impl, n_tokens, kbvq_ti
         local = list(range(r * n // 2, (r + 1) * n // 2))
         expert_map = torch.full((n,), -1, dtype=torch.int32)
         expert_map[local] = torch.arange(len(local), dtype=torch.int32)
-        ep = ep + _moe_(x, ids, w, expert_map, _moe_rank_(cfg, spec, tensors, layer, hidden, inter, 0, 1, local))
+        ep = ep + _moe_(x, ids, w, expert_map, _moe_rank_(cfg, spec, tensors, layer, n, hidden, inter, 0, 1, local))
     torch.testing.assert_close(ep, ref, atol=ATOL, rtol=0)
 
 
@@ -145,7 +167,7 @@ def test_static_path_has_no_data_dependent_host_work(kbvq_tiny):
     """fullgraph tracing fails on a host sync (``.tolist()``, ``nonzero``): the CPU loop must fail it."""
     cfg, model_cfg, spec, tensors, layer, block = _setup(kbvq_tiny("qwen2_moe"))
     n, hidden, inter = spec.num_experts(model_cfg), model_cfg["hidden_size"], spec.expert_intermediate(model_cfg)
-    p = _moe_rank(cfg, spec, tensors, layer, hidden, inter, 0, 1, range(n))
+    p = _moe_rank(cfg, spec, tensors, layer, n, hidden, inter, 0, 1, range(n))
     torch._dynamo.reset()
     for n_tokens in (1, 3, 24):
         x = torch.randn(n_tokens, hidden, generator=torch.Generator().manual_seed(n_tokens))
@@ -160,10 +182,11 @@ LINEARS = [kbvq_linear_torch, pytest.param(partial(cpu_moe.kbvq_linear_cpu, gemm
            pytest.param(partial(cpu_moe.kbvq_linear_cpu, gemm_min_tokens=1), marks=_needs_native)]
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["uniform", "mixed"])
 @pytest.mark.parametrize("linear", LINEARS, ids=["torch", "cpu-lut", "cpu-gemm"])
 @pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v2"])
-def test_shared_expert_tp_sums_to_reference(arch, linear, kbvq_tiny):
-    cfg, model_cfg, spec, tensors, layer, block = _setup(kbvq_tiny(arch))
+def test_shared_expert_tp_sums_to_reference(arch, linear, mixed, kbvq_tiny):
+    cfg, model_cfg, spec, tensors, layer, block = _setup(_checkpoint(kbvq_tiny, arch, mixed))
     hidden, si = model_cfg["hidden_size"], cfg.shared_intermediate_size
     shared = getattr(block, spec.shared_attr)
     x = torch.randn(5, 3, hidden, generator=torch.Generator().manual_seed(2))
@@ -176,9 +199,9 @@ def test_shared_expert_tp_sums_to_reference(arch, linear, kbvq_tiny):
     out = 0
     for r in range(2):
         native = _native(linear)
-        gu = _fill(shared_layout(cfg, ("gate", "up"), (si, si), hidden, r, 2, split_out=True), [src("gate"), src("up")],
+        gu = _fill(shared_layout(cfg, layer, ("gate", "up"), (si, si), hidden, r, 2, split_out=True), [src("gate"), src("up")],
                    cpu_kernels=native)
-        dn = _fill(shared_layout(cfg, ("down",), (hidden,), si, r, 2, split_in=True), [src("down")], cpu_kernels=native)
+        dn = _fill(shared_layout(cfg, layer, ("down",), (hidden,), si, r, 2, split_in=True), [src("down")], cpu_kernels=native)
         h = linear(x, *(gu.get(s) for s in SUFFIXES))
         g, u = h.chunk(2, dim=-1)
         out = out + linear(F.silu(g) * u, *(dn.get(s) for s in SUFFIXES))
@@ -231,7 +254,7 @@ def test_each_rank_loads_whole_packed_rows_and_unpacks_its_window(bits, d, tp):
     packed = [pack_codes(c, cfg.index_bits) for c in codes]
     for split_out, matrices in ((True, (0, 1)), (False, (1,))):
         for r in range(tp):
-            layout = GroupLayout(cfg, tuple(rows[m] for m in matrices), in_features, (0,) * len(matrices), r, tp,
+            layout = GroupLayout(cfg.default_width, tuple(rows[m] for m in matrices), in_features, (0,) * len(matrices), r, tp,
                                  split_out=split_out, split_in=not split_out)
             shape, dtype = layout.load_shapes()["vq_codes"]
             assert dtype == torch.int32 and shape[1] == packed[0].shape[-1]

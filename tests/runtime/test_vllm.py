@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_models import ARCH_NAMES, TUNED
+from tiny_models import ARCH_NAMES, MIXED, TUNED
 from vllm_kbvq.reference import load_kbvq_model
 
 pytest.importorskip("vllm")
@@ -73,11 +73,20 @@ def test_vllm_serves_row_scaled_finetuned_checkpoints(kbvq_tiny, tmp_path):
     assert_matches_reference(model_dir, results, PROMPTS)
 
 
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_vllm_serves_mixed_precision_checkpoints(arch, kbvq_tiny, tmp_path):
+    """Format version 2: the experts of one MoE layer at different widths, loaded into one vLLM MoE layer
+    (one bank of stacked tensors per width pair) and served as the reference runtime computes them."""
+    model_dir = kbvq_tiny(arch, **MIXED)
+    assert_matches_reference(model_dir, vllm_generate(model_dir, PROMPTS, tmp_path), PROMPTS)
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="vLLM's CPU build runs one core per rank")
-def test_tensor_parallel_2_matches_reference(kbvq_tiny, tmp_path):
+@pytest.mark.parametrize("mixed", [False, True], ids=["uniform", "mixed"])
+def test_tensor_parallel_2_matches_reference(mixed, kbvq_tiny, tmp_path):
     """Two tensor-parallel ranks on vLLM CPU (one core each): the codes split by rows (gate/up) and by
     input (down, shared down), the shift added once; greedy tokens and logprobs are the reference's."""
-    model_dir = kbvq_tiny("qwen2_moe")  # routed and shared experts
+    model_dir = kbvq_tiny("qwen2_moe", **(MIXED if mixed else {}))  # routed and shared experts
     assert_matches_reference(model_dir, vllm_generate(model_dir, PROMPTS, tmp_path, tp=2), PROMPTS)
 
 

@@ -38,11 +38,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..format import SUFFIXES, FormatError, KBVQConfig, tensor_specs
+from ..format import SUFFIXES, FormatError, KBVQConfig, Width, tensor_specs
 from ..kernels.cpu_moe import cpu_layout
 from ..packing import unpack_codes
 
-__all__ = ["GroupLayout", "load_tensor", "process_codes", "moe_layouts", "shared_layout"]
+__all__ = ["GroupLayout", "Bank", "load_tensor", "process_codes", "moe_layouts", "moe_banks", "shared_layout"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class GroupLayout:
     parallelism divides by ``tp_size``.
     """
 
-    cfg: KBVQConfig
+    width: Width
     rows: tuple[int, ...]
     in_features: int
     ranks: tuple[int, ...]
@@ -64,7 +64,7 @@ class GroupLayout:
     split_in: bool = False
 
     def __post_init__(self):
-        d = self.cfg.vector_dim
+        d = self.width.vector_dim
         for full in (*self.rows, self.in_features):
             if full % self.tp_size:
                 raise FormatError(f"size {full} is not divisible by tensor-parallel size {self.tp_size}")
@@ -87,7 +87,7 @@ class GroupLayout:
 
     @property
     def index_dtype(self) -> torch.dtype:
-        bits = self.cfg.index_bits
+        bits = self.width.index_bits
         return torch.uint8 if bits <= 8 else torch.int16 if bits <= 15 else torch.int32
 
     @property
@@ -98,8 +98,8 @@ class GroupLayout:
         """The runtime tensors, what the kernels take."""
         rows, k = sum(self.local_rows), self.rank_total
         out = {
-            "vq_codes": ((rows, self.local_in // self.cfg.vector_dim), self.index_dtype),
-            "vq_codebook": ((len(self.rows), self.cfg.codebook_size, self.cfg.vector_dim), torch.float16),
+            "vq_codes": ((rows, self.local_in // self.width.vector_dim), self.index_dtype),
+            "vq_codebook": ((len(self.rows), self.width.codebook_size, self.width.vector_dim), torch.float16),
             "affine_s": ((rows,), torch.float16),
             "affine_b": ((rows,), torch.float16),
         }
@@ -112,7 +112,7 @@ class GroupLayout:
         """The tensors as :func:`load_tensor` fills them: :meth:`shapes`, but the codes packed in the
         checkpoint's dtype, whole rows (every input) of this rank's rows."""
         out = self.shapes()
-        out["vq_codes"] = tensor_specs(sum(self.local_rows), self.in_features, self.cfg, 0, False)["vq_codes"]
+        out["vq_codes"] = tensor_specs(sum(self.local_rows), self.in_features, self.width, 0, False)["vq_codes"]
         return out
 
     # -- slicing ------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def _checkpoint_spec(layout: GroupLayout, suffix: str, shard: int, name: str):
     """Shape and dtype the checkpoint holds for ``suffix`` of matrix ``shard`` (see :mod:`vllm_kbvq.format`)."""
     if suffix not in SUFFIXES:
         raise FormatError(f"tensor {name}: unknown KBVQ suffix {suffix!r}")
-    specs = tensor_specs(layout.rows[shard], layout.in_features, layout.cfg, layout.ranks[shard], owns_basis=True)
+    specs = tensor_specs(layout.rows[shard], layout.in_features, layout.width, layout.ranks[shard], owns_basis=True)
     if suffix not in specs:
         raise FormatError(f"tensor {name} is unexpected: its matrix has rank 0 (no low-rank factors)")
     return specs[suffix]
@@ -182,27 +182,68 @@ def process_codes(packed: torch.Tensor, layout: GroupLayout, cpu_kernels: bool =
     if packed.dim() < 2 or tuple(packed.shape[-2:]) != (rows, words) or packed.dtype != packed_dtype:
         raise ValueError(f"packed vq_codes are {packed.dtype} {list(packed.shape)}, expected {packed_dtype} "
                          f"[..., {rows}, {words}] (of GroupLayout.load_shapes)")
-    lead, d = packed.shape[:-2], layout.cfg.vector_dim
+    lead, d = packed.shape[:-2], layout.width.vector_dim
     in0, nin = layout._in_window()
     out = torch.empty((*lead, *shape), dtype=dtype, device=packed.device)
     for src, dst in zip(packed.reshape(-1, rows, words), out.view(-1, *shape)):
-        dst.copy_(unpack_codes(src, layout.cfg.index_bits, layout.in_features // d)[:, in0 // d:(in0 + nin) // d])
+        dst.copy_(unpack_codes(src, layout.width.index_bits, layout.in_features // d)[:, in0 // d:(in0 + nin) // d])
     return cpu_layout(out, len(layout.rows)) if cpu_kernels else out
 
 
-def moe_layouts(cfg: KBVQConfig, hidden: int, inter: int, tp_rank: int = 0, tp_size: int = 1) -> dict[str, GroupLayout]:
-    """Routed experts: ``w13`` (gate and up fused, rows split) and ``w2`` (down, input split)."""
+def moe_layouts(cfg: KBVQConfig, hidden: int, inter: int, tp_rank: int = 0, tp_size: int = 1,
+                w13: Width | None = None, w2: Width | None = None) -> dict[str, GroupLayout]:
+    """Routed experts: ``w13`` (gate and up fused, rows split) and ``w2`` (down, input split), of the
+    widths given (default: the config's)."""
     k = cfg.rank.get("experts", {})
     return {
-        "w13": GroupLayout(cfg, (inter, inter), hidden, (k.get("gate", 0), k.get("up", 0)), tp_rank, tp_size,
-                           split_out=True),
-        "w2": GroupLayout(cfg, (hidden,), inter, (k.get("down", 0),), tp_rank, tp_size, split_in=True),
+        "w13": GroupLayout(w13 or cfg.default_width, (inter, inter), hidden, (k.get("gate", 0), k.get("up", 0)),
+                           tp_rank, tp_size, split_out=True),
+        "w2": GroupLayout(w2 or cfg.default_width, (hidden,), inter, (k.get("down", 0),), tp_rank, tp_size,
+                          split_in=True),
     }
 
 
-def shared_layout(cfg: KBVQConfig, wtypes: tuple[str, ...], rows: tuple[int, ...], in_features: int,
+@dataclass(frozen=True)
+class Bank:
+    """The routed experts of one layer that share a width pair (gate/up, down), in one set of stacked tensors:
+    ``experts`` are their global ids, in slot order. A uniform checkpoint has one bank of every expert."""
+
+    experts: tuple[int, ...]
+    layouts: dict[str, GroupLayout]
+
+    def slot_map(self, n_experts: int, local: list[int] | None = None) -> torch.Tensor:
+        """Global expert id -> slot in this bank, -1 for the experts of other banks (the ops skip them).
+        ``local``: the experts this rank holds (expert parallelism), the others mapped to -1 too."""
+        out = torch.full((n_experts,), -1, dtype=torch.int32)
+        held = self.held(local)
+        out[list(held)] = torch.arange(len(held), dtype=torch.int32)
+        return out
+
+    def held(self, local: list[int] | None = None) -> tuple[int, ...]:
+        """The bank's experts held on this rank, in slot order."""
+        if local is None:
+            return self.experts
+        keep = set(local)
+        return tuple(e for e in self.experts if e in keep)
+
+
+def moe_banks(cfg: KBVQConfig, layer: int, n_experts: int, hidden: int, inter: int, tp_rank: int = 0,
+              tp_size: int = 1) -> list[Bank]:
+    """The layer's routed experts grouped by width pair, narrowest first (one bank when all share a width)."""
+    pairs: dict[tuple[Width, Width], list[int]] = {}
+    for e in range(n_experts):
+        key = (cfg.width(layer, "experts", "gate", e), cfg.width(layer, "experts", "down", e))
+        pairs.setdefault(key, []).append(e)
+    return [Bank(tuple(experts), moe_layouts(cfg, hidden, inter, tp_rank, tp_size, *key))
+            for key, experts in sorted(pairs.items())]
+
+
+def shared_layout(cfg: KBVQConfig, layer: int, wtypes: tuple[str, ...], rows: tuple[int, ...], in_features: int,
                   tp_rank: int = 0, tp_size: int = 1, split_out: bool = False, split_in: bool = False) -> GroupLayout:
     """A shared expert's linear holding ``wtypes`` (``("gate", "up")`` when fused)."""
     k = cfg.rank.get("shared_experts", {})
-    return GroupLayout(cfg, rows, in_features, tuple(k.get(w, 0) for w in wtypes), tp_rank, tp_size,
+    widths = {cfg.width(layer, "shared_experts", w, 0) for w in wtypes}
+    if len(widths) != 1:
+        raise FormatError(f"layer {layer}: the shared expert's {wtypes} have different widths, but are fused")
+    return GroupLayout(widths.pop(), rows, in_features, tuple(k.get(w, 0) for w in wtypes), tp_rank, tp_size,
                        split_out=split_out, split_in=split_in)

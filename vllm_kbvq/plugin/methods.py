@@ -22,7 +22,7 @@ from vllm.model_executor.utils import replace_parameter, set_weight_attrs
 
 from ..format import SUFFIXES, FormatError
 from ..kernels import dispatch  # registers torch.ops.kbvq.*
-from .layout import GroupLayout, load_tensor, moe_layouts, process_codes, shared_layout
+from .layout import GroupLayout, load_tensor, moe_banks, process_codes, shared_layout
 
 __all__ = ["KBVQMoEMethod", "KBVQLinearMethod"]
 
@@ -43,10 +43,19 @@ def _load(layout: GroupLayout, suffix: str, dst: torch.Tensor, loaded: torch.Ten
 
 
 def _unpack_codes(layer: torch.nn.Module, name: str, layout: GroupLayout) -> None:
-    """Swap the loaded packed codes for the runtime indices (a new parameter: shape and dtype differ),
+    """Swap the loaded packed codes for the runtime indices (a new tensor: shape and dtype differ),
     in the CPU kernels' layout where they will run."""
     packed = getattr(layer, name).data
-    replace_parameter(layer, name, process_codes(packed, layout, cpu_kernels=dispatch.uses_cpu_kernels(packed.device)))
+    codes = process_codes(packed, layout, cpu_kernels=dispatch.uses_cpu_kernels(packed.device))
+    if name in layer._parameters:
+        replace_parameter(layer, name, codes)
+    else:
+        layer.register_buffer(name, codes, persistent=False)
+
+
+def _bank_name(group: str, suffix: str, bank: int) -> str:
+    """Bank 0's tensors have vLLM's usual names (``w13_vq_codes``); a mixed layer's other banks a suffix."""
+    return f"{group}_{suffix}" + (f"_bank{bank}" if bank else "")
 
 
 class KBVQMoEMethod(FusedMoEMethodBase):
@@ -55,6 +64,12 @@ class KBVQMoEMethod(FusedMoEMethodBase):
     Per-expert tensors get a leading local-expert dimension; the shared bases
     ``w13_lr_b`` / ``w2_lr_b`` are per layer, stored in the checkpoint under expert
     0 and loaded on every rank whatever experts it holds.
+
+    A mixed-precision layer (format version 2) holds one bank per width pair
+    (:func:`.layout.moe_banks`): its experts' tensors stacked as above, bank 0 as parameters under the
+    usual names, the others as buffers ``<name>_bank<j>`` that bank 0's loaders fill (vLLM matches
+    checkpoint tensors to parameters by name, and expects each parameter loaded). ``apply`` runs the
+    op once per bank, each with a map from global expert ids to its slots, and sums the outputs.
     """
 
     def __init__(self, quant_config: KBVQQuantConfig, moe, layer_index: int):
@@ -66,15 +81,30 @@ class KBVQMoEMethod(FusedMoEMethodBase):
             raise NotImplementedError(f"KBVQ experts support the SiLU-gated MLP only, not {act!r}")
 
     def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
-                       params_dtype: torch.dtype, **extra_weight_attrs):
+                       params_dtype: torch.dtype, global_num_experts: int | None = None, **extra_weight_attrs):
         par = self.moe.moe_parallel_config
-        self.layouts = moe_layouts(self.quant_config.kbvq, hidden_size, intermediate_size_per_partition * par.tp_size,
-                                   par.tp_rank, par.tp_size)
-        for group, layout in self.layouts.items():
-            for suffix, (shape, dtype) in layout.load_shapes().items():
-                per_layer = suffix == "lr_b"
-                loader = partial(self._weight_loader, layer, group, suffix, per_layer)
-                _register(layer, f"{group}_{suffix}", shape if per_layer else (num_experts, *shape), dtype, loader)
+        self.n_global = n_global = global_num_experts or num_experts
+        self.local = [e for e in range(n_global) if layer._map_global_expert_id_to_local_expert_id(e) >= 0]
+        self.banks = moe_banks(self.quant_config.kbvq, self.layer_index, n_global, hidden_size,
+                               intermediate_size_per_partition * par.tp_size, par.tp_rank, par.tp_size)
+        if len(self.banks) == 1:  # vLLM's own expert map applies: its local ids are the slots
+            self.bank_of = {e: (0, layer._map_global_expert_id_to_local_expert_id(e)) for e in self.local}
+        else:
+            self.bank_of = {e: (j, slot) for j, bank in enumerate(self.banks) for slot, e in enumerate(bank.held(self.local))}
+        self.active = [j for j, bank in enumerate(self.banks) if bank.held(self.local)]  # banks this rank runs
+        for j, bank in enumerate(self.banks):
+            n_held = len(bank.held(self.local))
+            for group, layout in bank.layouts.items():
+                for suffix, (shape, dtype) in layout.load_shapes().items():
+                    per_layer = suffix == "lr_b"
+                    if j and per_layer:
+                        continue  # one basis per layer and weight type, whatever the widths
+                    tensor = torch.zeros(shape if per_layer else (n_held, *shape), dtype=dtype)
+                    if j:
+                        layer.register_buffer(_bank_name(group, suffix, j), tensor, persistent=False)
+                    else:
+                        _register(layer, _bank_name(group, suffix, 0), tensor.shape, dtype,
+                                  partial(self._weight_loader, layer, group, suffix, per_layer))
 
     def _weight_loader(self, layer, group: str, suffix: str, per_layer: bool, param, loaded_weight,
                        weight_name: str, shard_id: str, expert_id: int, return_success: bool = False):
@@ -84,29 +114,41 @@ class KBVQMoEMethod(FusedMoEMethodBase):
         if per_layer:
             if expert_id != 0:
                 raise FormatError(f"KBVQ checkpoint: {name} is unexpected; the shared basis lr_b lives under expert 0")
-            dst = param.data
+            bank, dst = 0, param.data
         else:
-            local = layer._map_global_expert_id_to_local_expert_id(expert_id)
-            if local < 0:  # another expert-parallel rank holds this expert
+            if expert_id not in self.bank_of:  # another expert-parallel rank holds this expert
                 return False if return_success else None
-            dst = param.data[local]
-        _load(self.layouts[group], suffix, dst, loaded_weight, shard, name)
+            bank, slot = self.bank_of[expert_id]
+            dst = getattr(layer, _bank_name(group, suffix, bank)).data[slot]
+        _load(self.banks[bank].layouts[group], suffix, dst, loaded_weight, shard, name)
         return True if return_success else None
 
     def process_weights_after_loading(self, layer) -> None:
-        for group, layout in self.layouts.items():
-            _unpack_codes(layer, f"{group}_vq_codes", layout)
+        for j, bank in enumerate(self.banks):
+            for group, layout in bank.layouts.items():
+                _unpack_codes(layer, _bank_name(group, "vq_codes", j), layout)
+            if len(self.banks) > 1:
+                smap = bank.slot_map(self.n_global, self.local).to(layer.w13_vq_codes.device)
+                layer.register_buffer(f"slot_map_bank{j}", smap, persistent=False)
         self.op = dispatch.bind("moe", layer.w13_vq_codes)
 
     def get_fused_moe_quant_config(self, layer):
         return FUSED_MOE_UNQUANTIZED_CONFIG  # activations are not quantized
 
+    def _bank_tensors(self, layer, j: int) -> list[torch.Tensor | None]:
+        """Bank ``j``'s tensors in the op's order: each group's in the format's suffix order (lr_* absent at rank 0)."""
+        return [getattr(layer, _bank_name(g, s, 0 if s == "lr_b" else j), None) for g in ("w13", "w2") for s in SUFFIXES]
+
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
         if layer.apply_router_weight_on_input:
             raise NotImplementedError("KBVQ experts do not support apply_router_weight_on_input")
-        # the op takes each group's tensors in the format's suffix order (lr_* absent at rank 0)
-        return self.op(x, topk_weights, topk_ids, layer.expert_map,
-                       *(getattr(layer, f"{g}_{s}", None) for g in ("w13", "w2") for s in SUFFIXES))
+        if len(self.banks) == 1:
+            return self.op(x, topk_weights, topk_ids, layer.expert_map, *self._bank_tensors(layer, 0))
+        out = torch.zeros_like(x)  # an expert-parallel rank may hold no expert of this layer's banks
+        for j in self.active:
+            out = out + self.op(x, topk_weights, topk_ids, getattr(layer, f"slot_map_bank{j}"),
+                                *self._bank_tensors(layer, j))
+        return out
 
 
 class KBVQLinearMethod(LinearMethodBase):
@@ -126,8 +168,8 @@ class KBVQLinearMethod(LinearMethodBase):
         rows = tuple(p * tp_size if split_out else p for p in output_partition_sizes)
         if len(rows) != len(self.wtypes):
             raise FormatError(f"{self.wtypes} fused into {len(rows)} outputs")
-        self.layout = shared_layout(self.quant_config.kbvq, self.wtypes, rows, input_size, layer.tp_rank, tp_size,
-                                    split_out=split_out, split_in=split_in)
+        self.layout = shared_layout(self.quant_config.kbvq, self.layer_index, self.wtypes, rows, input_size,
+                                    layer.tp_rank, tp_size, split_out=split_out, split_in=split_in)
         for suffix, (shape, dtype) in self.layout.load_shapes().items():
             _register(layer, suffix, shape, dtype, partial(self._weight_loader, suffix))
 

@@ -1,0 +1,154 @@
+"""Mixed precision (``--bits-budget``): the allocation, the budget, determinism and resumption, bad budgets.
+
+That a mixed checkpoint computes what the reference runtime computes is tested with the runtimes
+(tests/runtime: layout slicing, CPU kernels, vLLM).
+"""
+import itertools
+import json
+import math
+import random
+import signal
+
+import pytest
+
+from interrupted import calib_file, checkpoint_digest, six_layer_model, stop_after_layers
+from tiny_models import ARCH_NAMES, MIXED
+from quantize_tools.allocate import AllocationError, Unit, allocate
+from quantize_tools.cli import main as cli_main
+from vllm_kbvq.format import KBVQConfig, checkpoint_tensors, expected_matrices, validate_checkpoint
+
+_DTYPE_BITS = {"I32": 32, "F16": 16}
+
+
+def _random_units(rng: random.Random, n: int, options: int) -> list[Unit]:
+    """Costs and errors in any order: options off the convex hull, and ones that cost more for more error."""
+    return [Unit(tuple(float(rng.randint(1, 60)) for _ in range(options)), tuple(rng.random() for _ in range(options)))
+            for _ in range(n)]
+
+
+def _total(units, choice, what):
+    return sum(getattr(u, what)[c] for u, c in zip(units, choice))
+
+
+def test_allocation_against_exhaustive_search():
+    """Within the budget, never worse than the best choice that spends one upgrade step less (the greedy is
+    optimal for what it has spent when it first meets an upgrade that does not fit), and deterministic."""
+    rng = random.Random(0)
+    for _ in range(300):
+        units = _random_units(rng, rng.randint(1, 5), rng.randint(2, 4))
+        least, most = _total(units, [u.costs.index(min(u.costs)) for u in units], "costs"), sum(max(u.costs) for u in units)
+        budget = rng.uniform(least, most)
+        choice = allocate(units, budget)
+        assert choice == allocate(units, budget)
+        assert _total(units, choice, "costs") <= budget
+        step = max(max(u.costs) - min(u.costs) for u in units)
+        feasible = {}
+        for combo in itertools.product(*(range(len(u.costs)) for u in units)):
+            feasible[combo] = (_total(units, combo, "costs"), _total(units, combo, "errors"))
+        best = min(e for c, e in feasible.values() if c <= budget)
+        slack = [e for c, e in feasible.values() if c <= budget - step]
+        got = _total(units, choice, "errors")
+        assert got >= best - 1e-12
+        if slack:
+            assert got <= min(slack) + 1e-12
+    with pytest.raises(AllocationError, match="over the budget"):
+        allocate([Unit((5.0, 9.0), (1.0, 0.5))], 4.0)
+
+
+def _layer_bits(path, cfg: KBVQConfig) -> dict[int, float]:
+    """Bits per expert weight of each layer's KBVQ tensors, from the safetensors headers."""
+    have = checkpoint_tensors(path)
+    model_cfg = json.loads((path / "config.json").read_text())
+    bits, weights = {}, {}
+    for ref in expected_matrices(model_cfg, cfg):
+        for suffix in ref.specs():
+            _, shape, dtype = have[ref.name(suffix)]
+            bits[ref.layer] = bits.get(ref.layer, 0) + math.prod(shape) * _DTYPE_BITS[dtype]
+        weights[ref.layer] = weights.get(ref.layer, 0) + ref.oc * ref.ic
+    return {layer: bits[layer] / weights[layer] for layer in bits}
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_budget_is_never_exceeded(arch, kbvq_tiny):
+    """Every layer within the budget (counted from the stored tensors), the experts' widths mixed, the
+    report's figures the checkpoint's, and the config format version 2."""
+    path = kbvq_tiny(arch, **MIXED)
+    cfg = validate_checkpoint(path)
+    assert cfg.format_version == 2 and json.loads((path / "config.json").read_text())["quantization_config"][
+        "format_version"] == 2
+    per_layer = _layer_bits(path, cfg)
+    assert max(per_layer.values()) <= MIXED["bits_budget"]
+    report = json.loads((path / "kbvq_report.json").read_text())
+    for rep in report["layers"]:
+        assert rep["allocation"]["bits_per_weight"] == pytest.approx(per_layer[rep["layer"]], rel=1e-12)
+        assert rep["allocation"]["error"] <= rep["allocation"]["error_cheapest"]
+    assert report["summary"]["expert_bits_per_weight"] <= MIXED["bits_budget"]
+    routed = {tuple(w) for layer in cfg.width_of.values() for w in [layer["experts"]["gate"], layer["experts"]["down"]]}
+    assert any(len(set(w)) > 1 for w in routed), "the budget should give routed experts of one layer different widths"
+    uniform = validate_checkpoint(kbvq_tiny(arch))  # what --bits writes stays format version 1
+    assert uniform.format_version == 1 and "width_of" not in json.loads(
+        (kbvq_tiny(arch) / "config.json").read_text())["quantization_config"]
+
+
+def _cli(model_dir, out, calib, *extra):
+    widths = ",".join(f"{b}x{d}" for b, d in MIXED["candidate_widths"])
+    return ["--model", str(model_dir), "--output", str(out), "--nsamples", "4", "--seqlen", "32", "--kmeans-iters",
+            "20", "--calib", str(calib), "--quiet", "--bits-budget", str(MIXED["bits_budget"]),
+            "--candidate-widths", widths, *extra]
+
+
+def test_mixed_run_is_deterministic_and_resumes_identically(tmp_path):
+    """Killed after two layers and resumed == run straight through == run again; the widths chosen before
+    the kill are those the resumed run installs for the layers after."""
+    model_dir, calib = six_layer_model(tmp_path / "m"), calib_file(tmp_path)
+    args = _cli(model_dir, tmp_path / "killed", calib)
+    done = stop_after_layers(args, tmp_path / "killed", 2, signal.SIGKILL)
+    assert 2 <= len(done) < 6
+    assert cli_main(args + ["--resume"]) == 0
+    for name in ("straight", "again"):
+        assert cli_main(_cli(model_dir, tmp_path / name, calib)) == 0
+    digest = checkpoint_digest(tmp_path / "straight")
+    assert checkpoint_digest(tmp_path / "killed") == digest == checkpoint_digest(tmp_path / "again")
+    cfg = validate_checkpoint(tmp_path / "straight")
+    assert cfg.format_version == 2 and len(cfg.width_of) == 6
+
+
+def test_bad_budgets_fail_clearly(tiny_model, tmp_path, capsys):
+    model_dir, calib = tiny_model("mixtral"), calib_file(tmp_path)
+    out = tmp_path / "out"
+    assert cli_main(_cli(model_dir, out, calib)[:-4] + ["--bits-budget", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--bits-budget 1.5: this model's layers need at least" in err and "cheapest of --candidate-widths" in err
+    assert not out.exists() and not (tmp_path / "out.kbvq-partial").exists()
+    assert cli_main(_cli(model_dir, out, calib) + ["--method", "rtn"]) == 2
+    assert "--bits-budget applies to --method kbvq only" in capsys.readouterr().err
+    for bad in ("3x8", "2x4", "2x3,4x2", "2-4,4x2"):
+        with pytest.raises(SystemExit):
+            cli_main(_cli(model_dir, out, calib)[:-1] + [bad])
+        assert "--candidate-widths" in capsys.readouterr().err
+
+
+def test_width_of_errors_name_the_field(kbvq_tiny):
+    """A version 2 config whose width_of disagrees with itself or the model fails at load, naming the field."""
+    path = kbvq_tiny("qwen2_moe", **MIXED)
+    q = json.loads((path / "config.json").read_text())["quantization_config"]
+    layer = str(q["layers"][0])
+    edits = {
+        "gate and up widths differ": lambda d: d["width_of"][layer]["experts"]["up"].__setitem__(
+            0, (d["width_of"][layer]["experts"]["gate"][0] + 1) % 3),
+        "must be a list of indices into widths": lambda d: d["width_of"][layer]["experts"]["down"].__setitem__(0, 7),
+        "one entry per layer": lambda d: d["width_of"].pop(layer),
+        "width_of is missing": lambda d: d.pop("width_of"),
+        "must be the narrowest": lambda d: d.__setitem__("bits", 4),
+    }
+    for needle, edit in edits.items():
+        d = json.loads(json.dumps(q))
+        edit(d)
+        d.pop("codebook_size"), d.pop("index_bits")
+        with pytest.raises(ValueError, match=needle):
+            KBVQConfig.from_dict(d)
+    d = json.loads(json.dumps(q))
+    d["width_of"][layer]["experts"]["down"].append(0)
+    cfg = KBVQConfig.from_dict(d)
+    with pytest.raises(ValueError, match=r"must list 8 width\(s\), one per member"):
+        expected_matrices(json.loads((path / "config.json").read_text()), cfg)
