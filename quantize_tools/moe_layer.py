@@ -288,12 +288,8 @@ def quantize_moe_block(
         for lin in gate + up:  # run twice per expert below: dequantize once (bit-identical outputs)
             lin.cache_vq_weight()
 
-        def hidden_of(e, gate=gate, up=up, group_inputs=group_inputs):
-            xe = group_inputs(e).to(device)
-            return torch.cat([act_fn(gate[e](c)) * up[e](c) for c in _chunks(xe)]) if xe.shape[0] else xe.new_zeros(0, gate[e].out_features)
-
         cov_h = _down_covariance(group, n, x, token_ids, counts, gate, up, act_fn, w_down.shape[2], device)
-        down_inputs = _cached(hidden_of)
+        down_inputs = _activations(group_inputs, gate, up, act_fn, w_down.shape[2], device)
         # the down projections are fitted (again, under a budget: at the chosen widths) to what the quantized
         # gate and up produce
         dres = quantize_group(w_down, cov_h, down_inputs, opts, cfg.rank[group]["down"],
@@ -361,13 +357,6 @@ def _allocate_layer(layer, groups, x, token_ids, counts, weights, cov_x, act_fn,
         gu = {wtype: {} for wtype in ("gate", "up")}
         err = {"gate_up": [[0.0] * len(cands) for _ in range(n)], "down": [[0.0] * len(cands) for _ in range(n)]}
 
-        def fp_hidden(e, c, w=w):
-            return act_fn(c @ w["gate"][e].T) * (c @ w["up"][e].T)
-
-        def fp_inputs(e, group_inputs=group_inputs, fp_hidden=fp_hidden):
-            xe = group_inputs(e).to(device, torch.float32)
-            return torch.cat([fp_hidden(e, c) for c in _chunks(xe)]) if xe.shape[0] else xe.new_zeros(0, w["down"].shape[2])
-
         fp_gate = [lambda c, e=e, w=w: c @ w["gate"][e].T for e in range(n)]
         fp_up = [lambda c, e=e, w=w: c @ w["up"][e].T for e in range(n)]
         cov_fp = _down_covariance(group, n, x, token_ids, counts, fp_gate, fp_up, act_fn, w["down"].shape[2], device)
@@ -379,9 +368,11 @@ def _allocate_layer(layer, groups, x, token_ids, counts, weights, cov_x, act_fn,
             for e in range(n):
                 g, u = gu["gate"][width].linear(e).to(device), gu["up"][width].linear(e).to(device)
                 for c in _chunks(group_inputs(e).to(device, torch.float32)):
-                    d = (act_fn(g(c)) * u(c) - fp_hidden(e, c)) @ w["down"][e].T
+                    d = (act_fn(g(c)) * u(c) - act_fn(fp_gate[e](c)) * fp_up[e](c)) @ w["down"][e].T
                     err["gate_up"][e][k] += float(d.double().pow(2).sum())
-            down = quantize_group(w["down"], cov_fp, _cached(fp_inputs), opts, cfg.rank[group]["down"],
+            down = quantize_group(w["down"], cov_fp, _activations(group_inputs, fp_gate, fp_up, act_fn,
+                                                                  w["down"].shape[2], device),
+                                  opts, cfg.rank[group]["down"],
                                   group_seed(opts.seed, layer, group, "down"), stage(group, "down", n),
                                   widths=[width] * n)
             for e in range(n):
@@ -430,6 +421,16 @@ def least_bits_per_weight(refs, widths: Sequence[Width]) -> float:
         unit = next(u for u, wtypes in _UNITS.items() if r.wtype in wtypes)
         units.setdefault((r.group, r.member, unit), []).append((r.oc, r.ic, r.rank, r.owns_basis))
     return sum(min(_bits(m, w) for w in widths) for m in units.values()) / sum(r.oc * r.ic for r in refs)
+
+
+def _activations(inputs, gate, up, act_fn, width: int, device) -> Callable[[int], torch.Tensor]:
+    """Member ``e``'s gate/up activations on ``inputs(e)`` (``gate[e]``, ``up[e]``: the quantized modules, or the
+    FP matrices as functions), ``[tokens, width]``, the last member's kept (:func:`_cached`)."""
+    def of(e: int) -> torch.Tensor:
+        xe = inputs(e).to(device)
+        return torch.cat([act_fn(gate[e](c)) * up[e](c) for c in _chunks(xe)]) if xe.shape[0] else xe.new_zeros(0, width)
+
+    return _cached(of)
 
 
 def _cached(inputs: Callable[[int], torch.Tensor]) -> Callable[[int], torch.Tensor]:
