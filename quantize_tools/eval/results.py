@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -193,6 +194,17 @@ def _run(cmd: list[str], log: Path) -> tuple[float, float | None]:
     return wall, others
 
 
+def machine() -> dict:
+    """The CPU a cell ran on: times from two records compare only when this is the same in both."""
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count()}
+
+
 def _children_cpu_seconds() -> float:
     import resource
 
@@ -206,7 +218,8 @@ def run_cell(cell: Cell, tb: Testbed, base: Path, work: Path, results: Path, thr
     log = work / f"{cell.key}.log"
     py = [sys.executable, "-m"]
     thr = ["--threads", str(threads)] if threads else []
-    rec: dict = {"cell": cell.key, "testbed": tb.key, "method": cell.method, "bits": cell.bits, "commands": []}
+    rec: dict = {"cell": cell.key, "testbed": tb.key, "method": cell.method, "bits": cell.bits, "commands": [],
+                 "machine": machine()}
     model = base
     if cell.bits is not None:
         model = work / cell.key
@@ -413,14 +426,17 @@ def _beyond_claims(tb: Testbed, res: dict[str, dict]) -> list[str]:
             ratio = total / (total - ft["seconds"])
             text, verdict = f"{total / 60:.1f} min, of which fine-tuning {ft['seconds'] / 60:.1f} min: {ratio:.2f}× " \
                 "(within the run)", _verdict(ratio <= 2)
-            untuned = res.get(key(c.method.removesuffix(" + FT"), c.bits), {}).get("quantize_seconds")
-            if untuned is None and "row scale" in c.method:  # the same without the row scale, which costs no time
-                untuned = res.get(key(c.method.replace(" + row scale", "").removesuffix(" + FT"), c.bits), {}).get(
-                    "quantize_seconds")
-            if untuned:
-                text += f"; {total / untuned:.2f}× the recorded cell without it ({untuned / 60:.1f} min, another run)"
-                if ratio <= 2 < total / untuned:
-                    verdict = "holds within the run only"
+            other = res.get(key(c.method.removesuffix(" + FT"), c.bits), {})
+            if "quantize_seconds" not in other and "row scale" in c.method:  # without the row scale: costs no time
+                other = res.get(key(c.method.replace(" + row scale", "").removesuffix(" + FT"), c.bits), {})
+            if untuned := other.get("quantize_seconds"):
+                text += f"; {total / untuned:.2f}× the recorded cell without it ({untuned / 60:.1f} min, another run"
+                if res[c.key].get("machine") and res[c.key].get("machine") == other.get("machine"):
+                    text += ")"
+                    if ratio <= 2 < total / untuned:
+                        verdict = "holds within the run only"
+                else:  # a ratio across machines measures the machines
+                    text += ", on another machine or one not recorded: not counted)"
             lines.append(f"| {c.bits}-bit {c.method}: quantize time ≤ 2× without fine-tuning | {text} | {verdict} |")
             lines.append(f"| {c.bits}-bit {c.method}: MoE-block output error, mean over layers | "
                          f"{ft['mean_block_rel_err_before_held_out']:.4f} → "
