@@ -466,8 +466,11 @@ def _mixed_section(tb: Testbed, res: dict[str, dict]) -> list[str]:
             continue
         bpw, p = r["expert_bits_per_weight"], _wiki(res, c.key)
         line = p2 + (p3 - p2) * (bpw - b2) / (b3 - b2)
+        # on small matrices a codebook is a large share of the bits: a budget can fall outside [2-bit, 3-bit]
+        where = "" if b2 <= bpw <= b3 else f", extrapolated: {'below 2-bit' if bpw < b2 else 'above 3-bit'}'s bits/weight"
         claims.append(f"| {c.method}: below the 2-bit–3-bit line | {p:.2f} at {bpw:.3f} bits/weight; the line there "
-                      f"{line:.2f} (2-bit {p2:.2f} at {b2:.3f}, 3-bit {p3:.2f} at {b3:.3f}) | {_verdict(p < line)} |")
+                      f"{line:.2f} (2-bit {p2:.2f} at {b2:.3f}, 3-bit {p3:.2f} at {b3:.3f}{where}) | "
+                      f"{_verdict(p < line)} |")
         claims.append(f"| {c.method}: nearer 3-bit's perplexity than 2-bit's | {abs(p - p3):.2f} from 3-bit's, "
                       f"{abs(p - p2):.2f} from 2-bit's | {_verdict(abs(p - p3) < abs(p - p2))} |")
         alloc = r.get("quantize_summary", {}).get("allocation")
@@ -477,7 +480,8 @@ def _mixed_section(tb: Testbed, res: dict[str, dict]) -> list[str]:
                 for u, counts in per.items())
             claims.append(f"| {c.method}: what the allocation chose (matrices summed over layers) | {chosen}; layers "
                           f"at {alloc['layer_bits_per_weight_min']:.3f}–{alloc['layer_bits_per_weight_max']:.3f} "
-                          "bits/weight | — |")
+                          f"bits/weight; calibration output error {alloc['error_over_cheapest']:.2f}× that of the "
+                          "cheapest width everywhere | — |")
     if claims:
         lines += ["", "| target or part | numbers | verdict |", "|---|---|---|", *claims]
     return lines

@@ -129,7 +129,7 @@ def test_mixed_precision_section(tmp_path):
     _record(recs, "sparse", "kbvq-w3", "KBVQ", 3, 60.0, bpw=3.4)
     _record(recs, "sparse", "kbvq-mixed-budget-3-0-w2", results._mixed_method("3.0"), 2, 90.0, bpw=3.0)
     alloc = {"widths": {"experts": {"gate_up": {"2-bit d=4": 30, "3-bit d=2": 0}, "down": {"3-bit d=2": 16}}},
-             "layer_bits_per_weight_min": 2.98, "layer_bits_per_weight_max": 3.0}
+             "layer_bits_per_weight_min": 2.98, "layer_bits_per_weight_max": 3.0, "error_over_cheapest": 0.8}
     mixed = recs / "sparse" / "kbvq-mixed-budget-3-0-w2.json"
     rec = json.loads(mixed.read_text())
     rec["quantize_summary"]["allocation"] = alloc
@@ -141,7 +141,15 @@ def test_mixed_precision_section(tmp_path):
     assert ("| KBVQ mixed, budget 3.0: below the 2-bit–3-bit line | 90.00 at 3.000 bits/weight; the line there "
             "110.00 (2-bit 160.00 at 2.600, 3-bit 60.00 at 3.400) | holds |") in second
     assert "| KBVQ mixed, budget 3.0: nearer 3-bit's perplexity than 2-bit's | 30.00 from 3-bit's, 70.00 from 2-bit's | holds |" in second
-    assert "experts gate/up: 30 at 2-bit d=4; experts down: 16 at 3-bit d=2; layers at 2.980–3.000" in second
+    assert ("experts gate/up: 30 at 2-bit d=4; experts down: 16 at 3-bit d=2; layers at 2.980–3.000 bits/weight; "
+            "calibration output error 0.80× that of the cheapest width everywhere") in second
     assert "| KBVQ mixed, budget 2.5 | mixed | not run yet |" in second
     assert "| KBVQ mixed, budget 3.0 | mixed | 3.000 |" in second
     assert "KBVQ mixed" not in doc.read_text().split("## The sparse-routed testbed")[0].split("### Mixed precision")[0]
+    # a budget below uniform 2-bit's bits/weight (small matrices: the codebooks' share) reads the line extrapolated:
+    # 160 + (60 - 160) * (2.5 - 2.6) / (3.4 - 2.6) = 172.5
+    _record(recs, "sparse", "kbvq-mixed-budget-2-5-w2", results._mixed_method("2.5"), 2, 200.0, bpw=2.5)
+    results.render(recs, doc, plot=False)
+    assert ("| KBVQ mixed, budget 2.5: below the 2-bit–3-bit line | 200.00 at 2.500 bits/weight; the line there 172.50 "
+            "(2-bit 160.00 at 2.600, 3-bit 60.00 at 3.400, extrapolated: below 2-bit's bits/weight) | does not hold |"
+            ) in doc.read_text()
