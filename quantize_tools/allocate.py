@@ -36,8 +36,8 @@ class Unit:
         for i in order[1:]:
             if self.errors[i] >= self.errors[pts[-1]] or self.costs[i] == self.costs[pts[-1]]:
                 continue  # costs more and is no better
-            while len(pts) >= 2 and self._slope(pts[-2], pts[-1]) >= self._slope(pts[-1], i):
-                pts.pop()  # pts[-1] lies on or above the segment from pts[-2] to i
+            while len(pts) >= 2 and self._slope(pts[-2], pts[-1]) < self._slope(pts[-1], i):
+                pts.pop()  # pts[-1] lies above the segment from pts[-2] to i (on it, it is kept: a finer step)
             pts.append(i)
         return pts
 

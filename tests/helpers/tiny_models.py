@@ -36,9 +36,10 @@ ARCH_NAMES = ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2")
 # quantizer options of a checkpoint with row-scaled codebooks and fine-tuned continuous tensors (kbvq_tiny(arch, **TUNED))
 TUNED = {"row_scale": True, "finetune_steps": 20, "finetune_batch": 128}
 # a mixed-precision checkpoint (format version 2): these widths and budget give every architecture's tiny
-# model layers whose routed experts have different widths (vectors of 4 and of 2, 4- and 8-bit indices);
-# at the tiny shapes a 2-bit d=4 codebook costs 2 bits per weight, so the default candidates would not mix
-MIXED = {"bits_budget": 3.6, "candidate_widths": ((1, 4), (2, 2), (4, 2))}
+# model layers whose routed experts have different widths (vectors of 4 and of 2; DeepSeek-V2's 8-bit indices
+# beside 4-bit ones); at the tiny shapes a 2-bit d=4 codebook costs 2 bits per weight, so the default
+# candidates would not mix
+MIXED = {"bits_budget": 3.0, "candidate_widths": ((1, 4), (2, 2), (4, 2))}
 
 
 def make_tiny_model(arch: str, path: Path, seed: int = 0) -> Path:

@@ -55,6 +55,24 @@ def test_allocation_against_exhaustive_search():
         allocate([Unit((5.0, 9.0), (1.0, 0.5))], 4.0)
 
 
+def test_allocation_is_optimal_at_every_price():
+    """At a budget that a price per bit spends exactly (every unit at its option of least error + price x cost),
+    no choice within the budget has less error, so the greedy must find that error: a hull that drops an option
+    of diminishing returns (the middle of 2, 3, 4 bits) fails this."""
+    rng = random.Random(1)
+    for _ in range(300):
+        units = [Unit(tuple(float(c) for c in rng.sample(range(1, 1000), k)), tuple(rng.random() for _ in range(k)))
+                 for k in [rng.randint(2, 4) for _ in range(rng.randint(1, 5))]]
+        price = rng.expovariate(100.0)
+        lagrange = [min(range(len(u.costs)), key=lambda i, u=u: u.errors[i] + price * u.costs[i]) for u in units]
+        budget = _total(units, lagrange, "costs")
+        best = min(_total(units, combo, "errors") for combo in itertools.product(*(range(len(u.costs)) for u in units))
+                   if _total(units, combo, "costs") <= budget)
+        assert _total(units, allocate(units, budget), "errors") == pytest.approx(best, abs=1e-12)
+    assert Unit((2.0, 3.0, 4.0), (10.0, 5.0, 4.0)).hull() == [0, 1, 2]  # diminishing returns: all three
+    assert Unit((2.0, 3.0, 4.0), (10.0, 9.0, 0.0)).hull() == [0, 2]  # 3 bits buys less per bit than 4
+
+
 def _layer_bits(path, cfg: KBVQConfig) -> dict[int, float]:
     """Bits per expert weight of each layer's KBVQ tensors, from the safetensors headers."""
     have = checkpoint_tensors(path)
