@@ -53,7 +53,7 @@ def summarize(cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model_config: dict
             mean["layers"] = len(rows)
             errs[f"{group}.{wtype}"] = mean
     summary["mean_output_rel_err"] = errs
-    alloc = [r["allocation"] for r in layers if "allocation" in r]
+    alloc = [r for r in layers if "allocation" in r]
     if alloc:
         summary["allocation"] = _allocation_summary(alloc)
     tuned = [r["finetune"] for r in layers if "finetune" in r]
@@ -75,8 +75,10 @@ def _finetune_summary(tuned: list[dict], layer_seconds: float) -> dict:
     return out
 
 
-def _allocation_summary(alloc: list[dict]) -> dict:
-    """What --bits-budget chose over all layers: matrices per width, per group and unit; each layer's bits."""
+def _allocation_summary(layers: list[dict]) -> dict:
+    """What --bits-budget chose over all layers: matrices per width, per group and unit; each layer's bits;
+    the routed calibration tokens of the experts each width went to (does the budget follow the traffic?)."""
+    alloc = [r["allocation"] for r in layers]
     widths: dict = {}
     for a in alloc:
         for group, per in a["widths"].items():
@@ -87,7 +89,22 @@ def _allocation_summary(alloc: list[dict]) -> dict:
     bpw = [a["bits_per_weight"] for a in alloc]
     return {"bits_budget": alloc[0]["budget_bits_per_weight"], "layer_bits_per_weight_min": min(bpw),
             "layer_bits_per_weight_max": max(bpw), "widths": widths,
-            "error_over_cheapest": sum(a["error"] for a in alloc) / max(sum(a["error_cheapest"] for a in alloc), 1e-30)}
+            "error_over_cheapest": sum(a["error"] for a in alloc) / max(sum(a["error_cheapest"] for a in alloc), 1e-30),
+            "routed_tokens_by_width": _tokens_by_width(layers)}
+
+
+def _tokens_by_width(layers: list[dict]) -> dict:
+    """Per unit and width, the mean routed calibration tokens of the routed experts given that width."""
+    sums: dict = {}
+    for r in layers:
+        if "experts" not in r["width_of"]:
+            continue
+        labels = list(r["allocation"]["widths"]["experts"]["gate_up"])  # in --candidate-widths order, as width_of
+        for unit, wtype in (("gate_up", "gate"), ("down", "down")):
+            for e, k in enumerate(r["width_of"]["experts"][wtype]):
+                tokens, n = sums.setdefault(unit, {}).get(labels[k], (0, 0))
+                sums[unit][labels[k]] = (tokens + r["routed_tokens"][e], n + 1)
+    return {unit: {w: round(t / n, 1) for w, (t, n) in per.items()} for unit, per in sums.items()}
 
 
 def _routed_counts(layers: list[dict]) -> dict:
@@ -157,6 +174,10 @@ def format_summary(report: dict) -> str:
         lines.append(f"bits budget {a['bits_budget']:g}: layers at {a['layer_bits_per_weight_min']:.3f}-"
                      f"{a['layer_bits_per_weight_max']:.3f} bits/weight; {chosen}; output error "
                      f"{a['error_over_cheapest']:.2f}x that of the cheapest width everywhere")
+        if a.get("routed_tokens_by_width"):
+            lines.append("routed experts' mean calibration tokens by width: " + "; ".join(
+                f"{unit.replace('_', '/')} " + ", ".join(f"{w} {t:g}" for w, t in per.items())
+                for unit, per in a["routed_tokens_by_width"].items()))
     if "finetune" in s:
         f = s["finetune"]
         held = f.get("mean_block_rel_err_before_held_out")

@@ -478,6 +478,10 @@ def _mixed_section(tb: Testbed, res: dict[str, dict]) -> list[str]:
             chosen = "; ".join(f"{g.replace('_', ' ')} {u.replace('_', '/')}: " + ", ".join(
                 f"{n} at {w}" for w, n in counts.items() if n) for g, per in alloc["widths"].items()
                 for u, counts in per.items())
+            if alloc.get("routed_tokens_by_width"):  # do the bits go to the experts the router uses most?
+                chosen += "; routed experts' mean calibration tokens by width: " + "; ".join(
+                    f"{u.replace('_', '/')} " + ", ".join(f"{w} {t:.0f}" for w, t in per.items())
+                    for u, per in alloc["routed_tokens_by_width"].items())
             claims.append(f"| {c.method}: what the allocation chose (matrices summed over layers) | {chosen}; layers "
                           f"at {alloc['layer_bits_per_weight_min']:.3f}–{alloc['layer_bits_per_weight_max']:.3f} "
                           f"bits/weight; calibration output error {alloc['error_over_cheapest']:.2f}× that of the "

@@ -101,6 +101,12 @@ def test_budget_is_never_exceeded(arch, kbvq_tiny):
         assert rep["allocation"]["bits_per_weight"] == pytest.approx(per_layer[rep["layer"]], rel=1e-12)
         assert rep["allocation"]["error"] <= rep["allocation"]["error_cheapest"]
     assert report["summary"]["expert_bits_per_weight"] <= MIXED["bits_budget"]
+    alloc = report["summary"]["allocation"]
+    total = sum(sum(rep["routed_tokens"]) for rep in report["layers"])
+    for unit, by_width in alloc["routed_tokens_by_width"].items():  # means over the experts each width went to
+        counts = alloc["widths"]["experts"][unit]
+        got = sum(mean * counts[w] for w, mean in by_width.items())
+        assert got == pytest.approx(total, abs=0.05 * sum(counts.values()))  # means rounded to 0.1
     routed = {tuple(w) for layer in cfg.width_of.values() for w in [layer["experts"]["gate"], layer["experts"]["down"]]}
     assert any(len(set(w)) > 1 for w in routed), "the budget should give routed experts of one layer different widths"
     uniform = validate_checkpoint(kbvq_tiny(arch))  # what --bits writes stays format version 1
