@@ -93,12 +93,23 @@ def _allocation_summary(layers: list[dict]) -> dict:
             "routed_tokens_by_width": _tokens_by_width(layers)}
 
 
+def allocation_widths_text(a: dict) -> str:
+    """An allocation summary's matrices per width, per group and unit, in words (the report's and the results page's)."""
+    return "; ".join(f"{group.replace('_', ' ')} {unit.replace('_', '/')}: " + ", ".join(
+        f"{c} at {w}" for w, c in counts.items() if c) for group, per in a["widths"].items() for unit, counts in per.items())
+
+
+def allocation_tokens_text(a: dict, number: str) -> str:
+    """Its routed experts' mean calibration tokens per width, in words, each mean in format ``number``."""
+    return "routed experts' mean calibration tokens by width: " + "; ".join(
+        f"{unit.replace('_', '/')} " + ", ".join(f"{w} {t:{number}}" for w, t in per.items())
+        for unit, per in a["routed_tokens_by_width"].items())
+
+
 def _tokens_by_width(layers: list[dict]) -> dict:
     """Per unit and width, the mean routed calibration tokens of the routed experts given that width."""
     sums: dict = {}
     for r in layers:
-        if "experts" not in r["width_of"]:
-            continue
         labels = list(r["allocation"]["widths"]["experts"]["gate_up"])  # in --candidate-widths order, as width_of
         for unit, wtype in (("gate_up", "gate"), ("down", "down")):
             for e, k in enumerate(r["width_of"]["experts"][wtype]):
@@ -169,15 +180,11 @@ def format_summary(report: dict) -> str:
                      f"BCOS fell back to all tokens for {s['bcos_fallback_experts']} expert(s)")
     if "allocation" in s:
         a = s["allocation"]
-        chosen = "; ".join(f"{group.replace('_', ' ')} {unit.replace('_', '/')}: " + ", ".join(
-            f"{c} at {w}" for w, c in counts.items() if c) for group, per in a["widths"].items() for unit, counts in per.items())
         lines.append(f"bits budget {a['bits_budget']:g}: layers at {a['layer_bits_per_weight_min']:.3f}-"
-                     f"{a['layer_bits_per_weight_max']:.3f} bits/weight; {chosen}; output error "
+                     f"{a['layer_bits_per_weight_max']:.3f} bits/weight; {allocation_widths_text(a)}; output error "
                      f"{a['error_over_cheapest']:.2f}x that of the cheapest width everywhere")
         if a.get("routed_tokens_by_width"):
-            lines.append("routed experts' mean calibration tokens by width: " + "; ".join(
-                f"{unit.replace('_', '/')} " + ", ".join(f"{w} {t:g}" for w, t in per.items())
-                for unit, per in a["routed_tokens_by_width"].items()))
+            lines.append(allocation_tokens_text(a, "g"))
     if "finetune" in s:
         f = s["finetune"]
         held = f.get("mean_block_rel_err_before_held_out")

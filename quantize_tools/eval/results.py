@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import write_json_atomic
+from ..report import allocation_tokens_text, allocation_widths_text
 from ..testbed.build import SPARSE_EXPERTS, SPARSE_TOP_K
 from .protocol import CALIB_SAMPLES, CALIB_SEQLEN, MATRIX_ERRORS_RECORD, PPL_SEQLEN, PPL_WINDOWS, ROUTING_RECORD
 
@@ -475,13 +476,9 @@ def _mixed_section(tb: Testbed, res: dict[str, dict]) -> list[str]:
                       f"{abs(p - p2):.2f} from 2-bit's | {_verdict(abs(p - p3) < abs(p - p2))} |")
         alloc = r.get("quantize_summary", {}).get("allocation")
         if alloc:
-            chosen = "; ".join(f"{g.replace('_', ' ')} {u.replace('_', '/')}: " + ", ".join(
-                f"{n} at {w}" for w, n in counts.items() if n) for g, per in alloc["widths"].items()
-                for u, counts in per.items())
+            chosen = allocation_widths_text(alloc)
             if alloc.get("routed_tokens_by_width"):  # do the bits go to the experts the router uses most?
-                chosen += "; routed experts' mean calibration tokens by width: " + "; ".join(
-                    f"{u.replace('_', '/')} " + ", ".join(f"{w} {t:.0f}" for w, t in per.items())
-                    for u, per in alloc["routed_tokens_by_width"].items())
+                chosen += "; " + allocation_tokens_text(alloc, ".0f")
             claims.append(f"| {c.method}: what the allocation chose (matrices summed over layers) | {chosen}; layers "
                           f"at {alloc['layer_bits_per_weight_min']:.3f}–{alloc['layer_bits_per_weight_max']:.3f} "
                           f"bits/weight; calibration output error {alloc['error_over_cheapest']:.2f}× that of the "
