@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -24,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from quantize_tools.eval.machine import cpu_name
 
 QUANTIZE_ARGS = ("--bits", "2", "--nsamples", "32", "--seqlen", "512", "--no-plain-vq-report", "--quiet")
 
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     result = {
         "what": "kbvq-quantize wall time, idle vs beside one process spinning a core",
         "model": str(args.model), "quantize_args": list(QUANTIZE_ARGS) + args.extra,
-        "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(), "machine": cpu_name(),
         "idle_wall_s": idle, "busy_wall_s": busy, "busy_over_idle": round(busy / idle, 2),
         "median_layer_s": {"idle": statistics.median(x for r in rows if not r["busy"] for x in r["layer_s"]),
                            "busy": statistics.median(x for r in rows if r["busy"] for x in r["layer_s"])},

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.shapes import SHAPES, MoEShape  # noqa: E402
+from quantize_tools.eval.machine import describe  # noqa: E402
 from vllm_kbvq.format import default_rank  # noqa: E402
 from vllm_kbvq.kernels import cpu_moe, dispatch  # noqa: E402
 
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     switch_points = ({f"{isa}/{b}": v for (isa, b), v in dispatch.CPU_GEMM_MIN_TOKENS.items()}
                      | {f"{isa}/{b} below {small} rows": v for (isa, b), v in dispatch.CPU_GEMM_MIN_TOKENS_SMALL.items()}
                      | {"other": dispatch.CPU_GEMM_MIN_TOKENS_OTHER})
-    res = {"device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+    res = {"device": describe(),
            "kernel_isa": cpu_moe.isa(), "baseline": f"vllm cpu_fused_moe ({vllm_moe[2]})" if vllm_moe else
            "bf16 F.linear per expert", "cpu_gemm_min_tokens": switch_points, "bits": a.bits, "cache": a.cache,
            "load_avg_before": os.getloadavg(), "threads": {}}

@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from quantize_tools.eval.machine import describe
 
 
 def _worker(model: str, batches: list[int], tokens: int, dtype: str, repeats: int, profile: bool) -> dict:
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     ratios = {name: dict(zip(map(str, a.batch), (k["tokens_per_s"] / b["tokens_per_s"]
                                                  for b, k in zip(res["base"]["runs"], r["runs"]))))
               for name, r in res.items() if name != "base"}
-    out = {"device": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs", "dtype": a.dtype,
+    out = {"device": describe(), "dtype": a.dtype,
            "tokens_per_request": a.tokens, "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
            **res, "kbvq_over_base_throughput": ratios}
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ def main() -> int:
     from lm_eval.models.huggingface import HFLM
 
     from quantize_tools.eval.evaluate import Target
+    from quantize_tools.eval.machine import cpu_name
     from quantize_tools.files import write_json_atomic
     from quantize_tools.eval.shared_prefix import SharedPrefixHFLM
     from quantize_tools.eval.zeroshot import run_zero_shot
@@ -70,7 +70,7 @@ def main() -> int:
     print(f"speed-up {speedup:.2f}x")
     write_json_atomic(a.out, {
         "model": a.model or "dense SmolLM2-135M (packaged)", "tasks": tasks, "limit": a.limit,
-        "batch_size": a.batch_size, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "batch_size": a.batch_size, "threads": torch.get_num_threads(), "machine": cpu_name(),
         "seconds": {k: v["seconds"] for k, v in runs.items()}, "speedup": round(speedup, 2), "per_task": per_task})
     print(f"wrote {a.out}")
     return 0

@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 from ..files import write_json_atomic
 from ..report import allocation_tokens_text, allocation_widths_text
 from ..testbed.build import SPARSE_EXPERTS, SPARSE_TOP_K
+from .machine import machine
 from .protocol import CALIB_SAMPLES, CALIB_SEQLEN, MATRIX_ERRORS_RECORD, PPL_SEQLEN, PPL_WINDOWS, ROUTING_RECORD
 
 __all__ = ["CELLS", "TESTBEDS", "Cell", "Testbed", "main"]
@@ -193,17 +193,6 @@ def _run(cmd: list[str], log: Path) -> tuple[float, float | None]:
     if busy0 is not None and busy1 is not None:
         others = round(max(0.0, (busy1 - busy0) - (_children_cpu_seconds() - own0)) / wall, 2)
     return wall, others
-
-
-def machine() -> dict:
-    """The CPU a cell ran on: times from two records compare only when this is the same in both."""
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        pass
-    return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 
 def _children_cpu_seconds() -> float:
