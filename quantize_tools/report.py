@@ -77,7 +77,8 @@ def _finetune_summary(tuned: list[dict], layer_seconds: float) -> dict:
 
 def _allocation_summary(layers: list[dict]) -> dict:
     """What --bits-budget chose over all layers: matrices per width, per group and unit; each layer's bits;
-    the routed calibration tokens of the experts each width went to (does the budget follow the traffic?)."""
+    the routed calibration tokens of the experts each width went to (does the budget follow the traffic?);
+    and per layer, its routed experts at each width (which layers spend their budget on which weights)."""
     alloc = [r["allocation"] for r in layers]
     widths: dict = {}
     for a in alloc:
@@ -90,7 +91,10 @@ def _allocation_summary(layers: list[dict]) -> dict:
     return {"bits_budget": alloc[0]["budget_bits_per_weight"], "layer_bits_per_weight_min": min(bpw),
             "layer_bits_per_weight_max": max(bpw), "widths": widths,
             "error_over_cheapest": sum(a["error"] for a in alloc) / max(sum(a["error_cheapest"] for a in alloc), 1e-30),
-            "routed_tokens_by_width": _tokens_by_width(layers)}
+            "routed_tokens_by_width": _tokens_by_width(layers),
+            "routed_widths_by_layer": {"layers": [r["layer"] for r in layers], "widths": {
+                unit: {w: [a["widths"]["experts"][unit][w] for a in alloc] for w in per}
+                for unit, per in alloc[0]["widths"]["experts"].items()}}}
 
 
 def allocation_widths_text(a: dict) -> str:
@@ -104,6 +108,16 @@ def allocation_tokens_text(a: dict, number: str) -> str:
     return "routed experts' mean calibration tokens by width: " + "; ".join(
         f"{unit.replace('_', '/')} " + ", ".join(f"{w} {t:{number}}" for w, t in per.items())
         for unit, per in a["routed_tokens_by_width"].items())
+
+
+def allocation_layers_text(a: dict, dash: str = "-") -> str:
+    """Its routed experts per layer at each width, in words: the fewest-most over layers, and the layer with most."""
+    ids, by = a["routed_widths_by_layer"]["layers"], a["routed_widths_by_layer"]["widths"]
+    return f"routed experts per layer, fewest{dash}most (layer with most): " + "; ".join(
+        f"{unit.replace('_', '/')} " + ", ".join(
+            f"{w} {min(c)} in every layer" if min(c) == max(c) else
+            f"{w} {min(c)}{dash}{max(c)} (layer {ids[c.index(max(c))]})" for w, c in per.items() if max(c))
+        for unit, per in by.items())
 
 
 def _tokens_by_width(layers: list[dict]) -> dict:
@@ -185,6 +199,8 @@ def format_summary(report: dict) -> str:
                      f"{a['error_over_cheapest']:.2f}x that of the cheapest width everywhere")
         if a.get("routed_tokens_by_width"):
             lines.append(allocation_tokens_text(a, "g"))
+        if a.get("routed_widths_by_layer"):
+            lines.append(allocation_layers_text(a))
     if "finetune" in s:
         f = s["finetune"]
         held = f.get("mean_block_rel_err_before_held_out")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import write_json_atomic
-from ..report import allocation_tokens_text, allocation_widths_text
+from ..report import allocation_layers_text, allocation_tokens_text, allocation_widths_text
 from ..testbed.build import SPARSE_EXPERTS, SPARSE_TOP_K
 from .machine import machine
 from .protocol import CALIB_SAMPLES, CALIB_SEQLEN, MATRIX_ERRORS_RECORD, PPL_SEQLEN, PPL_WINDOWS, ROUTING_RECORD
@@ -468,6 +468,8 @@ def _mixed_section(tb: Testbed, res: dict[str, dict]) -> list[str]:
             chosen = allocation_widths_text(alloc)
             if alloc.get("routed_tokens_by_width"):  # do the bits go to the experts the router uses most?
                 chosen += "; " + allocation_tokens_text(alloc, ".0f")
+            if alloc.get("routed_widths_by_layer"):  # which layers spend their budget on which weights
+                chosen += "; " + allocation_layers_text(alloc, "–")
             claims.append(f"| {c.method}: what the allocation chose (matrices summed over layers) | {chosen}; layers "
                           f"at {alloc['layer_bits_per_weight_min']:.3f}–{alloc['layer_bits_per_weight_max']:.3f} "
                           f"bits/weight; calibration output error {alloc['error_over_cheapest']:.2f}× that of the "

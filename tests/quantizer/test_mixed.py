@@ -107,6 +107,13 @@ def test_budget_is_never_exceeded(arch, kbvq_tiny):
         counts = alloc["widths"]["experts"][unit]
         got = sum(mean * counts[w] for w, mean in by_width.items())
         assert got == pytest.approx(total, abs=0.05 * sum(counts.values()))  # means rounded to 0.1
+    by_layer = alloc["routed_widths_by_layer"]  # against the widths the checkpoint's config gives each expert
+    assert by_layer["layers"] == sorted(cfg.layers)
+    for unit, wtype in (("gate_up", "gate"), ("down", "down")):
+        for i, layer in enumerate(by_layer["layers"]):
+            members = range(len(cfg.width_of[str(layer)]["experts"][wtype]))
+            listed = [str(cfg.width(layer, "experts", wtype, e)) for e in members]
+            assert {w: c[i] for w, c in by_layer["widths"][unit].items() if c[i]} == {w: listed.count(w) for w in listed}
     routed = {tuple(w) for layer in cfg.width_of.values() for w in [layer["experts"]["gate"], layer["experts"]["down"]]}
     assert any(len(set(w)) > 1 for w in routed), "the budget should give routed experts of one layer different widths"
     uniform = validate_checkpoint(kbvq_tiny(arch))  # what --bits writes stays format version 1
