@@ -111,12 +111,17 @@ def allocation_tokens_text(a: dict, number: str) -> str:
 
 
 def allocation_layers_text(a: dict, dash: str = "-") -> str:
-    """Its routed experts per layer at each width, in words: the fewest-most over layers, and the layer with most."""
+    """Its routed experts per layer at each width, in words: the fewest and the most over layers, and where."""
     ids, by = a["routed_widths_by_layer"]["layers"], a["routed_widths_by_layer"]["widths"]
-    return f"routed experts per layer, fewest{dash}most (layer with most): " + "; ".join(
+
+    def at(counts: list[int], v: int) -> str:
+        where = [layer for layer, c in zip(ids, counts) if c == v]
+        return f"{v} (layer {where[0]})" if len(where) == 1 else f"{v} ({len(where)} layers)"
+
+    return "routed experts per layer at each width, fewest" + dash + "most: " + "; ".join(
         f"{unit.replace('_', '/')} " + ", ".join(
-            f"{w} {min(c)} in every layer" if min(c) == max(c) else
-            f"{w} {min(c)}{dash}{max(c)} (layer {ids[c.index(max(c))]})" for w, c in per.items() if max(c))
+            f"{w} {min(c)} in every layer" if min(c) == max(c) else f"{w} {at(c, min(c))}{dash}{at(c, max(c))}"
+            for w, c in per.items() if max(c))
         for unit, per in by.items())
 
 

@@ -145,8 +145,8 @@ def test_mixed_precision_section(tmp_path):
             "110.00 (2-bit 160.00 at 2.600, 3-bit 60.00 at 3.400) | holds |") in second
     assert "| KBVQ mixed, budget 3.0: nearer 3-bit's perplexity than 2-bit's | 30.00 from 3-bit's, 70.00 from 2-bit's | holds |" in second
     assert ("experts gate/up: 30 at 2-bit d=4; experts down: 16 at 3-bit d=2; routed experts' mean calibration "
-            "tokens by width: gate/up 2-bit d=4 410; down 3-bit d=2 402; routed experts per layer, fewest–most (layer with "
-            "most): gate/up 2-bit d=4 14–16 (layer 4); down 3-bit d=2 8 in every layer; layers at 2.980–3.000 bits/weight; "
+            "tokens by width: gate/up 2-bit d=4 410; down 3-bit d=2 402; routed experts per layer at each width, "
+            "fewest–most: gate/up 2-bit d=4 14 (layer 3)–16 (layer 4); down 3-bit d=2 8 in every layer; layers at 2.980–3.000 bits/weight; "
             "calibration output error 0.80× that of the cheapest width everywhere") in second
     assert "| KBVQ mixed, budget 2.5 | mixed | not run yet |" in second
     assert "| KBVQ mixed, budget 3.0 | mixed | 3.000 |" in second
