@@ -9,7 +9,7 @@ from quantize_tools.cli import main as cli_main
 from quantize_tools.moe_layer import quantize_group
 from quantize_tools.options import LayerOptions
 from quantize_tools.pipeline import QuantizeOptions, quantize
-from tiny_models import ARCH_NAMES
+from tiny_models import ARCH_NAMES, MIXED
 from vllm_kbvq.archs import arch_for_config
 from vllm_kbvq.format import validate_checkpoint
 from vllm_kbvq.reference import load_kbvq_model, moe_blocks
@@ -61,6 +61,27 @@ def test_finetuning_lowers_block_error_on_calibration_and_held_out_tokens(arch, 
                 ft = layer["finetune"]
                 assert ft["kept"] and ft["rel_err_after"]["fit"] < ft["rel_err_before"]["fit"]
                 assert ft["seconds"] > 0
+    for tokens in ("calibration", "held out"):
+        for layer, (before, after) in enumerate(zip(errs[0][tokens], errs[40][tokens])):
+            assert after < before, f"{tokens} tokens, MoE layer {layer}: {before:.4f} -> {after:.4f}"
+
+
+def test_finetuning_a_mixed_checkpoint_keeps_its_widths_and_lowers_block_error(tiny_model, tmp_path):
+    """``--bits-budget`` with ``--finetune-steps``: the widths are allocated before the block is tuned (the
+    first MoE layer, whose inputs tuning cannot change, gets the widths of the untuned run), the tuned
+    tensors keep the shapes of their widths, and tuning lowers every layer's block error as at one width."""
+    model_dir = tiny_model("qwen2_moe")
+    calib, held = _tokens(16), _tokens(4, seed=1234)
+    errs, cfgs = {}, {}
+    for steps in (0, 40):
+        out = tmp_path / f"ft{steps}"
+        quantize(model_dir, out, calib, QuantizeOptions(**_BASE, **MIXED, finetune_steps=steps, finetune_batch=256),
+                 progress=False)
+        cfgs[steps] = validate_checkpoint(out)  # every tensor the shape its matrix's width gives
+        errs[steps] = {"calibration": block_errors(model_dir, out, calib), "held out": block_errors(model_dir, out, held)}
+    first = str(min(cfgs[0].layers))
+    assert cfgs[40].format_version == 2 and cfgs[40].width_of[first] == cfgs[0].width_of[first]
+    assert any(len(set(w["experts"]["down"] + w["experts"]["gate"])) > 1 for w in cfgs[40].width_of.values())
     for tokens in ("calibration", "held out"):
         for layer, (before, after) in enumerate(zip(errs[0][tokens], errs[40][tokens])):
             assert after < before, f"{tokens} tokens, MoE layer {layer}: {before:.4f} -> {after:.4f}"
