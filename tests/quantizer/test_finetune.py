@@ -94,7 +94,7 @@ def test_finetuned_run_is_deterministic_and_resumes_identically(tmp_path):
     def args(out):
         return ["--model", str(model_dir), "--output", str(tmp_path / out), "--calib", str(calib), "--nsamples", "8",
                 "--seqlen", "64", "--kmeans-iters", "20", "--no-plain-vq-report", "--quiet", "--row-scale",
-                "--finetune-steps", "30", "--finetune-batch", "128"]
+                "--finetune-steps", "10", "--finetune-batch", "128"]
 
     done = stop_after_layers(args("killed"), tmp_path / "killed", 2, signal.SIGKILL)
     assert 2 <= len(done) < 6
