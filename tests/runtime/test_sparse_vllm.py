@@ -9,8 +9,8 @@ built as a user builds it. What is checked, on a handful of text prompts, every 
   pick the same experts except at near-ties. End to end, bf16 and fp32 runs drift apart: a tie
   broken the other way swaps one of k experts, that token's hidden state moves, and later layers
   route it differently (measured: about two thirds of the choices still agree; the test prints it);
-* serving: the 2-bit quantized sparse testbed over vLLM's HTTP API returns the reference
-  runtime's greedy tokens.
+* serving: vLLM's greedy tokens on the 2-bit quantized sparse testbed are the reference runtime's
+  (tests/runtime/test_server.py serves the all-experts testbed over the HTTP API).
 """
 import json
 import subprocess
@@ -123,12 +123,10 @@ def test_bfloat16_vllm_routes_on_the_fitted_router(sparse_fp, prompts, hf, tmp_p
           f"rounding of a tie); end to end against transformers fp32: {same_e2e}/{total}")
 
 
-def test_vllm_serves_the_2bit_sparse_testbed_with_the_reference_greedy_tokens(sparse_fp, tmp_path):
-    from test_server import SERVED_NAME, STARTUP_TIMEOUT_S, greedy_over_http
-    from test_vllm import assert_matches_reference
+def test_vllm_serves_the_2bit_sparse_testbed_with_the_reference_greedy_tokens(sparse_fp, prompts, tmp_path):
+    from test_vllm import assert_matches_reference, vllm_generate
 
     from quantize_tools import cli
-    from quantize_tools.testbed.server import ServerProcess, free_port
 
     q2 = tmp_path / "q2"
     assert cli.main(["--model", str(sparse_fp), "--output", str(q2), "--bits", "2", "--nsamples", "8",
@@ -136,10 +134,6 @@ def test_vllm_serves_the_2bit_sparse_testbed_with_the_reference_greedy_tokens(sp
     report = json.loads((q2 / "kbvq_report.json").read_text())["summary"]
     counts = report["routed_tokens_per_expert"]
     assert counts["min"] < counts["max"], "a sparse testbed routes tokens unevenly"
-    srv = ServerProcess(q2, tmp_path / "server.log", port=free_port(),
-                        args=("--dtype", "float32", "--max-model-len", "1024", "--served-model-name", SERVED_NAME),
-                        env={"VLLM_CPU_KVCACHE_SPACE": "1"}, startup_timeout=STARTUP_TIMEOUT_S)
-    with srv as base:
-        prompts, results = greedy_over_http(base, q2, TEXTS[:3])
-    worst = assert_matches_reference(q2, results, prompts, atol=1e-3)
+    results = vllm_generate(q2, prompts[:3], tmp_path, max_tokens=6)
+    worst = assert_matches_reference(q2, results, prompts[:3], atol=1e-3)
     print(f"sparse testbed, 2-bit: max top-5 logprob difference vLLM vs reference {worst:.2e}")
