@@ -3,7 +3,7 @@
 vLLM keeps global state, so each test run uses a fresh interpreter:
 ``python tests/vllm_generate.py MODEL OUT.json [--eager] [--tp N]``. At ``--tp 1`` the engine and its
 worker run inside it (the in-process engine and the ``uni`` executor: the same model code, plugin and
-compiled graph, about 20 s less per run on the 2-core CI machine than spawning both); the
+compiled graph, 15-20 s less per run on the 2-core CI machine than spawning both); the
 tensor-parallel tests and the HTTP-server test take the multi-process path that ``vllm serve`` takes.
 Weight tracking is on, so a checkpoint tensor that no parameter takes fails the load.
 """
