@@ -80,21 +80,35 @@ def _kmeanspp(points: torch.Tensor, k: int, gen: torch.Generator, max_points: in
         points = torch.gather(points, 1, idx[..., None].expand(-1, -1, d))
         n = max_points
     ar = torch.arange(g, device=points.device)
+    # [d, G, N]: a point-centroid distance is d adds of contiguous rows, in the order a sum over the last
+    # dim of [G, N, d] takes (the same floats), ~4x faster than that reduction over 2-4 elements
+    cols = points.permute(2, 0, 1).contiguous()
+
+    def dist(c: torch.Tensor) -> torch.Tensor:  # squared distance of every point to c [G, d]: [G, N]
+        out = (cols[0] - c[:, 0:1]).square_()
+        for i in range(1, d):
+            out += (cols[i] - c[:, i:i + 1]).square_()
+        return out
+
     cent = torch.empty(g, k, d, dtype=points.dtype, device=points.device)
     first = torch.randint(n, (g,), generator=gen).to(points.device)
     cent[:, 0] = points[ar, first]
-    dmin = ((points - cent[:, :1]) ** 2).sum(-1)  # [G, N]
+    dmin = dist(cent[:, 0])
+    uniform = None
     for j in range(1, k):
         # D^2 sampling by inverse CDF (torch.multinomial is ~100x slower here).
         # Where every point already coincides with a centroid (fewer distinct
         # points than codewords), draw uniformly: the codeword is a duplicate.
         cdf = dmin.to(torch.float64).cumsum(-1)
         total = cdf[:, -1:]
-        cdf = torch.where(total > 0, cdf, torch.arange(1, n + 1, device=cdf.device, dtype=cdf.dtype).expand(g, n))
+        if not bool((total > 0).all()):
+            if uniform is None:
+                uniform = torch.arange(1, n + 1, device=cdf.device, dtype=cdf.dtype).expand(g, n)
+            cdf = torch.where(total > 0, cdf, uniform)
         u = torch.rand(g, 1, generator=gen, dtype=torch.float64).to(cdf.device) * cdf[:, -1:]
         pick = torch.searchsorted(cdf, u)[:, 0].clamp_max(n - 1)
         cent[:, j] = points[ar, pick]
-        dmin = torch.minimum(dmin, ((points - cent[:, j : j + 1]) ** 2).sum(-1))
+        torch.minimum(dmin, dist(cent[:, j]), out=dmin)
     return cent
 
 

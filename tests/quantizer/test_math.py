@@ -1,6 +1,8 @@
 """The method's math against independent oracles."""
+import pytest
 import torch
 
+from quantize_tools import vq
 from quantize_tools.bcos import OutputStats, fit_affine
 from quantize_tools.idre import CovarianceAccumulator, joint_svd, klt
 from quantize_tools.vq import assign_faiss, assign_torch, kmeans, to_vectors, vq_quantize
@@ -69,6 +71,39 @@ def test_kmeans_recovers_separated_clusters():
     # every true center is matched by a learned centroid
     d = torch.cdist(centers[0], cent[0]).min(-1).values
     assert d.max() < 0.05
+
+
+def _kmeanspp_reference(points, k, gen, max_points):
+    """k-means++ seeding written plainly, one group at a time, drawing what ``vq._kmeanspp`` draws."""
+    g, n, d = points.shape
+    if n > max_points:
+        idx = torch.stack([torch.randperm(n, generator=gen)[:max_points] for _ in range(g)])
+        points, n = torch.stack([points[i, idx[i]] for i in range(g)]), max_points
+    first = torch.randint(n, (g,), generator=gen)
+    picks = [[int(first[i])] for i in range(g)]
+    dmin = torch.stack([((points[i] - points[i, picks[i][0]]) ** 2).sum(-1) for i in range(g)])
+    for _ in range(1, k):
+        u = torch.rand(g, 1, generator=gen, dtype=torch.float64)
+        for i in range(g):
+            cdf = dmin[i].double().cumsum(0)
+            if cdf[-1] <= 0:  # every point is a centroid already: uniform
+                cdf = torch.arange(1, n + 1, dtype=torch.float64)
+            pick = min(int(torch.searchsorted(cdf, u[i] * cdf[-1])), n - 1)
+            picks[i].append(pick)
+            dmin[i] = torch.minimum(dmin[i], ((points[i] - points[i, pick]) ** 2).sum(-1))
+    return torch.stack([points[i, picks[i]] for i in range(g)])
+
+
+@pytest.mark.parametrize("g,n,d,k,max_points", [(3, 500, 4, 64, 1 << 16), (2, 900, 2, 16, 300), (2, 40, 8, 16, 1 << 16),
+                                                (1, 60, 1, 32, 1 << 16)])
+def test_kmeanspp_seeding_equals_the_plain_form(g, n, d, k, max_points):
+    """The batched seeding (distances as d row adds) picks exactly the plain form's points, subsampled or not,
+    with fewer distinct points than codewords (rounded points: duplicates) or not."""
+    pts = torch.randn(g, n, d, generator=torch.Generator().manual_seed(n))
+    if n < k * 4:
+        pts = pts.round()
+    want = _kmeanspp_reference(pts, k, torch.Generator().manual_seed(9), max_points)
+    assert torch.equal(vq._kmeanspp(pts, k, torch.Generator().manual_seed(9), max_points), want)
 
 
 def test_faiss_and_torch_assignment_agree():
