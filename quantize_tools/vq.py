@@ -94,7 +94,6 @@ def _kmeanspp(points: torch.Tensor, k: int, gen: torch.Generator, max_points: in
     first = torch.randint(n, (g,), generator=gen).to(points.device)
     cent[:, 0] = points[ar, first]
     dmin = dist(cent[:, 0])
-    uniform = None
     for j in range(1, k):
         # D^2 sampling by inverse CDF (torch.multinomial is ~100x slower here).
         # Where every point already coincides with a centroid (fewer distinct
@@ -102,9 +101,7 @@ def _kmeanspp(points: torch.Tensor, k: int, gen: torch.Generator, max_points: in
         cdf = dmin.to(torch.float64).cumsum(-1)
         total = cdf[:, -1:]
         if not bool((total > 0).all()):
-            if uniform is None:
-                uniform = torch.arange(1, n + 1, device=cdf.device, dtype=cdf.dtype).expand(g, n)
-            cdf = torch.where(total > 0, cdf, uniform)
+            cdf = torch.where(total > 0, cdf, torch.arange(1, n + 1, device=cdf.device, dtype=cdf.dtype).expand(g, n))
         u = torch.rand(g, 1, generator=gen, dtype=torch.float64).to(cdf.device) * cdf[:, -1:]
         pick = torch.searchsorted(cdf, u)[:, 0].clamp_max(n - 1)
         cent[:, j] = points[ar, pick]
