@@ -35,9 +35,11 @@ demo: $(STAMP)
 	$(PY) -m quantize_tools.testbed.demo
 
 test: $(STAMP) $(LINT_STAMP)
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 KBVQ_LINT_BIN=$(abspath $(LINT))/bin $(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP) $(LINT_STAMP)
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 KBVQ_LINT_BIN=$(abspath $(LINT))/bin $(PY) -m pytest -q -m "not slow"
 
 clean:

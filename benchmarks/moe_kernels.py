@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -150,7 +151,8 @@ def run(shapes, batches, bits_list, rank_ratio, dev) -> dict:
             touched = int(torch.unique(ids).numel())
             bound_ms = 1e3 * touched * expert_bytes / peak if peak else None
             row = {"shape": shape, "batch": batch, "experts_touched": touched, "bf16_bound_ms": bound_ms}
-            t = time_ms(lambda: base_fn(x, w, ids, w13, w2))
+            # partial, not a closure: the call holds this batch's tensors (w13, w2 are deleted after the shape)
+            t = time_ms(partial(base_fn, x, w, ids, w13, w2))
             row["bf16"] = {"method": base_name, "ms": t, "GBps": touched * expert_bytes / t / 1e6}
             block_m = triton_block_m(ids.numel(), n)  # the kernel the dispatcher picks at this batch
             for b, params in kb.items():
@@ -158,7 +160,7 @@ def run(shapes, batches, bits_list, rank_ratio, dev) -> dict:
                     ref = kbvq_moe_torch_static(x, w, ids, None, *params).float()
                     err = (kbvq_moe_triton(x, w, ids, None, *params, block_m=block_m).float() - ref).abs().max().item()
                     row[f"kbvq{b}_max_abs_err_vs_torch"] = err
-                t = time_ms(lambda params=params: kbvq_moe_triton(x, w, ids, None, *params, block_m=block_m))
+                t = time_ms(partial(kbvq_moe_triton, x, w, ids, None, *params, block_m=block_m))
                 nbytes = kbvq_bytes(params, touched, n)
                 row[f"kbvq{b}"] = {"ms": t, "GBps": nbytes / t / 1e6, "speedup_vs_bf16": row["bf16"]["ms"] / t,
                                    "pct_peak_bw": 100 * nbytes / t / 1e9 / peak if peak else None}

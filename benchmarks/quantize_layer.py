@@ -23,6 +23,7 @@ import torch
 
 from shapes import SHAPES  # benchmarks/ is the script's directory
 
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="Qwen1.5-MoE-A2.7B", choices=list(SHAPES))

@@ -10,7 +10,6 @@ log-likelihood, and how many documents pick a different choice. Written to ``--o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,9 +33,9 @@ def main() -> int:
 
     from quantize_tools.eval.evaluate import Target
     from quantize_tools.eval.machine import cpu_name
-    from quantize_tools.files import write_json_atomic
     from quantize_tools.eval.shared_prefix import SharedPrefixHFLM
     from quantize_tools.eval.zeroshot import run_zero_shot
+    from quantize_tools.files import write_json_atomic
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -98,7 +98,7 @@ def _squad_paragraph(query: str) -> str:
     return paragraph
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _calibration() -> tuple[str, ...]:
     return tuple(_unique(_squad_paragraph(r["doc"]["query"]) for r in _records(_SQUAD_FILE)))
 
@@ -111,7 +111,7 @@ def _word_ngrams(text: str, n: int = _OVERLAP_WORDS) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _heldout() -> tuple[str, ...]:
     # Exact-paragraph disjointness is not enough: shared sentences would leak calibration text.
     seen = set().union(*(_word_ngrams(p) for p in _calibration()))
@@ -120,7 +120,7 @@ def _heldout() -> tuple[str, ...]:
     return tuple(p for p in passages if p not in calibration and not (_word_ngrams(p) & seen))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lambada() -> tuple[str, ...]:
     return tuple(
         r["doc"]["query"] + " " + r["doc"]["answers_text"][0] for r in _records(_LAMBADA_FILE)

@@ -15,7 +15,7 @@ Hessian-aware assignment) and :func:`gptq_quantize` (the scalar GPTQ baseline).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 

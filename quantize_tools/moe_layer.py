@@ -7,14 +7,23 @@ same way. Every matrix goes IDRE -> VQ of the residual -> BCOS.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
 
 import torch
 
 from vllm_kbvq.archs import WEIGHT_TYPES, ArchSpec
-from vllm_kbvq.format import (GROUPS, KBVQConfig, QuantizedMatrix, Width, default_rank, layer_matrices, matrix_shape,
-                              spec_bits, tensor_specs)
+from vllm_kbvq.format import (
+    GROUPS,
+    KBVQConfig,
+    QuantizedMatrix,
+    Width,
+    default_rank,
+    layer_matrices,
+    matrix_shape,
+    spec_bits,
+    tensor_specs,
+)
 from vllm_kbvq.kernels.torch_moe import dequantize_rows
 from vllm_kbvq.packing import pack_codes
 from vllm_kbvq.reference import KBVQLinear
@@ -22,9 +31,9 @@ from vllm_kbvq.reference import KBVQLinear
 from .allocate import AllocationError, Unit, allocate
 from .bcos import OutputStats, fit_affine
 from .finetune import finetune_block
-from .options import VQ_METHODS, LayerOptions, QuantizeError
 from .gptq import gptvq_assign, second_moment
 from .idre import CovarianceAccumulator, identity_klt, joint_svd, klt
+from .options import VQ_METHODS, LayerOptions, QuantizeError
 from .vq import vq_quantize
 
 __all__ = ["LayerOptions", "quantize_group", "quantize_moe_block"]
@@ -71,7 +80,7 @@ class GroupResult:
         return lin
 
     @staticmethod
-    def pick(by_width: dict[Width, "GroupResult"], widths: Sequence[Width]) -> "GroupResult":
+    def pick(by_width: dict[Width, GroupResult], widths: Sequence[Width]) -> GroupResult:
         """Member ``e`` from the result at ``widths[e]``; the results are of the same matrices, whose
         shared basis does not depend on the width (IDRE comes before VQ)."""
         first = next(iter(by_width.values()))

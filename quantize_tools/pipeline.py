@@ -22,8 +22,8 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
 
 import torch
@@ -35,13 +35,13 @@ from vllm_kbvq.archs import WEIGHT_TYPES, arch_for_config, layer_prefix
 from vllm_kbvq.format import REPORT_FILE, KBVQConfig, QuantizedMatrix, Width, layer_matrices, load_json
 from vllm_kbvq.reference import KBVQExperts, KBVQLinear
 
+from .baselines import quantize_moe_block_scalar
+from .experts import DenseExperts
 from .files import normal_permissions, write_json_atomic
 from .layerwise import run_layer, stop_before
 from .moe_layer import least_bits_per_weight, quantize_moe_block, ranks_for
 from .options import METHODS, SCALAR_METHODS, QuantizeError, QuantizeOptions, check_device
 from .report import summarize, summarize_scalar
-from .baselines import quantize_moe_block_scalar
-from .experts import DenseExperts
 from .shards import CheckpointError, ShardReader
 
 __all__ = ["QuantizeOptions", "quantize", "QuantizeError", "preflight", "check_output", "check_device"]
@@ -234,7 +234,8 @@ def quantize(
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     layers = model.model.layers
-    moe_layers = [i for i, l in enumerate(layers) if hasattr(getattr(l, arch.moe_attr, None), arch.experts_attr)]
+    moe_layers = [i for i, layer in enumerate(layers)
+                  if hasattr(getattr(layer, arch.moe_attr, None), arch.experts_attr)]
     if not moe_layers:
         raise QuantizeError(f"{model_dir}: no decoder layer has a MoE block")
     shared_inter = None

@@ -7,7 +7,7 @@ so a run is reproducible from its seed.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -186,7 +186,7 @@ class KBVQConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "quantization_config") -> "KBVQConfig":
+    def from_dict(cls, d: dict, source: str = "quantization_config") -> KBVQConfig:
         """Checked against :data:`SCHEMA`; errors name ``source`` (e.g. the config.json path) and the field."""
         if not isinstance(d, dict):
             raise FormatError(f"{source}: quantization_config must be a JSON object, got {type(d).__name__}")
@@ -264,7 +264,7 @@ class KBVQConfig:
                                       "share one width (the runtime fuses them)")
 
     @classmethod
-    def from_model_dir(cls, path: str | Path) -> "KBVQConfig":
+    def from_model_dir(cls, path: str | Path) -> KBVQConfig:
         cfg_file = Path(path) / "config.json"
         config = load_json(cfg_file)
         if not isinstance(config, dict):
@@ -432,7 +432,7 @@ class QuantizedMatrix:
         return {ref.name(s): getattr(self, s).contiguous() for s in ref.specs()}
 
     @classmethod
-    def read(cls, tensors: dict[str, torch.Tensor], ref: MatrixRef) -> "QuantizedMatrix":
+    def read(cls, tensors: dict[str, torch.Tensor], ref: MatrixRef) -> QuantizedMatrix:
         """The matrix ``ref`` from checkpoint tensors by name (a ``KeyError`` names a missing one)."""
         return cls(**{s: tensors[ref.name(s)] for s in ref.specs()})
 

@@ -61,9 +61,9 @@ def concentration(h: torch.Tensor) -> float:
 
 def matrix_errors(w: torch.Tensor, x: torch.Tensor, x_test: torch.Tensor, bits: int, vector_dim: int, group: int,
                   damp: float, seed: int) -> dict[str, float]:
-    from ..gptq import gptq_quantize, rtn_quantize, second_moment
     from vllm_kbvq.kernels.torch_moe import dequantize_rows
 
+    from ..gptq import gptq_quantize, rtn_quantize, second_moment
     from ..vq import vq_quantize
 
     h = second_moment(x.split(8192), x.shape[1], "cpu")

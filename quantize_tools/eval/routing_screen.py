@@ -15,7 +15,14 @@ import torch
 
 from .. import corpus
 from ..files import write_json_atomic
-from ..testbed.build import DENSE_INTERMEDIATE, SPARSE_CHOICE, TestbedError, build_moe_model, expert_plan, load_dense_model
+from ..testbed.build import (
+    DENSE_INTERMEDIATE,
+    SPARSE_CHOICE,
+    TestbedError,
+    build_moe_model,
+    expert_plan,
+    load_dense_model,
+)
 from ..testbed.sparse import router_calibration
 from .perplexity import perplexity, text_windows
 from .protocol import PPL_SEQLEN, PPL_WINDOWS
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default=",".join(f"{e}:{k}" + (f":{s}" if s else "") for e, k, s in SCREEN_SETTINGS),
                    help="comma-separated EXPERTS:TOP_K or EXPERTS:TOP_K:SHARED_NEURONS (default: %(default)s)")
     p.add_argument("--windows", type=int, default=None,
-                   help="Wikipedia windows to score (default: the results tables' %d)" % PPL_WINDOWS)
+                   help=f"Wikipedia windows to score (default: the results tables' {PPL_WINDOWS})")
     p.add_argument("--output", type=Path, default=Path("docs/results/sparse/routing.json"),
                    help="JSON record, rendered into docs/results.md by python -m quantize_tools.eval.results "
                         "(default: %(default)s)")

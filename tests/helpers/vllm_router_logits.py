@@ -34,8 +34,9 @@ def main():
         for name, mod in model.named_modules():
             m = re.fullmatch(r".*layers\.(\d+)\.mlp\.gate", name)
             if m:
+                li = int(m.group(1))  # bound as the hook's default: the loop rebinds it
                 mod.register_forward_hook(
-                    lambda mod, inp, out, li=int(m.group(1)): calls.append((li, inp[0].cpu(), out[0].cpu())))
+                    lambda mod, inp, out, li=li: calls.append((li, inp[0].cpu(), out[0].cpu())))
                 n += 1
         return n
 

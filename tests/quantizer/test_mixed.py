@@ -12,9 +12,9 @@ import signal
 import pytest
 
 from interrupted import calib_file, checkpoint_digest, six_layer_model, stop_after_layers
-from tiny_models import ARCH_NAMES, MIXED
 from quantize_tools.allocate import AllocationError, Unit, allocate
 from quantize_tools.cli import main as cli_main
+from tiny_models import ARCH_NAMES, MIXED
 from vllm_kbvq.format import KBVQConfig, checkpoint_tensors, expected_matrices, validate_checkpoint
 
 _DTYPE_BITS = {"I32": 32, "F16": 16}

@@ -12,12 +12,12 @@ import sys
 import pytest
 import torch
 
+from tiny_models import ARCH_NAMES, MIXED, TUNED
 from vllm_kbvq.format import KBVQConfig
 from vllm_kbvq.kernels import cpu_moe, dispatch
 from vllm_kbvq.kernels.torch_moe import kbvq_linear_torch, kbvq_moe_torch
 from vllm_kbvq.plugin.layout import moe_layouts
 from vllm_kbvq.reference import KBVQExperts, load_kbvq_model
-from tiny_models import ARCH_NAMES, MIXED, TUNED
 
 if not cpu_moe.available():
     pytest.skip("the native CPU kernels did not build here", allow_module_level=True)

@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 import torch
-from tiny_models import ARCH_NAMES
 
+from tiny_models import ARCH_NAMES
 from vllm_kbvq.format import CODE_DTYPE, FLOAT_DTYPE
 from vllm_kbvq.reference import KBVQLinear, load_kbvq_model, register_with_transformers
 

@@ -18,11 +18,11 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from tiny_models import ARCH_NAMES, MIXED
 from vllm_kbvq.archs import ARCHS
 from vllm_kbvq.format import SUFFIXES, FormatError, KBVQConfig
-from vllm_kbvq.packing import pack_codes
-from vllm_kbvq.plugin.layout import GroupLayout, load_tensor, moe_banks, moe_layouts, process_codes, shared_layout
 from vllm_kbvq.kernels import cpu_moe
 from vllm_kbvq.kernels.cpu_moe import cpu_layout
 from vllm_kbvq.kernels.torch_moe import kbvq_linear_torch, kbvq_moe_torch, kbvq_moe_torch_static
+from vllm_kbvq.packing import pack_codes
+from vllm_kbvq.plugin.layout import GroupLayout, load_tensor, moe_banks, moe_layouts, process_codes, shared_layout
 from vllm_kbvq.reference import load_kbvq_model, moe_blocks
 
 ATOL = 2e-5

@@ -8,8 +8,9 @@ burst of concurrent requests must return what the same requests return one at a 
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from test_vllm import assert_matches_reference
+
 from quantize_tools.testbed.server import post_json as _post
+from test_vllm import assert_matches_reference
 
 pytest.importorskip("vllm")
 
@@ -108,9 +109,9 @@ def test_eval_through_the_server_matches_the_reference_runtime(server, testbed_k
                          tasks, **kw)
     local = ev.evaluate(ev.Target(str(testbed_kbvq2), batch_size=4), tasks, **kw)
     assert remote["kind"] == "server" and local["kind"] == "kbvq"
-    r, l = remote["perplexity"]["wikipedia"], local["perplexity"]["wikipedia"]
-    assert r["tokens"] == l["tokens"] == 2 * 127
-    assert r["nll"] == pytest.approx(l["nll"], rel=1e-4)
+    r, loc = remote["perplexity"]["wikipedia"], local["perplexity"]["wikipedia"]
+    assert r["tokens"] == loc["tokens"] == 2 * 127
+    assert r["nll"] == pytest.approx(loc["nll"], rel=1e-4)
     for task in ("arc_easy", "winogrande"):
         for a, b in zip(remote["zero_shot"][task]["samples"], local["zero_shot"][task]["samples"]):
             assert a["doc_id"] == b["doc_id"]

@@ -124,9 +124,8 @@ def test_bfloat16_vllm_routes_on_the_fitted_router(sparse_fp, prompts, hf, tmp_p
 
 
 def test_vllm_serves_the_2bit_sparse_testbed_with_the_reference_greedy_tokens(sparse_fp, prompts, tmp_path):
-    from test_vllm import assert_matches_reference, vllm_generate
-
     from quantize_tools import cli
+    from test_vllm import assert_matches_reference, vllm_generate
 
     q2 = tmp_path / "q2"
     assert cli.main(["--model", str(sparse_fp), "--output", str(q2), "--bits", "2", "--nsamples", "8",

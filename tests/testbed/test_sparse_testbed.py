@@ -3,8 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quantize_tools.testbed import sparse as st
-from quantize_tools.testbed import build as tb
+from quantize_tools.testbed import build as tb, sparse as st
 
 
 def _planted(groups=4, per=12, dim=32, seed=0):

@@ -212,6 +212,7 @@ def test_entry_points_images_and_ports_agree_with_the_project():
     built = compose["kbvq"]["image"]
     name, _, flavour = built.partition(":")
     assert compose["kbvq"]["build"]["dockerfile"] == f"deploy/Dockerfile.{flavour}"
+    assert root / compose["kbvq"]["build"]["dockerfile"] in DOCKERFILES  # one of the files linted here
     assert {s["image"] for s in compose.values()} == {built}
     for key in ("Deployment/kbvq", "Job/kbvq-quantize"):
         assert _container(docs[key])["image"] == f"{name}:{flavour}-{project['version']}", key

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
@@ -53,7 +52,7 @@ class KBVQQuantConfig(QuantizationConfig):
         return []
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "KBVQQuantConfig":
+    def from_config(cls, config: dict[str, Any]) -> KBVQQuantConfig:
         return cls(KBVQConfig.from_dict(config))
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision: str | None = None):

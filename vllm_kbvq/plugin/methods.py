@@ -12,9 +12,9 @@ Import only inside a process that has vLLM.
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
-
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG
 from vllm.model_executor.layers.linear import LinearMethodBase
@@ -23,6 +23,9 @@ from vllm.model_executor.utils import replace_parameter, set_weight_attrs
 from ..format import SUFFIXES, FormatError
 from ..kernels import dispatch  # registers torch.ops.kbvq.*
 from .layout import GroupLayout, load_tensor, moe_banks, process_codes, shared_layout
+
+if TYPE_CHECKING:  # .config imports this module
+    from .config import KBVQQuantConfig
 
 __all__ = ["KBVQMoEMethod", "KBVQLinearMethod"]
 
