@@ -6,6 +6,10 @@ the torch version; ``python -m vllm_kbvq.kernels.cpu_moe`` builds them ahead of 
 install`` and the CPU image do). If the build fails the package warns once and stays on the
 torch path of :mod:`.torch_moe`, which is also the oracle the kernels are tested against.
 
+One process builds, under an ``fcntl.flock`` beside the cache folder (released by the kernel when
+its holder dies, however it is stopped), into a private folder renamed into place when complete;
+the others wait for the lock, saying so on stderr, then load the finished library directly.
+
 ``KBVQ_CPU_KERNELS=0`` keeps the torch path; ``KBVQ_CPU_ISA`` forces an instruction-set path
 (``amx``, ``avx512``, ``avx2``, ``portable``; default ``auto``, the best this CPU runs: ``amx`` is
 ``avx512`` plus bf16 GEMMs on the AMX tile unit, where the CPU has it and Linux grants it).
@@ -16,11 +20,15 @@ gather) looks up 64 rows.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
 import os
+import shutil
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -54,17 +62,124 @@ def build_dir() -> Path:
     return root / f"cpu_kernels-{h.hexdigest()[:16]}"
 
 
-def _compile(verbose: bool = False) -> None:
+def lock_path() -> Path:
+    """The build lock, beside :func:`build_dir`: an ``fcntl.flock`` that the kernel drops when its holder
+    dies, whatever stopped it (SIGTERM, SIGKILL, the OOM killer), so a killed build never blocks a later one."""
+    out = build_dir()
+    return out.with_name(out.name + ".lock")
+
+
+_STAMP = "complete"  # written last in the private folder, before it is moved into place
+
+
+def _library(out: Path) -> Path:
+    return out / f"kbvq_cpu_{out.name.split('-')[-1]}.so"  # cpp_extension names it <name>.so
+
+
+def _ops_loaded() -> bool:
+    """Whether this process has the kbvq_cpu ops already (loading the library twice registers them twice,
+    which raises; ``python -m`` may import this module twice, as ``__main__`` and by its package name)."""
+    try:
+        return hasattr(torch.ops.kbvq_cpu, "isa")
+    except RuntimeError:
+        return False
+
+
+def _is_built(out: Path) -> bool:
+    return (out / _STAMP).is_file() and _library(out).is_file()
+
+
+def _remove(path: Path) -> None:
+    """Delete a build folder no one uses: renamed first to a temporary name (one the next builder clears if
+    this process dies on the way), so nothing half-deleted keeps its name."""
+    aside = path.with_name(f"{path.name.split('.tmp-')[0]}.tmp-stale-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, aside)
+    except OSError:
+        aside = path
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _flock(fd: int, what: Path, poll_s: float = 0.5, say_every_s: float = 30.0) -> None:
+    """Take the exclusive lock on ``fd``, saying on stderr (at once, then every ``say_every_s``) while another
+    process holds it. The holder's death releases it, so this cannot outwait a dead process."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    start, said = time.monotonic(), -say_every_s
+    while True:
+        waited = time.monotonic() - start
+        if waited - said >= say_every_s:
+            try:
+                holder = what.read_text().strip() or "?"
+            except OSError:
+                holder = "?"
+            print(f"KBVQ: another process (pid {holder}) is building the native CPU kernels; waiting for its lock "
+                  f"{what} ({waited:.0f} s so far; a build takes about a minute)", file=sys.stderr, flush=True)
+            said = waited
+        time.sleep(poll_s)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            continue
+
+
+def _build(out: Path, verbose: bool) -> None:
+    """Build into a private folder beside ``out`` and rename it to ``out`` when complete (the caller holds the
+    lock). Loads the library into this process (from the private folder, the same file after the rename)."""
     from torch.utils import cpp_extension
 
+    for stale in out.parent.glob(out.name + ".tmp-*"):  # builds that were killed: no one else builds now
+        _remove(stale)
+    if out.exists():  # a folder without the stamp: an older, non-atomic build, maybe interrupted
+        _remove(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    print(f"KBVQ: building the native CPU kernels in {out} (once for these sources and this torch; about a "
+          f"minute)", file=sys.stderr, flush=True)
+    try:
+        so = cpp_extension.load(name=_library(out).stem, sources=[str(SOURCE_DIR / s) for s in SOURCES],
+                                extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(tmp),
+                                is_python_module=False, verbose=verbose)
+        if Path(so).name != _library(out).name:  # a versioned name (an earlier load of this name in-process)
+            os.rename(so, tmp / _library(out).name)
+        (tmp / _STAMP).write_text(f"{torch.__version__}\n")
+        try:
+            os.rename(tmp, out)
+        except OSError:  # `out` made meanwhile by a process outside this lock (an older vllm_kbvq)
+            if not _is_built(out):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _compile(verbose: bool = False) -> Path:
+    """Load the kernels into this process, building them first where no complete build is cached; returns the
+    library's path. A complete build folder only ever appears whole (renamed into place), so a process that
+    finds one loads it without the build tools or a lock (vLLM's workers start fast)."""
     out = build_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    # torch's loader takes a file lock in the build folder, so concurrent processes (tensor-parallel
-    # workers) build once and the others wait for it.
-    cpp_extension.load(name="kbvq_cpu_" + out.name.split("-")[-1], sources=[str(SOURCE_DIR / s) for s in SOURCES],
-                       extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS), build_directory=str(out),
-                       is_python_module=False,
-                       verbose=verbose)
+    if _ops_loaded():
+        return _library(out)
+    if not _is_built(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = lock_path()
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)  # not inherited by the compilers
+        try:
+            _flock(fd, lock)
+            if not _is_built(out):  # else another process built it while this one waited
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                _build(out, verbose)
+                return _library(out)
+        finally:
+            os.close(fd)  # releases the lock
+    torch.ops.load_library(str(_library(out)))
+    return _library(out)
 
 
 def _register_fakes() -> None:
