@@ -112,13 +112,13 @@ def _median_ms(fns, reps, evict):
 
 def bench_model(name: str, shape: MoEShape, bits_list, batches, reps, vllm_moe, evict, seed=0):
     g = torch.Generator().manual_seed(seed)
-    H, I, E, top, S = shape.hidden, shape.inter, shape.experts, shape.top_k, shape.shared_inter
+    H, inter, E, top, S = shape.hidden, shape.inter, shape.experts, shape.top_k, shape.shared_inter
     # vLLM pads each expert's intermediate size to a multiple of 32 for its kernel; so does the baseline
-    Ip = -(-I // 32) * 32 if vllm_moe is not None else I
+    Ip = -(-inter // 32) * 32 if vllm_moe is not None else inter
     w13 = torch.zeros(E, 2 * Ip, H, dtype=torch.bfloat16)
-    w13[:, :I], w13[:, Ip:Ip + I] = ((torch.randn(E, 2, I, H, generator=g) * 0.02).bfloat16()).unbind(1)
+    w13[:, :inter], w13[:, Ip:Ip + inter] = ((torch.randn(E, 2, inter, H, generator=g) * 0.02).bfloat16()).unbind(1)
     w2 = torch.zeros(E, H, Ip, dtype=torch.bfloat16)
-    w2[:, :, :I] = (torch.randn(E, H, I, generator=g) * 0.02).bfloat16()
+    w2[:, :, :inter] = (torch.randn(E, H, inter, generator=g) * 0.02).bfloat16()
     if vllm_moe is not None:
         prepack, run_bf16, _ = vllm_moe
         p13, p2 = prepack(w13), prepack(w2)
@@ -130,9 +130,9 @@ def bench_model(name: str, shape: MoEShape, bits_list, batches, reps, vllm_moe, 
         s2 = (torch.randn(H, S, generator=g) * 0.02).bfloat16()
     q = {}
     for bits in bits_list:
-        r13 = 2 * default_rank(I, H, RANK_RATIO)
-        r2 = default_rank(H, I, RANK_RATIO)
-        q[bits] = {"w13": _kbvq_group(g, E, 2, I, H, bits, r13), "w2": _kbvq_group(g, E, 1, H, I, bits, r2)}
+        r13 = 2 * default_rank(inter, H, RANK_RATIO)
+        r2 = default_rank(H, inter, RANK_RATIO)
+        q[bits] = {"w13": _kbvq_group(g, E, 2, inter, H, bits, r13), "w2": _kbvq_group(g, E, 1, H, inter, bits, r2)}
         if S:
             q[bits]["s13"] = _kbvq_group(g, None, 2, S, H, bits, 2 * default_rank(S, H, RANK_RATIO))
             q[bits]["s2"] = _kbvq_group(g, None, 1, H, S, bits, default_rank(H, S, RANK_RATIO))
@@ -143,7 +143,7 @@ def bench_model(name: str, shape: MoEShape, bits_list, batches, reps, vllm_moe, 
         tw, ti = tw.float(), ti.to(torch.int32)
         touched = len(torch.unique(ti))
 
-        def bf16():
+        def bf16(x=x, tw=tw, ti=ti):
             out = torch.zeros_like(x)
             base(out, x, tw, ti)
             if S:
@@ -151,13 +151,13 @@ def bench_model(name: str, shape: MoEShape, bits_list, batches, reps, vllm_moe, 
                 out = out + F.linear(F.silu(gg) * u, s2)
             return out
 
-        def kbvq(bits, gm):
+        def kbvq(bits, gm, x=x, tw=tw, ti=ti):
             t = q[bits]
 
             def sw(codes):  # gm None: the dispatcher's switch point for these codes, as the plugin binds it
                 return dispatch.cpu_gemm_min_tokens(codes) if gm is None else gm
 
-            def run():
+            def run(x=x, tw=tw, ti=ti):
                 out = cpu_moe.kbvq_moe_cpu(x, tw, ti, None, *t["w13"], *t["w2"], gemm_min_tokens=sw(t["w13"][0]))
                 if S:
                     gg, u = cpu_moe.kbvq_linear_cpu(x, *t["s13"], gemm_min_tokens=sw(t["s13"][0])).chunk(2, -1)
@@ -178,7 +178,7 @@ def bench_model(name: str, shape: MoEShape, bits_list, batches, reps, vllm_moe, 
         pms = _median_ms([kbvq(bits, gm) for _, bits, gm in probes], 1, evict)
         labels += [(regime, bits) for regime, bits, _ in probes]
         ms += pms
-        bf16_bytes = 3 * I * H * 2 * touched + (3 * S * H * 2 if S else 0)
+        bf16_bytes = 3 * inter * H * 2 * touched + (3 * S * H * 2 if S else 0)
         row = {"batch": T, "experts_touched": touched, "bf16_ms": ms[0], "bf16_GBps": bf16_bytes / ms[0] / 1e6}
         for (regime, bits), t in zip(labels[1:], ms[1:]):
             key = f"w{bits}"

@@ -2,8 +2,9 @@
 
 Random shapes, routings (experts with no token, expert-parallel ``-1`` slots), bits 2/3/4 with the
 project's vector dims and a 16-bit index width, ranks 0 and > 0, float32 and bfloat16 inputs, the
-lookup-table and the tile-GEMM regimes. Float32 inputs get float32 tables on every path; with
-bfloat16 inputs the AVX-512 path quantises its tables to 16 bits, far below bfloat16's own rounding.
+lookup-table and the tile-GEMM regimes. Float32 inputs get float32 tables (or float32 codeword sums) on
+every path; with bfloat16 inputs the AVX-512 and AVX2 paths quantise their 8-bit codes' tables to 16
+bits, far below bfloat16's own rounding.
 """
 import os
 import subprocess
@@ -219,16 +220,17 @@ def test_reference_runtime_on_the_kernels(arch, variant, kbvq_tiny):
     assert greedy[0] == greedy[1]
 
 
-def test_outlier_input_channels_keep_precision(isa):
+@pytest.mark.parametrize("bits,d", [(2, 4), (4, 2)], ids=["w2d4", "w4d2"])
+def test_outlier_input_channels_keep_precision(isa, bits, d):
     """Activations with outlier channels (LLMs have them): a sub-vector of the input 1e4 times the others,
     whose codes select a zero codeword, must not cost the other sub-vectors their precision."""
     g = torch.Generator().manual_seed(5)
-    cfg = KBVQConfig(bits=2, vector_dim=4, arch="qwen2_moe", rank={})
+    cfg = KBVQConfig(bits=bits, vector_dim=d, arch="qwen2_moe", rank={})
     idx, cb, *rest = _group(g, cfg, None, 1, 352, 512, 0)  # 6 row blocks: a pass of 4, one of 2
     cb[0, 0] = 0
-    idx[:, 7] = 0
+    idx[:, 28 // d:32 // d] = 0
     x = torch.randn(2, 512, generator=g)
     x[:, 28:32] = 1e4
-    x = x.bfloat16()  # the path with 16-bit tables on AVX-512
+    x = x.bfloat16()  # the paths with 16-bit tables (AVX-512: 8-bit codes; AVX2: 8-bit codes of d = 2)
     ref = kbvq_linear_torch(x, idx, cb, *rest)
     _close(cpu_moe.kbvq_linear_cpu(x, *_native([idx, cb, *rest], 1), gemm_min_tokens=LUT), ref, "bfloat16", "outlier")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -47,9 +47,14 @@ BLOCK_M_MEDIUM = 64
 # a token's tables with fewer lookups, so the GEMM wins sooner there (8-bit: ~3 tokens).
 # benchmarks/cpu_kernels.py times both regimes around the switch point at every supported shape
 # (results in benchmarks/results/cpu_kernels.json).
-CPU_GEMM_MIN_TOKENS = {("amx", 1): 5, ("amx", 2): 8}
+# AVX2 (Zen 3, measured 2026-12-07, one thread): vectors of 4 run one codeword-FMA kernel in both
+# regimes (faster than tables at every token count there), so the switch point only matters for other
+# vector lengths: 8-bit codes of d = 2 (4-bit) cross over at ~4 tokens (Qwen1.5-MoE's expert) and
+# ~3 (the testbed's); 16-bit codes of d = 8 always take the float32 tile GEMM (a 65,536-entry table
+# per sub-vector costs 4-60x more).
+CPU_GEMM_MIN_TOKENS = {("amx", 1): 5, ("amx", 2): 8, ("avx2", 1): 4, ("avx2", 2): 1}
 CPU_GEMM_SMALL_ROWS = 512
-CPU_GEMM_MIN_TOKENS_SMALL = {("amx", 1): 3}
+CPU_GEMM_MIN_TOKENS_SMALL = {("amx", 1): 3, ("avx2", 1): 3}
 CPU_GEMM_MIN_TOKENS_OTHER = 12  # torch's GEMM on decoded tiles: the crossover at Qwen1.5-MoE's shape
 
 

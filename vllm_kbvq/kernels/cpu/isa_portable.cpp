@@ -126,8 +126,27 @@ void f16_to_f32(const uint16_t* h, int n, float* out) {
   for (int i = 0; i < n; ++i) out[i] = half_to_float(h[i]);
 }
 
+template <typename Idx>
+void decode_rows_f32(const Idx* codes, int n, int b0, int b1, const float* cbf, int d, float* out) {
+  const size_t in = (size_t)n * d;
+  for (int b = b0; b < b1; ++b)
+    for (int j = 0; j < n; ++j) {
+      const Idx* c = codes + ((size_t)b * n + j) * 64;
+      for (int r = 0; r < 64; ++r) memcpy(out + ((size_t)(b - b0) * 64 + r) * in + (size_t)j * d, cbf + (size_t)c[r] * d,
+                                          sizeof(float) * d);
+    }
+}
+
+void decode_f32(const Codes& codes, int b0, int b1, const float* cbf, int K, int d, float* out) {
+  (void)K;
+  if (codes.index_bytes == 1)
+    decode_rows_f32((const uint8_t*)codes.data, codes.n, b0, b1, cbf, d, out);
+  else
+    decode_rows_f32((const uint16_t*)codes.data, codes.n, b0, b1, cbf, d, out);
+}
+
 const Kernels kTable = {"portable", lut_matvec, scratch_bytes, decode_tile, gemv_f16, nullptr, nullptr, nullptr,
-                        f16_to_f32};
+                        f16_to_f32, decode_f32};
 
 }  // namespace
 

@@ -44,6 +44,15 @@ struct Kernels {
   size_t (*gemm_scratch_bytes)(int n, int K, int d, int m);
   // out[i] = float16 bits h[i] as float32, i < n.
   void (*f16_to_f32)(const uint16_t* h, int n, float* out);
+  // The rows of blocks [b0, b1) decoded row-major, out[r][j*d + i] = codebook[code(r, j)][i] as float32
+  // (rows n d apart), for a float32 GEMM against the tile transposed; cbf: the codebook as float32
+  // [K][d].  nullptr: decode_tile's transposed tile instead.
+  void (*decode_f32)(const Codes& codes, int b0, int b1, const float* cbf, int K, int d, float* out);
+  // lut_matvec's result for many tokens without a decoded tile (codewords multiplied in directly, float32);
+  // false where it does not take this d (the tile GEMM then).  nullptr: none.
+  bool (*gemm_f32)(const Codes& codes, int b0, int b1, const uint16_t* codebook, int K, int d, int m, const float* x,
+                   long ldx, float* y, long ldy, void* scratch);
+  size_t (*gemm_f32_scratch_bytes)(int n, int K, int d, int m);
 };
 
 const Kernels* portable_kernels();

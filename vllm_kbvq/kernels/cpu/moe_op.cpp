@@ -3,9 +3,11 @@
 // One call runs every routed expert of every token: gate/up, SiLU * up, down, the shared low-rank
 // term (B x once per token), the channel affine and the routing-weighted sum.  Each expert matrix is
 // read from its codes: through a lookup table per token (kernels.h) while an expert has few tokens,
-// or, from gemm_min_tokens tokens on, decoded one tile of rows at a time into a buffer the size of a
-// tile and multiplied by torch's GEMM (bf16 activations: a bf16 tile, so oneDNN's bf16 kernels).
-// No dequantized matrix is ever held whole.  Work is split over torch's intra-op threads.
+// or, from gemm_min_tokens tokens on, by the instruction set's many-token kernel (AMX tiles; AVX2's
+// codeword FMAs) or decoded one tile of rows at a time into a buffer the size of a tile and multiplied
+// by torch's GEMM (a bf16 tile where the CPU multiplies bf16 natively, else float32: torch's bf16 GEMM
+// is a scalar loop there).  No dequantized matrix is ever held whole.  Work is split over torch's
+// intra-op threads.
 //
 // Tensors are those of vllm_kbvq.plugin.layout, with the codes re-laid out by
 // vllm_kbvq.kernels.cpu_moe.cpu_layout: [(E,) S, blocks, n, 64], uint8 or int16 (read as uint16).
@@ -59,6 +61,16 @@ const Kernels* by_name(const std::string& name) {
 }
 
 const Kernels* g_kernels = nullptr;
+
+// bfloat16 GEMMs run natively (AVX512-BF16 or AMX): torch's bf16 mm is then oneDNN's; elsewhere (AVX2,
+// Zen 3, most laptops) it is a generic scalar loop 10-30x slower than its float32 GEMM.
+bool cpu_has_native_bf16() {
+#if defined(__x86_64__)
+  return __builtin_cpu_supports("avx512bf16") || amx_usable();
+#else
+  return false;
+#endif
+}
 
 // Decoded rows per GEMM call: a tile in L2, never a whole matrix.
 constexpr size_t kTileBytes = 1024 * 1024;
@@ -238,10 +250,29 @@ struct GroupTensors {
 };
 
 // W_s x for the rows [64 b0, 64 b1) of shard s into y [m][64 (b1 - b0)]: decode a tile of rows at a
-// time, transposed (float32, or bfloat16 when the activations are), and hand it to torch's GEMM.
+// time, transposed (float32, or bfloat16 when the activations are and the CPU multiplies bf16 natively),
+// and hand it to torch's GEMM.
 void tile_gemm(const Group& g, int s, int b0, int b1, int m, const float* X, long ldx, bool bf16, float* y) {
+  static const bool native_bf16 = cpu_has_native_bf16();
+  bf16 = bf16 && native_bf16;
   const Kernels& k = kernels();
   const int in = g.in(), d = g.d, ld = (b1 - b0) * 64;
+  if (!bf16 && k.decode_f32) {  // row-major float32 tiles, multiplied transposed
+    const int tile_blocks = std::max<int>(1, kTileBytes / (64 * (size_t)in * 4));
+    float* cbf = (float*)scratch(sizeof(float) * ((size_t)g.K * d + (size_t)tile_blocks * 64 * in), 1);
+    float* tile = cbf + (size_t)g.K * d;
+    k.f16_to_f32(g.codebook + (size_t)s * g.K * d, g.K * d, cbf);
+    const at::Tensor x = at::from_blob(const_cast<float*>(X), {m, in}, {ldx, 1}, at::TensorOptions().dtype(at::kFloat));
+    const Codes codes{g.codes + (size_t)s * g.shard_bytes(), g.index_bytes, g.n};
+    for (int t0 = b0; t0 < b1; t0 += tile_blocks) {
+      const int t1 = std::min(b1, t0 + tile_blocks), nrows = (t1 - t0) * 64;
+      k.decode_f32(codes, t0, t1, cbf, g.K, d, tile);
+      const at::Tensor w = at::from_blob(tile, {nrows, in}, at::TensorOptions().dtype(at::kFloat));
+      at::Tensor out = at::from_blob(y + (t0 - b0) * 64, {m, nrows}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
+      at::mm_out(out, x, w.t());
+    }
+    return;
+  }
   const size_t esz = bf16 ? 2 : 4;
   const int tile_blocks = std::max<int>(1, kTileBytes / (64 * in * esz));
   float* cbt = (float*)scratch(sizeof(float) * (size_t)g.K * d + (size_t)tile_blocks * 64 * in * esz, 1);
@@ -281,6 +312,11 @@ void rows_forward(const Group& g, int s, int b0, int b1, int m, const float* X, 
     std::fill(ybuf, ybuf + (size_t)nrows * m, 0.f);
     k.gemm_bf16(codes, b0, b1, g.codebook + (size_t)s * g.K * g.d, g.K, g.d, m, X, ldx, ybuf, nrows,
                 scratch(k.gemm_scratch_bytes(g.n, g.K, g.d, m), 2));
+  } else if (gemm && k.gemm_f32 &&
+             (std::fill(ybuf, ybuf + (size_t)nrows * m, 0.f),
+              k.gemm_f32(codes, b0, b1, g.codebook + (size_t)s * g.K * g.d, g.K, g.d, m, X, ldx, ybuf, nrows,
+                         scratch(k.gemm_f32_scratch_bytes(g.n, g.K, g.d, m), 2)))) {
+    // done: codewords multiplied in directly
   } else if (gemm) {
     tile_gemm(g, s, b0, b1, m, X, ldx, bf16, ybuf);
   } else {
