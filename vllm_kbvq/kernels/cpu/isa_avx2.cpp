@@ -240,8 +240,20 @@ inline void add_sums(const __m256 (*acc)[MT], int R, int t, float* y) {  // y[q]
   }
 }
 
-template <typename Idx, int MT, int R>
-void dot_rows(const Idx* cbk, int n, int r0, const float* cbf, const float* const* xt, float* const* yt) {
+// The codeword pair of codes a, b: float32 codebook [K][4] (8-bit codes: 4 KiB, in L1), or the float16
+// codebook itself (16-bit codes: 32 KiB where float32 would be 64, past L1; ~20 % faster on Zen 3).
+inline __m256 codeword_pair(const float* cbf, size_t a, size_t b) {
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(cbf + a * 4)), _mm_loadu_ps(cbf + b * 4), 1);
+}
+inline __m256 codeword_pair(const uint16_t* cbh, size_t a, size_t b) {
+  const __m128d lo = _mm_castsi128_pd(_mm_loadl_epi64((const __m128i*)(cbh + a * 4)));
+  return _mm256_cvtph_ps(_mm_castpd_si128(_mm_loadh_pd(lo, (const double*)(cbh + b * 4))));
+}
+inline __m128 codeword(const float* cbf, size_t a) { return _mm_loadu_ps(cbf + a * 4); }
+inline __m128 codeword(const uint16_t* cbh, size_t a) { return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(cbh + a * 4))); }
+
+template <typename Idx, typename CB, int MT, int R>
+void dot_rows(const Idx* cbk, int n, int r0, const CB* cb, const float* const* xt, float* const* yt) {
   __m256 acc[R][MT];
   for (int q = 0; q < R; ++q)
     for (int t = 0; t < MT; ++t) acc[q][t] = _mm256_setzero_ps();
@@ -251,15 +263,14 @@ void dot_rows(const Idx* cbk, int n, int r0, const float* cbf, const float* cons
     for (int t = 0; t < MT; ++t) xp[t] = _mm256_loadu_ps(xt[t] + (size_t)j * 4);
     const Idx *c0 = cbk + (size_t)j * 64 + r0, *c1 = c0 + 64;
     for (int q = 0; q < R; ++q) {
-      const __m256 w = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(cbf + (size_t)c0[q] * 4)),
-                                            _mm_loadu_ps(cbf + (size_t)c1[q] * 4), 1);
+      const __m256 w = codeword_pair(cb, c0[q], c1[q]);
       for (int t = 0; t < MT; ++t) acc[q][t] = _mm256_fmadd_ps(w, xp[t], acc[q][t]);
     }
   }
   if (j < n) {  // odd n: the last sub-vector alone, in the low lanes
     const Idx* c0 = cbk + (size_t)j * 64 + r0;
     for (int q = 0; q < R; ++q) {
-      const __m128 w = _mm_loadu_ps(cbf + (size_t)c0[q] * 4);
+      const __m128 w = codeword(cb, c0[q]);
       for (int t = 0; t < MT; ++t)
         acc[q][t] = _mm256_add_ps(acc[q][t], _mm256_zextps128_ps256(_mm_mul_ps(w, _mm_loadu_ps(xt[t] + (size_t)j * 4))));
     }
@@ -267,8 +278,8 @@ void dot_rows(const Idx* cbk, int n, int r0, const float* cbf, const float* cons
   for (int t = 0; t < MT; ++t) add_sums<MT>(acc, R, t, yt[t] + r0);
 }
 
-template <typename Idx>
-void dot_codes(const Idx* codes, int n, int b0, int b1, const float* cbf, int m, const float* x, long ldx, float* y,
+template <typename Idx, typename CB>
+void dot_codes(const Idx* codes, int n, int b0, int b1, const CB* cb, int m, const float* x, long ldx, float* y,
                long ldy) {
   for (int b = b0; b < b1; ++b) {
     const Idx* cbk = codes + (size_t)b * n * 64;
@@ -279,11 +290,11 @@ void dot_codes(const Idx* codes, int n, int b0, int b1, const float* cbf, int m,
       for (int t = 0; t < mt; ++t) xt[t] = x + (t0 + t) * ldx, yt[t] = y + (t0 + t) * ldy + (size_t)(b - b0) * 64;
       for (int r0 = 0; r0 < 64; r0 += mt == 1 ? 8 : 4) {
         if (mt == 3)
-          dot_rows<Idx, 3, 4>(cbk, n, r0, cbf, xt, yt);
+          dot_rows<Idx, CB, 3, 4>(cbk, n, r0, cb, xt, yt);
         else if (mt == 2)
-          dot_rows<Idx, 2, 4>(cbk, n, r0, cbf, xt, yt);
+          dot_rows<Idx, CB, 2, 4>(cbk, n, r0, cb, xt, yt);
         else
-          dot_rows<Idx, 1, 8>(cbk, n, r0, cbf, xt, yt);
+          dot_rows<Idx, CB, 1, 8>(cbk, n, r0, cb, xt, yt);
       }
       t0 += mt;
     }
@@ -295,12 +306,13 @@ void f16_to_f32(const uint16_t* h, int n, float* out);
 // lut_matvec's result from the codewords, d = 4
 void dot_matvec(const Codes& codes, int b0, int b1, const uint16_t* codebook, int K, int m, const float* x, long ldx,
                 float* y, long ldy, void* scratch) {
+  if (codes.index_bytes == 2) {
+    dot_codes((const uint16_t*)codes.data, codes.n, b0, b1, codebook, m, x, ldx, y, ldy);
+    return;
+  }
   float* cbf = align64(scratch);  // [K][4]
   f16_to_f32(codebook, K * 4, cbf);
-  if (codes.index_bytes == 1)
-    dot_codes((const uint8_t*)codes.data, codes.n, b0, b1, cbf, m, x, ldx, y, ldy);
-  else
-    dot_codes((const uint16_t*)codes.data, codes.n, b0, b1, cbf, m, x, ldx, y, ldy);
+  dot_codes((const uint8_t*)codes.data, codes.n, b0, b1, cbf, m, x, ldx, y, ldy);
 }
 
 size_t dot_scratch_bytes(int n, int K, int d, int m) {
