@@ -252,13 +252,14 @@ inline __m256 codeword_pair(const uint16_t* cbh, size_t a, size_t b) {
 inline __m128 codeword(const float* cbf, size_t a) { return _mm_loadu_ps(cbf + a * 4); }
 inline __m128 codeword(const uint16_t* cbh, size_t a) { return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(cbh + a * 4))); }
 
+// Rows r0 .. r0 + R - 1 over sub-vectors [j0, j1) (j1 - j0 even, or j1 = n), added into yt[t][r0 ..].
 template <typename Idx, typename CB, int MT, int R>
-void dot_rows(const Idx* cbk, int n, int r0, const CB* cb, const float* const* xt, float* const* yt) {
+void dot_rows(const Idx* cbk, int j0, int j1, int r0, const CB* cb, const float* const* xt, float* const* yt) {
   __m256 acc[R][MT];
   for (int q = 0; q < R; ++q)
     for (int t = 0; t < MT; ++t) acc[q][t] = _mm256_setzero_ps();
-  int j = 0;
-  for (; j + 2 <= n; j += 2) {
+  int j = j0;
+  for (; j + 2 <= j1; j += 2) {
     __m256 xp[MT];
     for (int t = 0; t < MT; ++t) xp[t] = _mm256_loadu_ps(xt[t] + (size_t)j * 4);
     const Idx *c0 = cbk + (size_t)j * 64 + r0, *c1 = c0 + 64;
@@ -267,7 +268,7 @@ void dot_rows(const Idx* cbk, int n, int r0, const CB* cb, const float* const* x
       for (int t = 0; t < MT; ++t) acc[q][t] = _mm256_fmadd_ps(w, xp[t], acc[q][t]);
     }
   }
-  if (j < n) {  // odd n: the last sub-vector alone, in the low lanes
+  if (j < j1) {  // odd n: the last sub-vector alone, in the low lanes
     const Idx* c0 = cbk + (size_t)j * 64 + r0;
     for (int q = 0; q < R; ++q) {
       const __m128 w = codeword(cb, c0[q]);
@@ -277,6 +278,8 @@ void dot_rows(const Idx* cbk, int n, int r0, const CB* cb, const float* const* x
   }
   for (int t = 0; t < MT; ++t) add_sums<MT>(acc, R, t, yt[t] + r0);
 }
+
+constexpr int kDotChunk = 64;  // even
 
 template <typename Idx, typename CB>
 void dot_codes(const Idx* codes, int n, int b0, int b1, const CB* cb, int m, const float* x, long ldx, float* y,
@@ -288,13 +291,18 @@ void dot_codes(const Idx* codes, int n, int b0, int b1, const CB* cb, int m, con
       const float* xt[3];
       float* yt[3];
       for (int t = 0; t < mt; ++t) xt[t] = x + (t0 + t) * ldx, yt[t] = y + (t0 + t) * ldy + (size_t)(b - b0) * 64;
-      for (int r0 = 0; r0 < 64; r0 += mt == 1 ? 8 : 4) {
-        if (mt == 3)
-          dot_rows<Idx, CB, 3, 4>(cbk, n, r0, cb, xt, yt);
-        else if (mt == 2)
-          dot_rows<Idx, CB, 2, 4>(cbk, n, r0, cb, xt, yt);
-        else
-          dot_rows<Idx, CB, 1, 8>(cbk, n, r0, cb, xt, yt);
+      // sub-vectors in chunks whose codes (64 rows each) and activations stay in L1 while every row
+      // group of the block reads them: a row group reads only R of each 64-byte line of codes
+      for (int j0 = 0; j0 < n; j0 += kDotChunk) {
+        const int j1 = j0 + kDotChunk < n ? j0 + kDotChunk : n;
+        for (int r0 = 0; r0 < 64; r0 += mt == 1 ? 8 : 4) {
+          if (mt == 3)
+            dot_rows<Idx, CB, 3, 4>(cbk, j0, j1, r0, cb, xt, yt);
+          else if (mt == 2)
+            dot_rows<Idx, CB, 2, 4>(cbk, j0, j1, r0, cb, xt, yt);
+          else
+            dot_rows<Idx, CB, 1, 8>(cbk, j0, j1, r0, cb, xt, yt);
+        }
       }
       t0 += mt;
     }
