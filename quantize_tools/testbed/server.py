@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -69,9 +70,15 @@ class ServerProcess:
         require_free_port(self.host, self.port)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")
+        # --shutdown-timeout: vLLM's default 0 kills its engine core at once on SIGTERM, before the engine
+        # removes its shared-memory queues (Python's resource tracker then removes them, warning of "leaked
+        # shared_memory objects"); with a timeout the engine shuts down its workers and queues itself
         cmd = [sys.executable, "-m", "vllm_kbvq.serve", self.model, "--host", self.host, "--port", str(self.port),
-               *self.args]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
+               "--shutdown-timeout", "10", *self.args]
+        # its own process group: vLLM's engine core and workers are its children, and stop() must reach
+        # them even if the server itself is gone
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                                     start_new_session=True)
         log.close()
         try:
             self._wait_healthy()
@@ -97,15 +104,38 @@ class ServerProcess:
                                   f"end of {self.log_path}:\n{self.log_tail()}")
             time.sleep(2)
 
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+    def stop(self, timeout: float = 60, grace: float = 10) -> None:
+        """SIGTERM to the server, which shuts its engine down (vLLM's own cleanup: its processes, shared
+        memory); after ``timeout`` seconds, or once the server is gone, what is left of its process group
+        gets SIGTERM, then SIGKILL after ``grace`` seconds."""
+        if self.proc is None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill_group(grace)
+        self.proc.wait()
+
+    def _kill_group(self, grace: float) -> None:
+        """Children of the server still in its process group (an engine core it did not reap) get SIGTERM,
+        then SIGKILL after ``grace`` seconds."""
+        pgid = self.proc.pid  # start_new_session: the group is the server's pid
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0)):
+            try:
+                os.killpg(pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                return  # nothing left in the group
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                self.proc.poll()
+                try:
+                    os.killpg(pgid, 0)
+                except (ProcessLookupError, PermissionError):
+                    return
+                time.sleep(0.2)
 
     def __exit__(self, *exc) -> None:
         self.stop()
