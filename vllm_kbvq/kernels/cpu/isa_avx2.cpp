@@ -1,17 +1,17 @@
 // AVX2 + FMA + F16C kernels (x86-64-v3: Zen 2-3, Haswell to Alder Lake, most laptops).  Only C headers
 // here (see kernels.h).
 //
-// 8-bit codes, 16-bit activations: the lookup table of each sub-vector quantised to 16 bits per group
-// of sub-vectors of the same magnitude (as the AVX-512 path does; one float scale per group), held as a
-// high (signed) and a low byte plane of 256 bytes.  A 256-entry byte table is read 32 rows at a time by
-// 16 in-lane byte shuffles (one per 16-entry slice, on the code's low nibble) and a 4-level blend tree
-// on its high nibble: about 3x the lookups per cycle of 8-lane float gathers on Zen 3, whose gathers
-// are microcoded.  16-bit codes (12- and 16-bit indices, codebooks of 4096+ entries): no table, each
-// row's codewords loaded from a float32 codebook and multiplied into the activations (a table of 4096
-// entries per sub-vector costs more to build than the rows it serves).  float32 activations and other
-// shapes: a float32 table per sub-vector read with gathers (exact).  Many tokens: the codes decoded
-// row-major into a float32 tile for torch's float32 GEMM (oneDNN / MKL), never a bfloat16 GEMM, which
-// is a scalar loop on CPUs without native bfloat16.
+// Vectors of 4 (2- and 3-bit), every code width and token count: no table, each row's codewords loaded
+// whole (a float32 codebook for 8-bit codes, the float16 one for 16-bit codes) and multiplied into the
+// activations by 8-lane FMAs, float32 sums.  About 3.5 instructions per code; Zen 3's gathers are
+// microcoded, and tables read by them or by shuffles were slower here.
+// 8-bit codes of other lengths, 16-bit activations: the lookup table of each sub-vector quantised to 16
+// bits per group of sub-vectors of the same magnitude (as the AVX-512 path does; one float scale per
+// group), held as a high (signed) and a low byte plane of 256 bytes, read 32 rows at a time by 16
+// in-lane byte shuffles (one per 16-entry slice, on the code's low nibble) and a 4-level blend tree on
+// its high nibble.  float32 activations and other shapes: a float32 table per sub-vector read with
+// gathers (exact).  Many tokens with other lengths: the codes decoded row-major into a float32 tile for
+// torch's float32 GEMM, never a bfloat16 GEMM, which is a scalar loop on CPUs without native bfloat16.
 #include "kernels.h"
 
 #if defined(__x86_64__)
@@ -224,20 +224,14 @@ void lut_u8(const uint8_t* codes, int n, int b0, int b1, const float* cbt, const
   }
 }
 
-// --- codewords loaded whole from a float32 codebook, d = 4 -------------------------------------------
-// 16-bit codes (12- and 16-bit indices, codebooks of 4096+ entries) at every token count, float32
-// activations, and 8-bit codes with many tokens.  Eight float32 lanes per FMA hold two sub-vectors
-// (their codewords side by side, one 16-byte load each); each load serves MT tokens, and R rows share
-// each token's activations, so R x MT accumulators stay in registers.
+// --- codewords loaded whole, d = 4: every code width, activation type and token count -------------------
+// Eight float32 lanes per FMA hold two sub-vectors (their codewords side by side); each load serves MT
+// tokens, and R rows share each token's activations, so R x MT accumulators stay in registers.
 
-template <int MT>
-inline void add_sums(const __m256 (*acc)[MT], int R, int t, float* y) {  // y[q] += sum of acc[q][t]'s lanes
-  for (int q = 0; q < R; ++q) {
-    const __m256 v = acc[q][t];
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    y[q] += _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
-  }
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 // The codeword pair of codes a, b: float32 codebook [K][4] (8-bit codes: 4 KiB, in L1), or the float16
@@ -276,7 +270,8 @@ void dot_rows(const Idx* cbk, int j0, int j1, int r0, const CB* cb, const float*
         acc[q][t] = _mm256_add_ps(acc[q][t], _mm256_zextps128_ps256(_mm_mul_ps(w, _mm_loadu_ps(xt[t] + (size_t)j * 4))));
     }
   }
-  for (int t = 0; t < MT; ++t) add_sums<MT>(acc, R, t, yt[t] + r0);
+  for (int t = 0; t < MT; ++t)
+    for (int q = 0; q < R; ++q) yt[t][r0 + q] += hsum(acc[q][t]);
 }
 
 constexpr int kDotChunk = 64;  // even
@@ -321,18 +316,6 @@ void dot_matvec(const Codes& codes, int b0, int b1, const uint16_t* codebook, in
   float* cbf = align64(scratch);  // [K][4]
   f16_to_f32(codebook, K * 4, cbf);
   dot_codes((const uint8_t*)codes.data, codes.n, b0, b1, cbf, m, x, ldx, y, ldy);
-}
-
-size_t dot_scratch_bytes(int n, int K, int d, int m) {
-  (void)n, (void)m;
-  return sizeof(float) * (size_t)K * d + 128;
-}
-
-bool gemm_f32(const Codes& codes, int b0, int b1, const uint16_t* codebook, int K, int d, int m, const float* x,
-              long ldx, float* y, long ldy, void* scratch) {
-  if (d != 4) return false;
-  dot_matvec(codes, b0, b1, codebook, K, m, x, ldx, y, ldy, scratch);
-  return true;
 }
 
 // table[k] = sum_i x[i] * cbt[i][k]: the codebook transposed, so 8 codewords per instruction.
@@ -406,12 +389,6 @@ void lut_matvec(const Codes& codes, int b0, int b1, const uint16_t* codebook, in
     lut_rows((const uint8_t*)codes.data, codes.n, b0, b1, cbt, K, d, m, x, ldx, y, ldy, tables);
   else
     lut_rows((const uint16_t*)codes.data, codes.n, b0, b1, cbt, K, d, m, x, ldx, y, ldy, tables);
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 void gemv_f16(const uint16_t* a, int rows, int cols, long lda, const float* x, float* y) {
@@ -500,7 +477,7 @@ void decode_f32(const Codes& codes, int b0, int b1, const float* cbf, int K, int
 }
 
 const Kernels kTable = {"avx2",  lut_matvec, scratch_bytes, decode_tile, gemv_f16, nullptr,
-                        nullptr, nullptr,    f16_to_f32,    decode_f32,  gemm_f32, dot_scratch_bytes};
+                        nullptr, nullptr,    f16_to_f32,    decode_f32,  4};
 
 }  // namespace
 

@@ -48,11 +48,9 @@ struct Kernels {
   // (rows n d apart), for a float32 GEMM against the tile transposed; cbf: the codebook as float32
   // [K][d].  nullptr: decode_tile's transposed tile instead.
   void (*decode_f32)(const Codes& codes, int b0, int b1, const float* cbf, int K, int d, float* out);
-  // lut_matvec's result for many tokens without a decoded tile (codewords multiplied in directly, float32);
-  // false where it does not take this d (the tile GEMM then).  nullptr: none.
-  bool (*gemm_f32)(const Codes& codes, int b0, int b1, const uint16_t* codebook, int K, int d, int m, const float* x,
-                   long ldx, float* y, long ldy, void* scratch);
-  size_t (*gemm_f32_scratch_bytes)(int n, int K, int d, int m);
+  // Vectors of this length take lut_matvec at every token count, its fastest many-token kernel too
+  // (AVX2: codewords multiplied in directly); 0: none.
+  int lut_all_tokens_d;
 };
 
 const Kernels* portable_kernels();

@@ -3,8 +3,8 @@
 // One call runs every routed expert of every token: gate/up, SiLU * up, down, the shared low-rank
 // term (B x once per token), the channel affine and the routing-weighted sum.  Each expert matrix is
 // read from its codes: through a lookup table per token (kernels.h) while an expert has few tokens,
-// or, from gemm_min_tokens tokens on, by the instruction set's many-token kernel (AMX tiles; AVX2's
-// codeword FMAs) or decoded one tile of rows at a time into a buffer the size of a tile and multiplied
+// or, from gemm_min_tokens tokens on, by the instruction set's many-token kernel (AMX tiles; for AVX2's
+// vectors of 4 its lookup kernel, codeword FMAs, serves every count) or decoded one tile of rows at a time into a buffer the size of a tile and multiplied
 // by torch's GEMM (a bf16 tile where the CPU multiplies bf16 natively, else float32: torch's bf16 GEMM
 // is a scalar loop there).  No dequantized matrix is ever held whole.  Work is split over torch's
 // intra-op threads.
@@ -257,37 +257,33 @@ void tile_gemm(const Group& g, int s, int b0, int b1, int m, const float* X, lon
   bf16 = bf16 && native_bf16;
   const Kernels& k = kernels();
   const int in = g.in(), d = g.d, ld = (b1 - b0) * 64;
-  if (!bf16 && k.decode_f32) {  // row-major float32 tiles, multiplied transposed
-    const int tile_blocks = std::max<int>(1, kTileBytes / (64 * (size_t)in * 4));
-    float* cbf = (float*)scratch(sizeof(float) * ((size_t)g.K * d + (size_t)tile_blocks * 64 * in), 1);
-    float* tile = cbf + (size_t)g.K * d;
-    k.f16_to_f32(g.codebook + (size_t)s * g.K * d, g.K * d, cbf);
-    const at::Tensor x = at::from_blob(const_cast<float*>(X), {m, in}, {ldx, 1}, at::TensorOptions().dtype(at::kFloat));
-    const Codes codes{g.codes + (size_t)s * g.shard_bytes(), g.index_bytes, g.n};
-    for (int t0 = b0; t0 < b1; t0 += tile_blocks) {
-      const int t1 = std::min(b1, t0 + tile_blocks), nrows = (t1 - t0) * 64;
-      k.decode_f32(codes, t0, t1, cbf, g.K, d, tile);
-      const at::Tensor w = at::from_blob(tile, {nrows, in}, at::TensorOptions().dtype(at::kFloat));
-      at::Tensor out = at::from_blob(y + (t0 - b0) * 64, {m, nrows}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
-      at::mm_out(out, x, w.t());
-    }
-    return;
-  }
+  // float32 tiles row-major where the instruction set decodes them so (one codeword copy per code),
+  // multiplied transposed; else decode_tile's transposed tiles, with the codebook as float32 planes
+  const bool row_major = !bf16 && k.decode_f32;
   const size_t esz = bf16 ? 2 : 4;
   const int tile_blocks = std::max<int>(1, kTileBytes / (64 * in * esz));
-  float* cbt = (float*)scratch(sizeof(float) * (size_t)g.K * d + (size_t)tile_blocks * 64 * in * esz, 1);
-  uint8_t* tile = (uint8_t*)(cbt + (size_t)g.K * d);
+  float* cb = (float*)scratch(sizeof(float) * (size_t)g.K * d + (size_t)tile_blocks * 64 * in * esz, 1);
+  uint8_t* tile = (uint8_t*)(cb + (size_t)g.K * d);
   const uint16_t* cbh = g.codebook + (size_t)s * g.K * d;
-  for (int kk = 0; kk < g.K; ++kk)
-    for (int i = 0; i < d; ++i) cbt[(size_t)i * g.K + kk] = half_to_float(cbh[(size_t)kk * d + i]);
+  if (row_major)
+    k.f16_to_f32(cbh, g.K * d, cb);  // [K][d]
+  else
+    for (int kk = 0; kk < g.K; ++kk)
+      for (int i = 0; i < d; ++i) cb[(size_t)i * g.K + kk] = half_to_float(cbh[(size_t)kk * d + i]);  // [d][K]
   const auto dt = bf16 ? at::kBFloat16 : at::kFloat;
   at::Tensor x = at::from_blob(const_cast<float*>(X), {m, in}, {ldx, 1}, at::TensorOptions().dtype(at::kFloat));
   if (bf16) x = x.to(at::kBFloat16);
   const Codes codes{g.codes + (size_t)s * g.shard_bytes(), g.index_bytes, g.n};
   for (int t0 = b0; t0 < b1; t0 += tile_blocks) {
     const int t1 = std::min(b1, t0 + tile_blocks), nrows = (t1 - t0) * 64;
-    k.decode_tile(codes, t0, t1, cbt, g.K, d, bf16, tile);
-    at::Tensor wt = at::from_blob(tile, {in, nrows}, at::TensorOptions().dtype(dt));
+    at::Tensor wt;
+    if (row_major) {
+      k.decode_f32(codes, t0, t1, cb, g.K, d, (float*)tile);
+      wt = at::from_blob(tile, {nrows, in}, at::TensorOptions().dtype(at::kFloat)).t();
+    } else {
+      k.decode_tile(codes, t0, t1, cb, g.K, d, bf16, tile);
+      wt = at::from_blob(tile, {in, nrows}, at::TensorOptions().dtype(dt));
+    }
     at::Tensor out = at::from_blob(y + (t0 - b0) * 64, {m, nrows}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
     if (bf16)
       out.copy_(at::mm(x, wt));
@@ -308,15 +304,11 @@ void rows_forward(const Group& g, int s, int b0, int b1, int m, const float* X, 
   k.f16_to_f32(g.affine_s + row0 + r0, r1 - r0, scale);  // applied as 1 + s
   k.f16_to_f32(g.affine_b + row0 + r0, r1 - r0, shift);
   const Codes codes{g.codes + (size_t)s * g.shard_bytes(), g.index_bytes, g.n};
+  if (gemm && g.d == k.lut_all_tokens_d) gemm = false;  // its lookup kernel is also its many-token kernel
   if (gemm && bf16 && k.gemm_bf16 && g.d % 2 == 0) {
     std::fill(ybuf, ybuf + (size_t)nrows * m, 0.f);
     k.gemm_bf16(codes, b0, b1, g.codebook + (size_t)s * g.K * g.d, g.K, g.d, m, X, ldx, ybuf, nrows,
                 scratch(k.gemm_scratch_bytes(g.n, g.K, g.d, m), 2));
-  } else if (gemm && k.gemm_f32 &&
-             (std::fill(ybuf, ybuf + (size_t)nrows * m, 0.f),
-              k.gemm_f32(codes, b0, b1, g.codebook + (size_t)s * g.K * g.d, g.K, g.d, m, X, ldx, ybuf, nrows,
-                         scratch(k.gemm_f32_scratch_bytes(g.n, g.K, g.d, m), 2)))) {
-    // done: codewords multiplied in directly
   } else if (gemm) {
     tile_gemm(g, s, b0, b1, m, X, ldx, bf16, ybuf);
   } else {
