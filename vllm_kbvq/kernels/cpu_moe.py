@@ -103,15 +103,15 @@ def _remove(path: Path) -> None:
 def _flock(fd: int, what: Path, poll_s: float = 0.5, say_every_s: float = 30.0) -> None:
     """Take the exclusive lock on ``fd``, saying on stderr (at once, then every ``say_every_s``) while another
     process holds it. The holder's death releases it, so this cannot outwait a dead process."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
-    except BlockingIOError:
-        pass
-    start, said = time.monotonic(), -say_every_s
+    start, said = time.monotonic(), None
     while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
         waited = time.monotonic() - start
-        if waited - said >= say_every_s:
+        if said is None or waited - said >= say_every_s:
             try:
                 holder = what.read_text().strip() or "?"
             except OSError:
@@ -120,11 +120,6 @@ def _flock(fd: int, what: Path, poll_s: float = 0.5, say_every_s: float = 30.0) 
                   f"{what} ({waited:.0f} s so far; a build takes about a minute)", file=sys.stderr, flush=True)
             said = waited
         time.sleep(poll_s)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            continue
 
 
 def _build(out: Path, verbose: bool) -> None:
