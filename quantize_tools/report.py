@@ -5,12 +5,9 @@ import math
 import statistics
 
 from vllm_kbvq.archs import WEIGHT_TYPES
-from vllm_kbvq.format import GROUPS, KBVQConfig, checkpoint_tensors, is_kbvq_tensor, matrix_shape
+from vllm_kbvq.format import DTYPE_BITS, GROUPS, KBVQConfig, checkpoint_tensors, is_kbvq_tensor, matrix_shape
 
 __all__ = ["summarize", "summarize_scalar", "format_summary"]
-
-_BITS = {"F16": 16, "BF16": 16, "F32": 32, "I32": 32, "F64": 64, "I64": 64, "I8": 8, "U8": 8, "I16": 16}
-
 
 def summarize(cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model_config: dict, arch) -> dict:
     tensors = checkpoint_tensors(ckpt_dir)
@@ -22,7 +19,7 @@ def summarize(cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model_config: dict
     expert_weights = len(cfg.layers) * 3 * (n * hidden * inter + hidden * si)
     kbvq_bits = other_bits = other_params = 0
     for name, (_, shape, dtype) in tensors.items():
-        bits = math.prod(shape) * _BITS[dtype]
+        bits = math.prod(shape) * DTYPE_BITS[dtype]
         if is_kbvq_tensor(name):
             kbvq_bits += bits
         else:

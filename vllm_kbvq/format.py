@@ -70,6 +70,7 @@ __all__ = [
     "default_rank",
     "validate_checkpoint",
     "checkpoint_tensors",
+    "DTYPE_BITS",
     "load_json",
     "SCHEMA",
 ]
@@ -435,6 +436,11 @@ class QuantizedMatrix:
     def read(cls, tensors: dict[str, torch.Tensor], ref: MatrixRef) -> QuantizedMatrix:
         """The matrix ``ref`` from checkpoint tensors by name (a ``KeyError`` names a missing one)."""
         return cls(**{s: tensors[ref.name(s)] for s in ref.specs()})
+
+
+# bits per element of the safetensors dtypes that checkpoint_tensors reports
+DTYPE_BITS = {"F64": 64, "F32": 32, "I64": 64, "I32": 32, "F16": 16, "BF16": 16, "I16": 16, "U16": 16, "I8": 8,
+              "U8": 8, "BOOL": 8}
 
 
 def checkpoint_tensors(path: str | Path) -> dict[str, tuple[str, tuple[int, ...], str]]:

@@ -203,25 +203,16 @@ def _tensor_bytes(model_dir: Path) -> tuple[int, int]:
 
     Expert matrices: routed and shared experts' gate/up/down, or in a KBVQ checkpoint their quantized tensors.
     """
-    from safetensors import safe_open
-
-    from vllm_kbvq.format import is_kbvq_tensor
+    from vllm_kbvq.format import DTYPE_BITS, checkpoint_tensors, is_kbvq_tensor
 
     total = experts = 0
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            for name in h.keys():
-                t = h.get_slice(name)
-                n = math.prod(t.get_shape()) * _DTYPE_BYTES[t.get_dtype()]
-                total += n
-                expert_matrix = (".mlp.experts." in name or ".mlp.shared_expert." in name) and name.endswith("_proj.weight")
-                if expert_matrix or is_kbvq_tensor(name):
-                    experts += n
+    for name, (_, shape, dtype) in checkpoint_tensors(model_dir).items():
+        n = math.prod(shape) * DTYPE_BITS[dtype] // 8
+        total += n
+        expert_matrix = (".mlp.experts." in name or ".mlp.shared_expert." in name) and name.endswith("_proj.weight")
+        if expert_matrix or is_kbvq_tensor(name):
+            experts += n
     return total, experts
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1}
 
 
 def _print_memory(base: Path, qdir: Path, bits: int) -> None:
