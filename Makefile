@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml tests/constraints.txt
 	$(PY) -m vllm_kbvq.kernels.cpu_moe || echo "warning: the KBVQ CPU kernels did not build; CPU inference will use the torch path"
 	touch $(STAMP)
 
-# hadolint, yamllint and checkov for tests/test_deploy.py, apart: checkov's pins clash with vLLM's.
+# hadolint, yamllint and checkov for tests/tools/test_deploy.py, apart: checkov's pins clash with vLLM's.
 $(LINT_STAMP): deploy/lint-requirements.txt deploy/lint-constraints.txt
 	$(PYTHON) -m venv $(LINT)
 	$(LINT)/bin/python -m pip install --quiet --upgrade pip

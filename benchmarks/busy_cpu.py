@@ -9,7 +9,7 @@ seconds per MoE layer from ``kbvq_report.json``, the busy/idle ratio, the OpenMP
 thread count the runs used, and the load average before and after each run. By default the runs
 use the policy kbvq-quantize sets (``OMP_WAIT_POLICY=PASSIVE``); ``--omp-wait-policy ACTIVE`` makes
 the workers spin without end, the other extreme (libgomp's own default, with the variable unset,
-spins a while and then sleeps; quantize_tools/threads.py has two-layer figures for it).
+spins a while and then sleeps; quantize_tools/options.py has two-layer figures for it).
 """
 from __future__ import annotations
 

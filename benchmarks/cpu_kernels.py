@@ -31,13 +31,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.shapes import SHAPES, MoEShape  # noqa: E402
 from quantize_tools.eval.machine import describe  # noqa: E402
+from quantize_tools.options import default_vector_dim  # noqa: E402
 from vllm_kbvq.format import default_rank  # noqa: E402
 from vllm_kbvq.kernels import cpu_moe, dispatch  # noqa: E402
 
 # The all-experts SmolLM2 testbed (quantize_tools.testbed, qwen2_moe, 8 experts)
-TESTBED = MoEShape(576, 144, 8, 8, 384, 30, "qwen2_moe")
+TESTBED = MoEShape.of(30, model_type="qwen2_moe", hidden_size=576, moe_intermediate_size=144, num_experts=8,
+                      num_experts_per_tok=8, shared_expert_intermediate_size=384)
 ALL = {**SHAPES, "testbed": TESTBED}
-VECTOR_DIM = {2: 4, 3: 4, 4: 2}  # the quantizer's defaults (quantize_tools.cli)
 RANK_RATIO = 1 / 128  # the quantizer's default (quantize_tools.options)
 
 
@@ -62,7 +63,7 @@ def _per_expert_bf16(out, x, w13, w2, tw, ti):
 
 def _kbvq_group(g, experts, shards, rows, inp, bits, rank):
     """Random tensors of one matrix group in the CPU kernels' layout (experts None: a linear)."""
-    d = VECTOR_DIM[bits]
+    d = default_vector_dim(bits)
     k = 1 << (bits * d)
     lead = () if experts is None else (experts,)
     idx = torch.randint(0, k, (*lead, shards * rows, inp // d), generator=g, dtype=torch.int32)
@@ -112,7 +113,8 @@ def _median_ms(fns, reps, evict):
 
 def bench_model(name: str, shape: MoEShape, bits_list, batches, reps, vllm_moe, evict, seed=0):
     g = torch.Generator().manual_seed(seed)
-    H, inter, E, top, S = shape.hidden, shape.inter, shape.experts, shape.top_k, shape.shared_inter
+    geom = shape.geom
+    H, inter, E, top, S = geom.hidden, geom.inter, geom.n_experts, geom.top_k, geom.shared_inter
     # vLLM pads each expert's intermediate size to a multiple of 32 for its kernel; so does the baseline
     Ip = -(-inter // 32) * 32 if vllm_moe is not None else inter
     w13 = torch.zeros(E, 2 * Ip, H, dtype=torch.bfloat16)
@@ -194,7 +196,7 @@ def bench_model(name: str, shape: MoEShape, bits_list, batches, reps, vllm_moe, 
             f"w{b} {row[f'w{b}']['dispatch_ms']:7.2f} ms x{row[f'w{b}']['speedup']:.2f} "
             f"(lut {row[f'w{b}'].get('lut_ms', float('nan')):.1f}, gemm {row[f'w{b}'].get('gemm_ms', float('nan')):.1f})"
             for b in bits_list), flush=True)
-    return {"shape": shape._asdict(), "runs": rows}
+    return {"shape": shape.asdict(), "runs": rows}
 
 
 def plot(res: dict, path: Path) -> None:

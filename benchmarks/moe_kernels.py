@@ -35,7 +35,8 @@ import torch
 from shapes import SHAPES, MoEShape  # benchmarks/ is the script's directory
 
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-SMOKE_SHAPE = {"tiny": MoEShape(64, 32, 8, 2, None, 1, "mixtral")}
+SMOKE_SHAPE = {"tiny": MoEShape.of(1, model_type="mixtral", hidden_size=64, intermediate_size=32, num_local_experts=8,
+                                   num_experts_per_tok=2)}
 # bits -> (vector dim, index dtype) as the runtime layout holds them
 SETTINGS = {2: (4, torch.uint8), 3: (4, torch.int16)}
 # peak HBM bandwidth, bytes/s, by device-name substring (first match wins)
@@ -138,7 +139,7 @@ def run(shapes, batches, bits_list, rank_ratio, dev) -> dict:
     rows = []
     for shape in shapes:
         sh = {**SHAPES, **SMOKE_SHAPE}[shape]
-        hidden, inter, n, top_k = sh.hidden, sh.inter, sh.experts, sh.top_k
+        hidden, inter, n, top_k = sh.geom.hidden, sh.geom.inter, sh.geom.n_experts, sh.geom.top_k
         g = torch.Generator(device=dev).manual_seed(1)
         w13 = torch.randn(n, 2 * inter, hidden, generator=g, device=dev, dtype=torch.bfloat16) * 0.02
         w2 = torch.randn(n, hidden, inter, generator=g, device=dev, dtype=torch.bfloat16) * 0.02
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
         shapes, batches, dev = args.shapes, args.batch, torch.device("cuda")
     else:
         p.error("needs a CUDA GPU: the Triton kernels and the BF16 baseline are GPU code "
-                "(--smoke checks the script on a CPU; tests/test_triton_moe.py checks the kernels)")
+                "(--smoke checks the script on a CPU; tests/runtime/test_triton_moe.py checks the kernels)")
     result = run(shapes, batches, args.bits, args.rank_ratio, dev)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

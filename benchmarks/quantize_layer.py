@@ -4,7 +4,7 @@
 
 Builds one MoE layer with the shapes of ``--shape`` (random weights, random
 correlated calibration activations, routing from a random linear router) on the
-device and runs the quantizer's per-layer step (``quantize_tools.moe_layer.
+device and runs the quantizer's per-layer step (``quantize_tools.method.block.
 quantize_moe_block``: KLT, joint SVD, k-means VQ, BCOS) with the paper's
 settings: 2-bit, 256x4 codebooks, k-means++ and 100 iterations, 256 x 4096
 calibration tokens. Reports seconds per layer, peak device memory, and the
@@ -36,18 +36,22 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/quantize_layer.json"))
     args = p.parse_args(argv)
 
-    from quantize_tools.moe_layer import LayerOptions, quantize_moe_block, ranks_for
-    from vllm_kbvq.archs import ARCHS
+    from dataclasses import replace
+
+    from quantize_tools.method.block import quantize_moe_block
+    from quantize_tools.method.idre import ranks_for
+    from quantize_tools.options import LayerOptions
     from vllm_kbvq.format import KBVQConfig, matrix_shape
 
-    hidden, inter, n_exp, top_k, shared_inter, n_layers, arch_name = SHAPES[args.shape]
-    n_exp = args.experts or n_exp
-    top_k = min(top_k, n_exp)
+    shape = SHAPES[args.shape]
+    n_layers = shape.moe_layers
+    n_exp = args.experts or shape.geom.n_experts
+    geom = replace(shape.geom, n_experts=n_exp, top_k=min(shape.geom.top_k, n_exp))
+    hidden, inter, top_k, shared_inter = geom.hidden, geom.inter, geom.top_k, geom.shared_inter
     dev = torch.device(args.device)
     opts = LayerOptions(bits=args.bits, kmeans_iters=args.kmeans_iters, compare_plain_vq=False)
-    arch = ARCHS[arch_name]
-    cfg = KBVQConfig(bits=opts.bits, vector_dim=opts.vector_dim, arch=arch.name,
-                     rank=ranks_for(opts, hidden, inter, shared_inter), layers=[0],
+    cfg = KBVQConfig(bits=opts.bits, vector_dim=opts.vector_dim, arch=geom.arch.name,
+                     rank=ranks_for(opts, geom), layers=[0],
                      shared_intermediate_size=shared_inter, idre=True, bcos=True, rank_ratio=opts.rank_ratio,
                      damp=opts.damp, kmeans_iters=opts.kmeans_iters, seed=opts.seed)
 
@@ -67,8 +71,7 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    _, report = quantize_moe_block(0, x, topk, weights, arch, n_exp, shared_inter is not None,
-                                   torch.nn.functional.silu, opts, cfg, device=dev)
+    _, report = quantize_moe_block(0, x, topk, weights, geom, torch.nn.functional.silu, opts, cfg, device=dev)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t

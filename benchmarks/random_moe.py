@@ -29,7 +29,7 @@ def tokenizer(vocab: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from quantize_tools.corpus import calibration_texts
+    from quantize_tools.calibration.corpus import calibration_texts
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -43,14 +43,14 @@ def tokenizer(vocab: int):
 def build(name: str, out: Path, layers: int, vocab: int, seed: int = 0) -> Path:
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-    shape = SHAPES[name]
-    if shape.arch != "qwen2_moe":
+    shape = SHAPES[name].geom
+    if shape.arch.name != "qwen2_moe":
         raise SystemExit(f"{name}: only Qwen2-MoE-shaped models are built so far")
     tok = tokenizer(vocab)
     cfg = Qwen2MoeConfig(
         vocab_size=len(tok), hidden_size=shape.hidden, intermediate_size=shape.shared_inter,
         moe_intermediate_size=shape.inter, shared_expert_intermediate_size=shape.shared_inter,
-        num_experts=shape.experts, num_experts_per_tok=shape.top_k, num_hidden_layers=layers,
+        num_experts=shape.n_experts, num_experts_per_tok=shape.top_k, num_hidden_layers=layers,
         max_position_embeddings=4096, tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
         bos_token_id=tok.eos_token_id, **ATTENTION[name])
     torch.manual_seed(seed)

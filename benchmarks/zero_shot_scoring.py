@@ -1,6 +1,6 @@
 """Zero-shot scoring speed: lm-eval's HFLM against the shared-context scorer, same requests, one run.
 
-    python benchmarks/zero_shot_scoring.py                       # dense SmolLM2 (packaged), 100 docs/task
+    python benchmarks/zero_shot_scoring.py                       # dense SmolLM2 (packaged), 100 documents per task
     python benchmarks/zero_shot_scoring.py --model out/results/kbvq-w2 --limit 500
 
 Both scorers see the same lm-eval requests (the results tables' zero-shot tasks). Reported per
@@ -35,7 +35,7 @@ def main() -> int:
     from quantize_tools.eval.machine import cpu_name
     from quantize_tools.eval.shared_prefix import SharedPrefixHFLM
     from quantize_tools.eval.zeroshot import run_zero_shot
-    from quantize_tools.files import write_json_atomic
+    from quantize_tools.run_folder import write_json_atomic
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .argtypes import HelpFormatter, nonnegative_int, positive_float, positive_int, ratio, seed, widths
-from .threads import available_cpus, configure_openmp
+from .options import available_cpus, configure_openmp
 
 __all__ = ["main", "build_parser"]
 
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, choices=(2, 3, 4), default=QuantizeOptions.bits,
                    help="bits per weight of the VQ codes")
     q.add_argument("--vector-dim", metavar="D", type=positive_int, default=None,
-                   help="VQ vector length d (codebook of 2^(bits*d) entries); default 4, or 2 at 4 bits")
+                   help="VQ vector length d (codebook of 2^(bits*d) entries); default 4, or 2 at 4 bits "
+                        "(quantize_tools.options.default_vector_dim)")
     q.add_argument("--rank-ratio", metavar="R", type=ratio, default=QuantizeOptions.rank_ratio,
                    help="rank of the shared basis as a fraction of min(out, in), e.g. 1/64; 0 disables IDRE")
     q.add_argument("--no-idre", action="store_true", help="ablation: no shared low-rank part (plain VQ of the weights)")
@@ -110,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace):
     from .options import QuantizeOptions
 
-    vector_dim = args.vector_dim or (2 if args.bits == 4 else 4)
     return QuantizeOptions(
-        bits=args.bits, vector_dim=vector_dim, rank_ratio=0.0 if args.no_idre else args.rank_ratio,
+        bits=args.bits, vector_dim=args.vector_dim,  # None: the options' default for the bits
+        rank_ratio=0.0 if args.no_idre else args.rank_ratio,
         idre=not args.no_idre and args.rank_ratio > 0, klt=not args.no_klt, bcos=not args.no_bcos,
         bcos_mode=args.bcos_mode, bcos_min_tokens=args.bcos_min_tokens, damp=args.damp,
         kmeans_iters=args.kmeans_iters, vq_method=args.vq_method, compare_plain_vq=not args.no_plain_vq_report,
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_kbvq.archs import UnsupportedArchitectureError
     from vllm_kbvq.format import FormatError
 
-    from .calibration import CalibrationError, calibration_tokens, read_texts
+    from .calibration.tokens import CalibrationError, calibration_tokens, read_texts
     from .options import QuantizeError
     from .shards import CheckpointError
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             # never more than torch's own default (physical cores), fewer where affinity or a quota say so
             torch.set_num_threads(args.threads or min(torch.get_num_threads(), available_cpus()))
         if args.calib is None:
-            from .corpus import CALIBRATION_CORPUS, calibration_texts
+            from .calibration.corpus import CALIBRATION_CORPUS, calibration_texts
 
             texts, calib_name = calibration_texts(), CALIBRATION_CORPUS
         else:

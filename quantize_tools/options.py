@@ -1,18 +1,37 @@
-"""What a quantization run can be asked to do: the options, their defaults and their valid ranges.
+"""What a quantization run can be asked to do: the options, their defaults and their valid ranges, and
+the compute it runs on (device, CPU threads).
 
 Kept free of torch so ``kbvq-quantize --help`` and option errors answer at once; the command line
 reads its defaults from here, and the pipeline checks a run's options here before any work.
+
+CPU threads, for the quantizer on machines it shares with other work:CPU threads for the quantizer on machines it shares with other work.
+
+A layer's quantization is thousands of small torch and faiss ops, each an OpenMP parallel
+region. OpenMP workers that spin at the end of each region (libgomp's default, when
+``OMP_WAIT_POLICY`` is unset, spins a while before it sleeps) lose their core to any other busy
+process and then hold up the region for a scheduler time slice. Measured on the 2-core dev machine,
+the first two layers of the demo testbed (2 threads, seconds per layer): libgomp's default 14
+idle, 37 beside one process spinning a core, 155 beside a test run; ``GOMP_SPINCOUNT=20000`` 14 /
+37; ``OMP_WAIT_POLICY=PASSIVE`` (waiting workers sleep at once) 13-16 idle, 25 beside the
+spinning process. ``benchmarks/busy_cpu.py`` measures the whole 30-layer run with the policy set
+here. The policy is read once, when torch loads OpenMP, so it is set before torch is imported.
+
+The thread count follows the CPUs this process may use (affinity mask, cgroup CPU quota), capped
+by torch's default (the machine's physical cores, which a CPU-limited container over-counts).
 """
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = ["LayerOptions", "QuantizeOptions", "QuantizeError", "VQ_METHODS", "SCALAR_METHODS", "METHODS",
-           "check_option", "check_device"]
+           "check_option", "check_device", "default_vector_dim", "configure_openmp", "available_cpus"]
 
-VQ_METHODS = ("kmeans", "gptvq")  # nearest k-means codeword, or Hessian-aware assignment (quantize_tools.gptq)
-SCALAR_METHODS = ("rtn", "gptq")  # the per-group scalar baselines (quantize_tools.scalar)
+VQ_METHODS = ("kmeans", "gptvq")  # nearest k-means codeword, or Hessian-aware assignment (quantize_tools.method.gptq)
+SCALAR_METHODS = ("rtn", "gptq")  # the per-group scalar baselines (quantize_tools.method.scalar)
 METHODS = ("kbvq",) + SCALAR_METHODS
 
 
@@ -48,10 +67,16 @@ def check_device(spec: str | None):
     return dev
 
 
+def default_vector_dim(bits: int) -> int:
+    """Vectors of 4 up to 3 bits (a 256- or 4096-entry codebook per matrix), of 2 above (4 bits: 256 entries,
+    where vectors of 4 would need 65,536)."""
+    return 4 if bits <= 3 else 2
+
+
 @dataclass
 class LayerOptions:
     bits: int = 2
-    vector_dim: int = 4
+    vector_dim: int | None = None  # None: default_vector_dim(bits)
     rank_ratio: float = 1 / 128
     idre: bool = True
     klt: bool = True  # False: plain SVD of the stacked weights (ablation)
@@ -71,6 +96,10 @@ class LayerOptions:
     # mixed precision: average bits per expert weight to allocate over the candidate widths (None: --bits)
     bits_budget: float | None = None
     candidate_widths: tuple[tuple[int, int], ...] = ((2, 4), (3, 2), (4, 2))  # (bits, vector_dim)
+
+    def __post_init__(self):
+        if self.vector_dim is None:
+            self.vector_dim = default_vector_dim(self.bits)
 
     def validate(self) -> None:
         """Ranges of the options, as errors that name the command-line flag."""
@@ -121,3 +150,40 @@ class QuantizeOptions(LayerOptions):
                 if getattr(self, name) != off:
                     raise QuantizeError(f"--{name.replace('_', '-')} applies to --method kbvq only, not "
                                         f"{self.method}")
+
+
+def configure_openmp() -> bool:
+    """Make waiting OpenMP workers sleep, unless the user chose a policy; False if torch is already loaded."""
+    if "torch" in sys.modules:
+        return False
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return True
+
+
+def _cgroup_quota() -> float | None:
+    """CPUs granted by the cgroup CPU quota (v2 ``cpu.max`` or v1 ``cfs_quota_us``), None if unlimited."""
+    try:
+        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if text and text[0] != "max":
+            return int(text[0]) / int(text[1])
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup quota (rounded down, at least 1)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        n = min(n, max(1, math.floor(quota)))
+    return max(1, n)

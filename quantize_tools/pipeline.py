@@ -1,11 +1,11 @@
 """Layer-streaming KBVQ quantization of a Hugging Face MoE checkpoint.
 
 One decoder layer at a time: its weights come from the shards, its calibration
-inputs are the outputs of the already-quantized layers before it, and its
-quantized tensors go to a per-layer shard in ``<output>.kbvq-partial``. That
-folder is renamed to ``<output>`` only when everything is written, so a killed
-run never leaves a loadable half checkpoint, and ``resume`` replays the
-finished layers from their shards (bit-identical to an uninterrupted run).
+inputs are the outputs of the already-quantized layers before it, the method
+(:mod:`.method.block`) quantizes its experts, and its quantized tensors go to a
+per-layer shard in the run folder (:mod:`.run_folder`: resumable, moved into place
+only when complete; a resumed run replays the finished layers from their shards,
+bit-identical to an uninterrupted run).
 
 Peak memory is about: calibration activations ``3 * nsamples * seqlen * hidden * 4`` bytes
 (layer input, MoE input, layer output, float32) + one decoder layer in float32 +
@@ -14,13 +14,10 @@ adds one more copy of the activations (the FP block's outputs) and one layer's e
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,23 +28,23 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from vllm_kbvq.archs import WEIGHT_TYPES, arch_for_config, layer_prefix
+from vllm_kbvq.archs import WEIGHT_TYPES, ModelConfigError, MoEGeometry, arch_for_config, layer_prefix
 from vllm_kbvq.format import REPORT_FILE, KBVQConfig, QuantizedMatrix, Width, layer_matrices, load_json
 from vllm_kbvq.reference import KBVQExperts, KBVQLinear
 
-from .baselines import quantize_moe_block_scalar
-from .experts import DenseExperts
-from .files import normal_permissions, write_json_atomic
-from .layerwise import run_layer, stop_before
-from .moe_layer import least_bits_per_weight, quantize_moe_block, ranks_for
+from . import run_folder
+from .calibration.layerwise import run_layer, stop_before
+from .method.block import quantize_moe_block
+from .method.experts import DenseExperts
+from .method.idre import ranks_for
+from .method.mixed import least_bits_per_weight
+from .method.scalar import quantize_moe_block_scalar
 from .options import METHODS, SCALAR_METHODS, QuantizeError, QuantizeOptions, check_device
 from .report import summarize, summarize_scalar
+from .run_folder import check_output, partial_dir, write_json_atomic
 from .shards import CheckpointError, ShardReader
 
 __all__ = ["QuantizeOptions", "quantize", "QuantizeError", "preflight", "check_output", "check_device"]
-
-PARTIAL_SUFFIX = ".kbvq-partial"  # the run's folder until it is complete
-_PROGRESS = "progress.json"
 
 
 # transformers' fused experts modules take (hidden_states, top_k_index, top_k_weights)
@@ -61,106 +58,6 @@ class _ExpertsStandIn(torch.nn.Module):
         raise RuntimeError("the experts stand-in runs only under layerwise.stop_before")
 
 
-def _fingerprint(model_dir: Path, opts: QuantizeOptions, tokens: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    settings = dataclasses.asdict(opts)
-    if opts.bits_budget is None:  # uniform runs fingerprint as before mixed precision existed
-        del settings["bits_budget"], settings["candidate_widths"]
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    h.update(str(model_dir.resolve()).encode())
-    h.update(tokens.numpy().tobytes())
-    return h.hexdigest()
-
-
-def partial_dir(output: Path) -> Path:
-    """Where a run writes before its result is complete."""
-    return output.parent / (output.name + PARTIAL_SUFFIX)
-
-
-def is_kbvq_output(directory: Path) -> bool:
-    """A finished kbvq-quantize output: it holds ``kbvq_report.json``, which every run writes last."""
-    return (directory / REPORT_FILE).is_file()
-
-
-def check_output(model_dir: Path, output: Path, overwrite: bool = False, resume: bool | str = False) -> None:
-    """Refuse, before any work, an output that would lose what a user had.
-
-    The output (and its partial folder) may not be, contain or lie inside the input model,
-    symlinks resolved, whatever ``overwrite`` says; ``overwrite`` replaces only a previous
-    kbvq-quantize output (see :func:`is_kbvq_output`) or an interrupted run's partial folder.
-    """
-    model, output = Path(model_dir).resolve(), Path(os.path.abspath(output))
-    for target in (output, partial_dir(output)):
-        t = target.resolve()
-        if t == model or model in t.parents or t in model.parents:
-            raise QuantizeError(f"--output {output} overlaps --model {model_dir} ({t} and {model}): write the "
-                                "quantized checkpoint to a separate directory")
-    if output.exists() or output.is_symlink():
-        if not output.is_dir():
-            raise QuantizeError(f"--output {output} exists and is not a directory")
-        try:
-            has_files = any(output.iterdir())
-        except OSError as e:
-            raise QuantizeError(f"--output {output}: cannot be read ({e.strerror})") from None
-        if has_files:
-            if not is_kbvq_output(output):
-                raise QuantizeError(
-                    f"--output {output} is not empty and is not a kbvq-quantize output (it has no {REPORT_FILE}); "
-                    "--overwrite replaces only an earlier kbvq-quantize output: choose another --output")
-            if not overwrite and resume is False:  # resuming: decided once the run's fingerprint is known
-                raise QuantizeError(f"--output {output} already holds a kbvq-quantize output; pass --overwrite "
-                                    "to replace it")
-    partial = partial_dir(output)
-    if resume == "auto":
-        pass  # continue the interrupted run if it has these settings, else start over
-    elif resume:
-        if not (partial / _PROGRESS).is_file():
-            raise QuantizeError(f"--resume: no interrupted run found at {partial}")
-    elif (partial.exists() or partial.is_symlink()) and not partial.is_dir():
-        raise QuantizeError(f"{partial} exists and is not a directory; remove it")
-    elif partial.exists() and not overwrite:
-        raise QuantizeError(
-            f"an interrupted run left {partial}; pass --resume to continue it or --overwrite to start over")
-    parent = output.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise QuantizeError(f"--output {output}: cannot write in {parent}")
-
-
-def _prepare_output(model_dir: Path, output: Path, overwrite: bool, resume: bool | str, fingerprint: str) -> bool:
-    """Make the partial folder ready; True when an interrupted run is continued."""
-    check_output(model_dir, output, overwrite, resume)
-    partial = partial_dir(output)
-    state = _read_progress(partial)
-    if resume and state is not None:
-        if state.get("fingerprint") == fingerprint:
-            return True
-        if resume != "auto":
-            raise QuantizeError(f"--resume: {partial} was made with other options, model or calibration data; "
-                                "rerun with the same arguments or use --overwrite")
-        print(f"kbvq-quantize: {partial} holds an interrupted run with other settings; starting over")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    return False
-
-
-def _read_progress(partial: Path, strict: bool = True) -> dict | None:
-    """The state an interrupted run left (``None``: there is none); an unreadable one is an error if ``strict``."""
-    if not (partial / _PROGRESS).is_file():
-        return None
-    try:
-        state = load_json(partial / _PROGRESS, QuantizeError)
-        if not isinstance(state, dict) or not isinstance(state.get("done"), list):
-            raise QuantizeError(f"{partial / _PROGRESS} is not a kbvq-quantize progress file")
-    except QuantizeError:
-        if strict:
-            raise
-        return None
-    return state
-
-
 def preflight(model_dir: str | Path, output: str | Path, opts: QuantizeOptions, overwrite: bool = False,
               resume: bool | str = False) -> None:
     """Every check that needs no tensor data, so a bad option or path fails in seconds, not minutes."""
@@ -169,21 +66,21 @@ def preflight(model_dir: str | Path, output: str | Path, opts: QuantizeOptions, 
     model_dir, output = Path(model_dir), Path(output)
     reader = ShardReader(model_dir)
     config = load_json(model_dir / "config.json", CheckpointError)
-    arch = arch_for_config(config)
+    arch_for_config(config)  # an unsupported model_type is named before its fields
     try:
-        n_experts = arch.num_experts(config)
-        widths = {"hidden_size": config["hidden_size"], arch.expert_intermediate_attr: arch.expert_intermediate(config)}
-    except (KeyError, TypeError, ValueError):
-        n_experts, widths = 0, {}
-    if n_experts < 2:
-        raise QuantizeError(f"{model_dir}: config has {n_experts} routed experts ({arch.num_experts_attr}); "
-                            "not a Mixture-of-Experts model")
+        geom = MoEGeometry.from_config(config, str(model_dir / "config.json"))
+    except ModelConfigError as e:
+        raise QuantizeError(str(e)) from None
     if opts.method == "kbvq":
-        for name, width in widths.items():
+        for name, width in {"hidden_size": geom.hidden, geom.arch.expert_intermediate_attr: geom.inter}.items():
             for d in _vector_dims(opts):
-                if not isinstance(width, int) or width % d:
+                if width % d:
                     raise QuantizeError(f"{model_dir}: layer width {name}={width} is not divisible by vector length {d} "
                                         f"({'--candidate-widths' if opts.bits_budget else '--vector-dim'})")
+        for d in _vector_dims(opts) if geom.shared_inter else ():
+            if geom.shared_inter % d:
+                raise QuantizeError(f"{model_dir}: shared-expert width {geom.shared_inter} is not divisible by vector "
+                                    f"length {d}")
     del reader
     check_output(model_dir, output, overwrite, resume)
 
@@ -201,10 +98,31 @@ def _layer_params(reader: ShardReader, arch, layer: int, expert_names: set[str])
     return out
 
 
-def _expert_names(reader, arch, layer, n_experts) -> set[str]:
+def _expert_names(reader, geom: MoEGeometry, layer: int) -> set[str]:
     """The routed experts' weights: never loaded into the layer (the stand-in takes their place)."""
-    names = {arch.expert_tensor(layer, e, w) for e in range(n_experts) for w in WEIGHT_TYPES}
+    names = {geom.arch.expert_tensor(layer, e, w) for e in range(geom.n_experts) for w in WEIGHT_TYPES}
     return {n for n in names if n in reader}
+
+
+@dataclass
+class _Job:
+    """What every stage of one run reads: where from and to, the model's geometry, the options."""
+
+    model_dir: Path
+    output: Path
+    reader: ShardReader
+    config: object  # the transformers config
+    geom: MoEGeometry
+    cfg: KBVQConfig
+    opts: QuantizeOptions
+    overwrite: bool
+    fingerprint: str
+    progress: bool
+    device: torch.device
+
+    @property
+    def partial(self) -> Path:
+        return partial_dir(self.output)
 
 
 def quantize(
@@ -225,34 +143,22 @@ def quantize(
     preflight(model_dir, output, opts, overwrite, resume)
     reader = ShardReader(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
-    arch = arch_for_config(config)
-    n_experts = arch.num_experts(config)
+    geom = MoEGeometry.from_config(config)
     device = check_device(opts.device)
-    hidden = config.hidden_size
-    inter = arch.expert_intermediate(config)
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    layers = model.model.layers
-    moe_layers = [i for i, layer in enumerate(layers)
+    arch = geom.arch
+    moe_layers = [i for i, layer in enumerate(model.model.layers)
                   if hasattr(getattr(layer, arch.moe_attr, None), arch.experts_attr)]
     if not moe_layers:
         raise QuantizeError(f"{model_dir}: no decoder layer has a MoE block")
-    shared_inter = None
-    if arch.shared_attr:
-        lin = getattr(getattr(getattr(layers[moe_layers[0]], arch.moe_attr), arch.shared_attr),
-                      arch.shared_proj_names["gate"])
-        shared_inter = lin.out_features
-        for d in _vector_dims(opts) if opts.method == "kbvq" else ():
-            if shared_inter % d:
-                raise QuantizeError(f"{model_dir}: shared-expert width {shared_inter} is not divisible by vector "
-                                    f"length {d}")
     mixed = opts.bits_budget is not None and opts.method == "kbvq"
     bits, vector_dim = min(opts.candidate_widths, key=lambda w: Width(*w)) if mixed else (opts.bits, opts.vector_dim)
     cfg = KBVQConfig(
         bits=bits, vector_dim=vector_dim, arch=arch.name,
-        rank=ranks_for(opts, hidden, inter, shared_inter), layers=moe_layers,
-        shared_intermediate_size=shared_inter, idre=opts.idre, bcos=opts.bcos, rank_ratio=opts.rank_ratio,
+        rank=ranks_for(opts, geom), layers=moe_layers,
+        shared_intermediate_size=geom.shared_inter, idre=opts.idre, bcos=opts.bcos, rank_ratio=opts.rank_ratio,
         damp=opts.damp, kmeans_iters=opts.kmeans_iters, vq_method=opts.vq_method, seed=opts.seed,
         row_scale=opts.row_scale, finetune_steps=opts.finetune_steps,
         widths=[list(w) for w in opts.candidate_widths] if mixed else None,
@@ -261,40 +167,23 @@ def quantize(
     )
     cfg.validate()
     if mixed:  # every MoE layer has the same matrices: one tells whether the budget can be met
-        least = least_bits_per_weight(layer_matrices(arch, cfg, moe_layers[0], n_experts, hidden, inter),
+        least = least_bits_per_weight(layer_matrices(geom, cfg, moe_layers[0]),
                                       [Width(*w) for w in opts.candidate_widths])
         if opts.bits_budget < least:
             raise QuantizeError(f"--bits-budget {opts.bits_budget}: this model's layers need at least {least:.3f} bits "
                                 "per expert weight, with every matrix at its cheapest of --candidate-widths")
 
-    _check_checkpoint(reader, arch, cfg, n_experts, hidden, inter)
-    fingerprint = _fingerprint(model_dir, opts, tokens)
-    partial = partial_dir(output)
-    if resume and is_kbvq_output(output):
-        previous = load_json(output / REPORT_FILE, QuantizeError)
-        run = previous.get("run") if isinstance(previous, dict) else None
-        if resume == "auto" and isinstance(run, dict) and run.get("fingerprint") == fingerprint:
-            if progress:
-                print(f"kbvq-quantize: {output} already holds the result of these settings; nothing to do")
-            return previous
-        if not overwrite:
-            other = " of other settings" if resume == "auto" else ""
-            raise QuantizeError(f"--output {output} holds a kbvq-quantize output{other}; pass --overwrite to replace it")
-    resumed = _prepare_output(model_dir, output, overwrite, resume, fingerprint)  # checked again: time has passed
+    _check_checkpoint(reader, geom, cfg)
+    fingerprint = run_folder.fingerprint(model_dir, opts, tokens)
+    previous = run_folder.previous_result(output, fingerprint, overwrite, resume, progress)
+    if previous is not None:
+        return previous
+    resumed = run_folder.prepare(model_dir, output, overwrite, resume, fingerprint)  # checked again: time has passed
+    job = _Job(model_dir, output, reader, config, geom, cfg, opts, overwrite, fingerprint, progress, device)
     try:
-        report = _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, opts, moe_layers,
-                      n_experts, hidden, inter, shared_inter, overwrite, resumed, fingerprint, progress, device)
+        report = _run(job, model, tokens, resumed)
     except BaseException:
-        # Keep an interrupted run when it has finished layers to resume from, or its whole result.
-        state = _read_progress(partial, strict=False) or {}
-        done = state.get("done", []) if isinstance(state.get("done"), list) else []
-        if (partial / REPORT_FILE).is_file():
-            print(f"kbvq-quantize: the finished result could not be moved to {output}; it is kept in {partial}")
-        elif not done and partial.exists():
-            shutil.rmtree(partial)
-        elif partial.exists():
-            print(f"kbvq-quantize: interrupted; {len(done)} finished layer(s) kept in {partial} (rerun the same "
-                  "command with --resume, or --resume auto, to continue)")
+        run_folder.keep_interrupted(job.partial, output)
         raise
     report["run"] = {"seconds": round(time.time() - t_start, 1), "peak_memory_bytes": _peak_memory_bytes(device),
                      "device": str(device), "fingerprint": fingerprint,
@@ -303,10 +192,10 @@ def quantize(
     return report
 
 
-def _check_checkpoint(reader, arch, cfg, n_experts, hidden, inter) -> None:
+def _check_checkpoint(reader, geom: MoEGeometry, cfg: KBVQConfig) -> None:
     """Every tensor finite, every expert matrix present with its shape, before any work is done."""
     for layer in cfg.layers:
-        for ref in layer_matrices(arch, cfg, layer, n_experts, hidden, inter):
+        for ref in layer_matrices(geom, cfg, layer):
             name = ref.name("weight")
             if name not in reader:
                 raise CheckpointError(f"{reader.dir}: expert tensor {name} is missing")
@@ -317,17 +206,19 @@ def _check_checkpoint(reader, arch, cfg, n_experts, hidden, inter) -> None:
         reader.get(name)
 
 
-def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, opts, moe_layers, n_experts, hidden,
-         inter, shared_inter, overwrite, resumed, fingerprint, progress, device) -> dict:
+def _run(job: _Job, model, tokens: torch.Tensor, resumed: bool) -> dict:
+    reader, config, geom, cfg, opts, device, partial = (job.reader, job.config, job.geom, job.cfg, job.opts,
+                                                        job.device, job.partial)
+    arch = geom.arch
     layers = model.model.layers
     backend = _BACKENDS[opts.method]
-    state = {"fingerprint": fingerprint, "done": [], "reports": {}}
+    state = {"fingerprint": job.fingerprint, "done": [], "reports": {}}
     if resumed:
-        state = _read_progress(partial)
-        if progress:
+        state = run_folder.read_progress(partial)
+        if job.progress:
             print(f"kbvq-quantize: resuming the interrupted run in {partial}: {len(state['done'])} of "
-                  f"{len(moe_layers)} MoE layers already done")
-    write_json_atomic(partial / _PROGRESS, state)
+                  f"{len(cfg.layers)} MoE layers already done")
+    run_folder.write_progress(partial, state)
 
     emb = reader.get("model.embed_tokens.weight", torch.float32)
     h = emb[tokens].to(device)  # [N, L, hidden]
@@ -336,14 +227,15 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
     pos = torch.arange(tokens.shape[1], device=device)[None]
     pe = rotary(h[:1], pos)  # (cos, sin), or one complex tensor (DeepSeek-V2)
     bs = max(1, opts.batch_size)
+    act_fn = _act_fn(config)
 
-    bar = tqdm(range(len(layers)), desc="kbvq layers", unit="layer", disable=not progress)
+    bar = tqdm(range(len(layers)), desc="kbvq layers", unit="layer", disable=not job.progress)
     status = _Status(bar)
     for i in bar:
         layer = layers[i]
-        is_moe = i in moe_layers
+        is_moe = i in cfg.layers
         block = getattr(layer, arch.moe_attr) if is_moe else None
-        expert_names = _expert_names(reader, arch, i, n_experts) if is_moe else set()
+        expert_names = _expert_names(reader, geom, i) if is_moe else set()
         if is_moe:
             setattr(block, arch.experts_attr, _ExpertsStandIn())
         layer.to_empty(device=device)
@@ -351,7 +243,7 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
         missing, unexpected = layer.load_state_dict(params, strict=False)
         missing = [m for m in missing if not m.startswith(f"{arch.moe_attr}.{arch.experts_attr}.")]
         if missing:
-            raise CheckpointError(f"{model_dir}: layer {i} tensors missing from the checkpoint: {missing[:5]}")
+            raise CheckpointError(f"{job.model_dir}: layer {i} tensors missing from the checkpoint: {missing[:5]}")
         layer.eval()
         shard = partial / f"layer-{i:05d}.safetensors"
         with torch.no_grad():
@@ -372,28 +264,28 @@ def _run(model_dir, output, partial, reader, config, model, arch, cfg, tokens, o
                         """``[n, oc, ic]`` for the group, or ``[oc, ic]`` of one member."""
                         if member is not None:
                             return reader.get(arch.tensor(i, group, member, wtype), torch.float32)
-                        n = n_experts if group == "experts" else 1
+                        n = geom.n_experts if group == "experts" else 1
                         return torch.stack([reader.get(arch.tensor(i, group, e, wtype), torch.float32) for e in range(n)])
 
                     bar.set_postfix_str(f"layer {i}: quantize")
                     tensors, rep = backend.quantize_block(
-                        i, x, topk, weights, arch, n_experts, shared_inter is not None, _act_fn(config), opts, cfg,
-                        device, lambda msg, i=i: status(f"layer {i}: {msg}"), block=block)
+                        i, x, topk, weights, geom, act_fn, opts, cfg, device,
+                        lambda msg, i=i: status(f"layer {i}: {msg}"), block=block)
                     del x, topk
                     rep["seconds"] = round(time.time() - t0, 2)
                     save_file(tensors, str(shard), metadata={"format": "pt"})
                     state["reports"][str(i)] = rep
                 if "width_of" in state["reports"][str(i)]:  # mixed precision: this layer's widths, for what follows
                     cfg.width_of = {**(cfg.width_of or {}), str(i): state["reports"][str(i)]["width_of"]}
-                backend.install(block, arch, i, n_experts, hidden, inter, shared_inter, cfg, config, tensors, device)
+                backend.install(block, geom, i, cfg, act_fn, tensors, device)
             bar.set_postfix_str(f"layer {i}: forward")
             h = run_layer(layer, h, pos, pe, bs)
         layer.to_empty(device="meta")  # free the layer
         if is_moe and i not in state["done"]:
             state["done"].append(i)
-            write_json_atomic(partial / _PROGRESS, state)
+            run_folder.write_progress(partial, state)
     bar.close()
-    return _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, opts, n_experts, hidden, inter)
+    return _finalize(job, state)
 
 
 class _Status:
@@ -415,10 +307,11 @@ def _act_fn(config):
     return ACT2FN[config.hidden_act]
 
 
-def _install_quantized(block, arch, layer, n_experts, hidden, inter, shared_inter, cfg, config, tensors, device):
-    experts = KBVQExperts(arch, n_experts, hidden, inter, cfg, _act_fn(config), layer, device=device)
+def _install_quantized(block, geom: MoEGeometry, layer: int, cfg: KBVQConfig, act_fn, tensors, device) -> None:
+    arch = geom.arch
+    experts = KBVQExperts(arch, geom.n_experts, geom.hidden, geom.inter, cfg, act_fn, layer, device=device)
     setattr(block, arch.experts_attr, experts)
-    for ref in layer_matrices(arch, cfg, layer, n_experts, hidden, inter):
+    for ref in layer_matrices(geom, cfg, layer):
         new = None if ref.group == "experts" else (lambda old, ref=ref: KBVQLinear(
             old.in_features, old.out_features, ref.width, ref.rank, True, device=device))
         _block_linear(block, arch, ref, new).load(QuantizedMatrix.read(tensors, ref))
@@ -434,11 +327,11 @@ def _block_linear(block, arch, ref, new=None):
     return getattr(mlp, name)
 
 
-def _install_dense(block, arch, layer, n_experts, hidden, inter, shared_inter, cfg, config, tensors, device):
+def _install_dense(block, geom: MoEGeometry, layer: int, cfg: KBVQConfig, act_fn, tensors, device) -> None:
     """A scalar baseline's fake-quant weights, as plain modules."""
-    setattr(block, arch.experts_attr, DenseExperts(arch, n_experts, hidden, inter, _act_fn(config), device=device))
-    for ref in layer_matrices(arch, cfg, layer, n_experts, hidden, inter):
-        _block_linear(block, arch, ref).weight.copy_(tensors[ref.name("weight")])
+    setattr(block, geom.arch.experts_attr, DenseExperts(geom, act_fn, device=device))
+    for ref in layer_matrices(geom, cfg, layer):
+        _block_linear(block, geom.arch, ref).weight.copy_(tensors[ref.name("weight")])
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -447,12 +340,12 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, opts, n_experts, hidden, inter) -> dict:
+def _finalize(job: _Job, state: dict) -> dict:
     """Write the remaining tensors, config, tokenizer and report; then move the result into place.
 
     A scalar baseline keeps the original config (its checkpoint is a plain one with dequantized weights)."""
-    quantized = {ref.name("weight") for layer in cfg.layers
-                 for ref in layer_matrices(arch, cfg, layer, n_experts, hidden, inter)}
+    reader, cfg, partial, model_dir = job.reader, job.cfg, job.partial, job.model_dir
+    quantized = {ref.name("weight") for layer in cfg.layers for ref in layer_matrices(job.geom, cfg, layer)}
     rest = {n: reader.get(n) for n in reader.names() if n not in quantized}
     shards = [partial / f"layer-{i:05d}.safetensors" for i in sorted(cfg.layers)]
     rest_file = partial / "rest.safetensors"
@@ -468,7 +361,7 @@ def _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, o
         os.replace(f, partial / final_name)
     write_json_atomic(partial / "model.safetensors.index.json", {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))})
 
-    backend = _BACKENDS[opts.method]
+    backend = _BACKENDS[job.opts.method]
     model_config = _read_config(model_dir)
     if backend.quant_config:
         model_config["quantization_config"] = cfg.to_dict()
@@ -477,50 +370,26 @@ def _finalize(model_dir, output, partial, reader, arch, cfg, state, overwrite, o
         if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".gguf") and f.name not in (
             "config.json", "model.safetensors.index.json", REPORT_FILE):
             shutil.copy2(f, partial / f.name)
-    report = backend.summarize(opts, cfg, state["reports"], partial, _read_config(model_dir), arch)
+    report = backend.summarize(job.opts, cfg, state["reports"], partial, job.geom)
     write_json_atomic(partial / REPORT_FILE, report)
-    (partial / _PROGRESS).unlink()
-    normal_permissions(partial)
-    _move_into_place(partial, output, overwrite)
+    (partial / run_folder.PROGRESS_FILE).unlink()
+    run_folder.normal_permissions(partial)
+    run_folder.move_into_place(partial, job.output, job.overwrite)
     return report
-
-
-def _move_into_place(partial: Path, output: Path, overwrite: bool) -> None:
-    """Move the finished run to ``output``.
-
-    An earlier KBVQ output there is set aside, then deleted. An existing empty folder (also a link
-    to one, a mount point or the working directory) is filled in place, config.json and the report
-    last, so it stays the folder the user made."""
-    old = None
-    if output.exists() and any(output.iterdir()):
-        if not (overwrite and is_kbvq_output(output)):
-            raise QuantizeError(f"--output {output} was filled by something else during the run; the result is "
-                                f"left in {partial}")
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.kbvq-old-", dir=output.parent))
-        os.replace(output, old / "previous")
-        os.replace(partial, output)
-        shutil.rmtree(old)  # holds only what was moved there; a symlink is removed, not followed
-    elif output.exists():
-        last = ("config.json", REPORT_FILE)
-        for f in sorted(partial.iterdir(), key=lambda f: (f.name in last, last.index(f.name) if f.name in last else 0)):
-            shutil.move(str(f), str(output / f.name))
-        partial.rmdir()
-    else:
-        os.replace(partial, output)
 
 
 @dataclass(frozen=True)
 class _Backend:
     """What differs between KBVQ and the scalar baselines; the layer streaming around it is shared."""
 
-    quantize_block: Callable  # (layer, x, topk, weights, arch, n_experts, shared, act_fn, opts, cfg, device, progress, block=)
-    install: Callable  # the quantized experts into the block, for the forward that feeds the next layer
-    summarize: Callable  # (opts, cfg, layer_reports, ckpt_dir, model_config, arch) -> report
+    quantize_block: Callable  # (layer, x, topk, weights, geom, act_fn, opts, cfg, device, progress, block=)
+    install: Callable  # (block, geom, layer, cfg, act_fn, tensors, device): the quantized experts into the block
+    summarize: Callable  # (opts, cfg, layer_reports, ckpt_dir, geom) -> report
     quant_config: bool  # config.json carries quantization_config (scalar checkpoints are plain ones)
 
 
-def _scalar_block(layer, x, topk, weights, arch, n_experts, shared, act_fn, opts, cfg, device, progress, block=None):
-    return quantize_moe_block_scalar(layer, x, topk, weights, arch, n_experts, shared, act_fn, opts, device)
+def _scalar_block(layer, x, topk, weights, geom, act_fn, opts, cfg, device, progress, block=None):
+    return quantize_moe_block_scalar(layer, x, topk, weights, geom, act_fn, opts, device)
 
 
 _BACKENDS = {

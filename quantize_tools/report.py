@@ -4,16 +4,14 @@ from __future__ import annotations
 import math
 import statistics
 
-from vllm_kbvq.archs import WEIGHT_TYPES
+from vllm_kbvq.archs import WEIGHT_TYPES, MoEGeometry
 from vllm_kbvq.format import DTYPE_BITS, GROUPS, KBVQConfig, checkpoint_tensors, is_kbvq_tensor, matrix_shape
 
 __all__ = ["summarize", "summarize_scalar", "format_summary"]
 
-def summarize(cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model_config: dict, arch) -> dict:
+def summarize(cfg: KBVQConfig, layer_reports: dict, ckpt_dir, geom: MoEGeometry) -> dict:
     tensors = checkpoint_tensors(ckpt_dir)
-    n = arch.num_experts(model_config)
-    hidden = model_config["hidden_size"]
-    inter = arch.expert_intermediate(model_config)
+    n, hidden, inter = geom.n_experts, geom.hidden, geom.inter
     si = cfg.shared_intermediate_size or 0
     # weights the quantized tensors stand for
     expert_weights = len(cfg.layers) * 3 * (n * hidden * inter + hidden * si)
@@ -139,13 +137,11 @@ def _routed_counts(layers: list[dict]) -> dict:
     return {"min": min(counts), "median": statistics.median(counts), "max": max(counts)} if counts else {}
 
 
-def summarize_scalar(opts, cfg: KBVQConfig, layer_reports: dict, ckpt_dir, model_config: dict, arch) -> dict:
+def summarize_scalar(opts, cfg: KBVQConfig, layer_reports: dict, ckpt_dir, geom: MoEGeometry) -> dict:
     """Report of an RTN / GPTQ baseline: bits counted as packed ints plus each group's fp16 scale and zero."""
-    from .baselines import scalar_bits_per_weight
+    from .method.scalar import scalar_bits_per_weight
 
-    n = arch.num_experts(model_config)
-    hidden = model_config["hidden_size"]
-    inter = arch.expert_intermediate(model_config)
+    n, hidden, inter = geom.n_experts, geom.hidden, geom.inter
     si = cfg.shared_intermediate_size or 0
     bits = weights = 0
     for members, width in ((n, inter), (1 if si else 0, si)):

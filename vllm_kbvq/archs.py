@@ -7,11 +7,12 @@ architecture. Checkpoint names are those of the Hugging Face safetensors files
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
 __all__ = ["ArchSpec", "ARCHS", "arch_for_config", "config_value", "WEIGHT_TYPES", "UnsupportedArchitectureError",
-           "layer_prefix", "layer_index"]
+           "ModelConfigError", "MoEGeometry", "layer_prefix", "layer_index"]
 
 # Canonical weight types; each arch maps them to its own projection names.
 WEIGHT_TYPES = ("gate", "up", "down")
@@ -35,6 +36,10 @@ class UnsupportedArchitectureError(ValueError):
     pass
 
 
+class ModelConfigError(ValueError):
+    """A model config whose MoE sizes are missing or not positive integers."""
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     name: str
@@ -42,9 +47,13 @@ class ArchSpec:
     # config attributes ("a|b": aliases, first found wins)
     num_experts_attr: str
     expert_intermediate_attr: str
+    # the shared experts' total width is the product of these config values (empty: no shared experts)
     # checkpoint tensor prefixes ({layer}, {expert} are filled in)
     expert_prefix: str
     proj_names: dict[str, str]
+    # the shared experts' total width is the product of these config values (empty: no shared experts)
+    shared_intermediate_attrs: tuple[str, ...] = ()
+    top_k_attr: str = "num_experts_per_tok"
     shared_prefix: str | None = None
     shared_proj_names: dict[str, str] = field(
         default_factory=lambda: {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
@@ -121,6 +130,7 @@ ARCHS: dict[str, ArchSpec] = {
             proj_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
             shared_prefix="model.layers.{layer}.mlp.shared_expert",
             shared_attr="shared_expert",
+            shared_intermediate_attrs=("shared_expert_intermediate_size",),
         ),
         ArchSpec(
             name="qwen3_moe",  # Qwen3-30B-A3B
@@ -148,6 +158,7 @@ ARCHS: dict[str, ArchSpec] = {
             proj_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
             shared_prefix="model.layers.{layer}.mlp.shared_experts",
             shared_attr="shared_experts",
+            shared_intermediate_attrs=("moe_intermediate_size", "n_shared_experts"),  # n experts of the routed width
         ),
     )
 }
@@ -166,3 +177,72 @@ def arch_for_config(config) -> ArchSpec:
         f"model_type {model_type!r} is not a supported Mixture-of-Experts architecture; "
         f"supported: {supported}"
     )
+
+
+def _optional(config, attr: str):
+    try:
+        return config_value(config, attr)
+    except KeyError:
+        return None
+
+
+def _positive_int(config, attr: str, source: str) -> int:
+    try:
+        v = config_value(config, attr)
+    except KeyError:
+        v = None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ModelConfigError(f"{source}: {attr.replace('|', ' or ')} must be a positive integer, got {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class MoEGeometry:
+    """The sizes of a model's MoE layers, read from its config once: every expert matrix's shape follows.
+
+    The quantizer, its installers, the benchmarks' shape table and the testbed builders all take this one
+    object instead of deriving expert count and widths again from the config.
+    """
+
+    arch: ArchSpec = field(repr=False)
+    n_experts: int  # routed experts per layer
+    top_k: int
+    hidden: int
+    inter: int  # width of one routed expert
+    shared_inter: int | None  # all shared experts of a layer together; None without
+
+    def __post_init__(self):
+        for name in ("n_experts", "top_k", "hidden", "inter"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ModelConfigError(f"MoE geometry: {name} must be a positive integer, got {v!r}")
+        if self.n_experts < 2:
+            raise ModelConfigError(f"{self.n_experts} routed expert(s): not a Mixture-of-Experts model")
+        if self.top_k > self.n_experts:
+            raise ModelConfigError(f"top_k {self.top_k} is more than the {self.n_experts} routed experts")
+        if self.shared_inter is not None and (self.arch.shared_prefix is None or self.shared_inter < 1):
+            raise ModelConfigError(f"shared experts of width {self.shared_inter!r} in {self.arch.name}")
+
+    @classmethod
+    def from_config(cls, config, source: str = "config.json", arch: ArchSpec | None = None) -> MoEGeometry:
+        """From a config.json dict or a transformers config; errors name ``source`` and the field. ``arch``:
+        the entry to read it with (default: the config's model_type's)."""
+        arch = arch or arch_for_config(config)
+        n = _optional(config, arch.num_experts_attr)
+        if not isinstance(n, bool) and isinstance(n, int) and n < 2:
+            raise ModelConfigError(f"{source}: {arch.num_experts_attr.replace('|', ' or ')} is {n}: not a "
+                                   "Mixture-of-Experts model (it needs 2 or more routed experts)")
+        n = _positive_int(config, arch.num_experts_attr, source)
+        shared = None
+        if arch.shared_intermediate_attrs:  # a missing, null or 0 factor: no shared experts
+            given = [_optional(config, attr) for attr in arch.shared_intermediate_attrs]
+            if all(given):
+                shared = math.prod(_positive_int(config, attr, source) for attr in arch.shared_intermediate_attrs)
+        return cls(arch, n, _positive_int(config, arch.top_k_attr, source), _positive_int(config, "hidden_size", source),
+                   _positive_int(config, arch.expert_intermediate_attr, source), shared)
+
+    @property
+    def groups(self) -> tuple[tuple[str, int, int], ...]:
+        """``(group, members, width)``: the routed experts, then the shared expert (one matrix of all of them)."""
+        out = (("experts", self.n_experts, self.inter),)
+        return out + ((("shared_experts", 1, self.shared_inter),) if self.shared_inter else ())

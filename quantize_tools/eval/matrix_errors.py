@@ -36,7 +36,7 @@ def capture(model_dir: Path, token_sets: list[torch.Tensor], layers: list[int], 
 
     from vllm_kbvq.archs import arch_for_config
 
-    from ..layerwise import record_inputs
+    from ..calibration.layerwise import record_inputs
     from ..pipeline import EXPERTS_INPUTS
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -63,8 +63,8 @@ def matrix_errors(w: torch.Tensor, x: torch.Tensor, x_test: torch.Tensor, bits: 
                   damp: float, seed: int) -> dict[str, float]:
     from vllm_kbvq.kernels.torch_moe import dequantize_rows
 
-    from ..gptq import gptq_quantize, rtn_quantize, second_moment
-    from ..vq import vq_quantize
+    from ..method.gptq import gptq_quantize, rtn_quantize, second_moment
+    from ..method.vq import vq_quantize
 
     h = second_moment(x.split(8192), x.shape[1], "cpu")
     codes, codebook = vq_quantize(w[None], bits, vector_dim, seed=seed)
@@ -82,18 +82,22 @@ def matrix_errors(w: torch.Tensor, x: torch.Tensor, x_test: torch.Tensor, bits: 
 def testbed_errors(label: str, model_dir: Path, tokens, test_tokens, layers, args) -> dict:
     from transformers.activations import ACT2FN
 
-    from ..moe_layer import LayerOptions, group_seed
+    from vllm_kbvq.archs import MoEGeometry
+
+    from ..method.group import group_seed
+    from ..options import LayerOptions
     from ..shards import ShardReader
 
     config, arch, (inputs, test_inputs) = capture(model_dir, [tokens, test_tokens], layers, args.batch)
     act = ACT2FN[config.hidden_act]
     reader = ShardReader(model_dir)
-    n_experts = arch.num_experts(config)
+    geom = MoEGeometry.from_config(config)
+    n_experts = geom.n_experts
     rows = []
     for i in tqdm(layers, desc=f"{label}: layers", unit="layer"):
         (x, topk), (xt, topk_t) = inputs[i], test_inputs[i]
         members = [("experts", e, (topk == e).any(-1), (topk_t == e).any(-1)) for e in range(n_experts)]
-        if arch.shared_prefix is not None and arch.shared_tensor(i, "gate") in reader:
+        if geom.shared_inter:
             members.append(("shared_experts", 0, None, None))
         for group, e, routed, routed_t in members:
             w = {wt: reader.get(arch.expert_tensor(i, e, wt) if group == "experts" else arch.shared_tensor(i, wt),
@@ -124,7 +128,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    from ..moe_layer import LayerOptions
+    from ..options import LayerOptions
     from ..pipeline import QuantizeOptions
     from .protocol import CALIB_SAMPLES, CALIB_SEQLEN
 
@@ -164,9 +168,9 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from ..calibration import calibration_tokens, token_windows
-    from ..corpus import CALIBRATION_CORPUS, HELDOUT_CORPUS, calibration_texts, heldout_texts
-    from ..files import write_json_atomic
+    from ..calibration.corpus import CALIBRATION_CORPUS, HELDOUT_CORPUS, calibration_texts, heldout_texts
+    from ..calibration.tokens import calibration_tokens, token_windows
+    from ..run_folder import write_json_atomic
 
     t0 = time.time()
     result = {"bits": args.bits, "vector_dim": args.vector_dim, "group_size": args.group_size,

@@ -6,7 +6,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from ..calibration import token_windows
+from ..calibration.tokens import token_windows
 
 __all__ = ["text_windows", "perplexity", "window_nll"]
 

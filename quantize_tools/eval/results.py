@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import write_json_atomic
 from ..report import allocation_layers_text, allocation_tokens_text, allocation_widths_text
+from ..run_folder import write_json_atomic
 from ..testbed.build import SPARSE_EXPERTS, SPARSE_TOP_K
 from .machine import machine
 from .protocol import CALIB_SAMPLES, CALIB_SEQLEN, MATRIX_ERRORS_RECORD, PPL_SEQLEN, PPL_WINDOWS, ROUTING_RECORD
@@ -484,7 +484,7 @@ def _wiki(res: dict, key: str) -> float | None:
 
 
 def _spread_section(res: dict[str, dict]) -> list[str]:
-    from ..moe_layer import LayerOptions
+    from ..options import LayerOptions
 
     seeds = " / ".join(map(str, (LayerOptions.seed, *SPREAD_SEEDS)))
     lines = [f"### Run-to-run spread (2 bits; quantizer seeds {seeds})", "",
@@ -568,7 +568,7 @@ def _matrix_errors_section(root: Path) -> list[str]:
 
 
 def render(root: Path, doc: Path, plot: bool = True) -> None:
-    from .. import corpus
+    from ..calibration import corpus
     from . import zeroshot
 
     res = {k: _records(tb, root) for k, tb in TESTBEDS.items()}

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .. import corpus
-from ..files import write_json_atomic
+from ..calibration import corpus
+from ..run_folder import write_json_atomic
 from ..testbed.build import (
     DENSE_INTERMEDIATE,
     SPARSE_CHOICE,
@@ -72,7 +72,7 @@ PRECISION_NOTE = (
     "Routing in bfloat16: the router is stored rounded to bfloat16, so fp32 and bf16 runs start from the same "
     "router. On the same hidden states, vLLM's bf16 router picks the fp32 router's experts except where the k-th "
     "and (k+1)-th logits are within bf16 rounding of each other (1198 of 1200 (layer, token) choices on the "
-    "four test prompts of `tests/test_sparse_vllm.py`, which prints the count). A bf16 run end to end is not "
+    "four test prompts of `tests/runtime/test_sparse_vllm.py`, which prints the count). A bf16 run end to end is not "
     "an fp32 run: one tie broken the other way swaps an expert, moves that token's hidden state, and later "
     "layers route it differently (787 of 1200 choices equal to transformers' fp32 run). A router fitted in "
     "closed form has no margin to give ties, so the tables are scored in fp32 and the bf16 check is on equal "

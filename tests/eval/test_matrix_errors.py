@@ -4,7 +4,7 @@ import json
 import torch
 
 from quantize_tools.eval import matrix_errors, results
-from quantize_tools.gptq import rtn_quantize
+from quantize_tools.method.gptq import rtn_quantize
 
 
 def test_output_error_is_weight_error_on_an_orthonormal_basis_and_gptq_beats_rtn_out_of_sample():

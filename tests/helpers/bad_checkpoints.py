@@ -60,7 +60,7 @@ def _truncate(path):
 # field -> values that must be refused (wrong type, then wrong range)
 BAD_FIELDS = {
     "bits": ["2", 2.0, True, 0, 9],
-    "vector_dim": [2.5, "4", 0],
+    "vector_dim": [2.5, "4", 0, 3],  # 3: a power of 2 is needed (the GPU kernels load vectors with tl.arange)
     "arch": [["qwen2_moe"], 5, "llama"],
     "rank": [5, "x", {"experts": {"gate": "x"}}, {"experts": {"gate": -1}}, {"routed": {}}],
     "layers": [5, "0,1", [0.5], [-1], [0, 0]],

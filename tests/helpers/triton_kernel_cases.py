@@ -1,5 +1,5 @@
 """Triton kernels against the torch implementation (:mod:`vllm_kbvq.kernels.torch_moe`); run by
-``tests/test_triton_moe.py``.
+``tests/runtime/test_triton_moe.py``.
 
 Without a GPU the kernels run in Triton's interpreter at small shapes; on a GPU the
 same tests run compiled. The interpreter must be switched on before triton is first

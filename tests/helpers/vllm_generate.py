@@ -1,7 +1,7 @@
 """Greedy generation with vLLM (CPU build) in its own process; writes token ids and top-k logprobs as JSON.
 
 vLLM keeps global state, so each test run uses a fresh interpreter:
-``python tests/vllm_generate.py MODEL OUT.json [--eager] [--tp N]``. At ``--tp 1`` the engine and its
+``python tests/helpers/vllm_generate.py MODEL OUT.json [--eager] [--tp N]``. At ``--tp 1`` the engine and its
 worker run inside it (the in-process engine and the ``uni`` executor: the same model code, plugin and
 compiled graph, 15-20 s less per run on the 2-core CI machine than spawning both); the
 tensor-parallel tests and the HTTP-server test take the multi-process path that ``vllm serve`` takes.

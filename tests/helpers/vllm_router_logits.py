@@ -1,6 +1,6 @@
 """Router inputs and logits of every MoE layer as vLLM (CPU build) computes them, one prompt at a time.
 
-``python tests/vllm_router_logits.py MODEL OUT.pt --prompts '[[ids], ...]' [--dtype bfloat16]``
+``python tests/helpers/vllm_router_logits.py MODEL OUT.pt --prompts '[[ids], ...]' [--dtype bfloat16]``
 writes, per prompt, ``{"x": [layers, tokens, hidden], "logits": [layers, tokens, E]}`` (torch.save).
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and eager (no torch.compile),
 so forward hooks on each layer's ``mlp.gate`` see what vLLM's top-k routing starts from.

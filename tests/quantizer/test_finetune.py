@@ -6,7 +6,7 @@ import torch
 
 from interrupted import calib_file, checkpoint_digest, six_layer_model, stop_after_layers
 from quantize_tools.cli import main as cli_main
-from quantize_tools.moe_layer import quantize_group
+from quantize_tools.method.group import quantize_group
 from quantize_tools.options import LayerOptions
 from quantize_tools.pipeline import QuantizeOptions, quantize
 from tiny_models import ARCH_NAMES, MIXED

@@ -1,8 +1,8 @@
 """GPTQ-style error feedback (scalar and vector) and RTN against independent oracles."""
 import torch
 
-from quantize_tools.gptq import gptq_quantize, gptvq_assign, rtn_quantize, second_moment
-from quantize_tools.vq import assign_torch, kmeans, to_vectors
+from quantize_tools.method.gptq import gptq_quantize, gptvq_assign, rtn_quantize, second_moment
+from quantize_tools.method.vq import assign_torch, kmeans, to_vectors
 
 
 def _problem(oc=48, ic=64, tokens=2000, d=4, k=16, seed=0, correlated=True):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quantize_tools.layerwise import StopForward, stop_before
+from quantize_tools.calibration.layerwise import StopForward, stop_before
 from quantize_tools.pipeline import EXPERTS_INPUTS
 
 

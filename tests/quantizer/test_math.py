@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from quantize_tools import vq
-from quantize_tools.bcos import OutputStats, fit_affine
-from quantize_tools.idre import CovarianceAccumulator, joint_svd, klt
-from quantize_tools.vq import assign_faiss, assign_torch, kmeans, to_vectors, vq_quantize
+from quantize_tools.method import vq
+from quantize_tools.method.bcos import OutputStats, fit_affine
+from quantize_tools.method.idre import CovarianceAccumulator, joint_svd, klt
+from quantize_tools.method.vq import assign_faiss, assign_torch, kmeans, to_vectors, vq_quantize
 from vllm_kbvq.kernels.torch_moe import dequantize_rows
 
 

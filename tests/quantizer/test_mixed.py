@@ -12,8 +12,8 @@ import signal
 import pytest
 
 from interrupted import calib_file, checkpoint_digest, six_layer_model, stop_after_layers
-from quantize_tools.allocate import AllocationError, Unit, allocate
 from quantize_tools.cli import main as cli_main
+from quantize_tools.method.mixed import AllocationError, Unit, allocate
 from tiny_models import ARCH_NAMES, MIXED
 from vllm_kbvq.format import KBVQConfig, checkpoint_tensors, expected_matrices, validate_checkpoint
 

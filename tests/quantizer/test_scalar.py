@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from quantize_tools.baselines import scalar_bits_per_weight
-from quantize_tools.gptq import rtn_quantize
+from quantize_tools.method.gptq import rtn_quantize
+from quantize_tools.method.scalar import scalar_bits_per_weight
 from quantize_tools.pipeline import QuantizeOptions, quantize
 from vllm_kbvq.archs import WEIGHT_TYPES, arch_for_config
 

@@ -114,3 +114,33 @@ def test_eval_missing_model_directory_is_one_line():
 def test_eval_bad_options_are_one_line(args, words):
     r, _ = _run("quantize_tools.eval.evaluate", args)
     assert words in _one_error_line(r, "kbvq-eval")
+
+
+@pytest.mark.parametrize("bits, d", [(1, 4), (2, 4), (3, 4), (4, 2), (5, 2), (8, 2)])
+def test_default_vector_length_lives_in_the_options(bits, d):
+    """The API and the command line get one default vector length per bit width: the paper's d = 4 up to
+    3 bits (256 / 4096 codewords), 2 above (4 bits: 256 codewords, where d = 4 would need 65,536)."""
+    from quantize_tools.cli import build_parser, options_from_args
+    from quantize_tools.options import QuantizeOptions
+
+    opts = QuantizeOptions(bits=bits)
+    assert opts.vector_dim == d and 2 ** (bits * d) <= 65536
+    opts.validate()
+    if bits in (2, 3, 4):  # the command line's --bits choices
+        args = build_parser().parse_args(["--model", "m", "--output", "o", "--bits", str(bits)])
+        assert options_from_args(args).vector_dim == d
+        args = build_parser().parse_args(["--model", "m", "--output", "o", "--bits", str(bits), "--vector-dim", "1"])
+        assert options_from_args(args).vector_dim == 1  # what the user gave is what runs
+
+
+def test_command_line_options_reach_the_run_options():
+    """Each flag lands in its option (the IDRE ablation turns the rank to 0 as well)."""
+    from quantize_tools.cli import build_parser, options_from_args
+
+    parse = lambda *a: options_from_args(build_parser().parse_args(["--model", "m", "--output", "o", *a]))  # noqa: E731
+    plain, ablated = parse(), parse("--no-idre")
+    assert plain.idre and plain.rank_ratio == 1 / 128
+    assert not ablated.idre and ablated.rank_ratio == 0.0
+    assert parse("--rank-ratio", "1/64").rank_ratio == 1 / 64 and parse("--rank-ratio", "0").idre is False
+    tuned = parse("--finetune-steps", "7", "--finetune-lr", "0.5", "--seed", "3", "--bits-budget", "2.5")
+    assert (tuned.finetune_steps, tuned.finetune_lr, tuned.seed, tuned.bits_budget) == (7, 0.5, 3, 2.5)

@@ -155,7 +155,7 @@ def test_dockerfile_installs_match_the_projects_pins():
     vLLM is one the plugin accepts and the gpu extra allows."""
     from packaging.requirements import Requirement
 
-    from quantize_tools import corpus
+    from quantize_tools.calibration import corpus
     from vllm_kbvq.plugin import check_vllm_version
 
     root = DEPLOY.parent

@@ -29,7 +29,7 @@ __all__ = ["select", "bind", "triton_block_m", "uses_cpu_kernels", "cpu_gemm_min
 
 # The Triton GEMV kernel while the average local expert gets at most this many (token, expert)
 # pairs, the grouped GEMM above. Provisional, not yet measured on a GPU:
-# benchmarks/moe_kernels.py (results in benchmarks/results/moe_kernels.json) is what should set it.
+# benchmarks/moe_kernels.py (its --out JSON record) is what should set it.
 DECODE_MAX_PAIRS_PER_EXPERT = 1
 # Grouped GEMM: pairs per block by pairs per expert. Each block decodes its expert's weights again,
 # so larger blocks amortise decoding, but padding every expert's run to the block wastes work.

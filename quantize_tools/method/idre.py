@@ -1,4 +1,4 @@
-"""IDRE: input-driven redundancy elimination (KLT-guided joint SVD across experts).
+"""IDRE: input-driven redundancy elimination (paper §1: KLT-guided joint SVD across experts).
 
 In the KLT (coloring) space of the calibration inputs, ``E||(W'-W)x||^2 =
 ||(W'-W) U_X||_F^2``, so the top right-singular directions of the stacked
@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CovarianceAccumulator", "KLT", "klt", "IDREResult", "joint_svd"]
+from vllm_kbvq.archs import WEIGHT_TYPES, MoEGeometry
+from vllm_kbvq.format import default_rank, matrix_shape
+
+__all__ = ["CovarianceAccumulator", "KLT", "klt", "IDREResult", "joint_svd", "ranks_for"]
 
 
 class CovarianceAccumulator:
@@ -89,3 +92,10 @@ def joint_svd(w: torch.Tensor, t: KLT, rank: int) -> IDREResult:
     a = (wu @ uk).to(torch.float16)
     residual = (w64 - a.to(torch.float64) @ b.to(torch.float64)).to(torch.float32)
     return IDREResult(a=a, b=b, residual=residual.to(w.device), rho=rho)
+
+
+def ranks_for(opts, geom: MoEGeometry) -> dict[str, dict[str, int]]:
+    """Rank of the shared basis per group and weight type, from ``opts.rank_ratio`` (0 everywhere without IDRE)."""
+    return {group: {w: default_rank(*matrix_shape(w, geom.hidden, width), opts.rank_ratio) if opts.idre else 0
+                    for w in WEIGHT_TYPES}
+            for group, _, width in geom.groups}

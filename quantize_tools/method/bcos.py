@@ -1,4 +1,4 @@
-"""BCOS: bias-corrected output stabilisation (channel-wise affine after each expert linear).
+"""BCOS: bias-corrected output stabilisation (paper §2.2: channel-wise affine after each expert linear).
 
 Per output channel, the compressed output is rescaled and shifted so its mean
 and standard deviation on the calibration tokens match the full-precision

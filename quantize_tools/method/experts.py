@@ -6,7 +6,7 @@ block's own forward -- router, shared expert and its gate -- runs around them un
 
 - :class:`DenseExperts`: plain weights (the FP experts, or a scalar baseline's fake-quant ones);
 - :class:`TunableExperts`: KBVQ experts with fixed codes whose continuous tensors are trainable
-  (:mod:`quantize_tools.finetune`).
+  (:mod:`.finetune`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vllm_kbvq.archs import WEIGHT_TYPES, ArchSpec
+from vllm_kbvq.archs import WEIGHT_TYPES, ArchSpec, MoEGeometry
 from vllm_kbvq.format import matrix_shape
 from vllm_kbvq.reference import KBVQExperts
 
@@ -37,12 +37,12 @@ class _MLP(nn.Module):
 class DenseExperts(KBVQExperts):
     """Plain routed experts with the fused experts' call signature."""
 
-    def __init__(self, arch: ArchSpec, n: int, hidden: int, inter: int, act_fn, device=None):
+    def __init__(self, geom: MoEGeometry, act_fn, device=None):
         def linears():
-            return {w: nn.Linear(*reversed(matrix_shape(w, hidden, inter)), bias=False, device=device)
+            return {w: nn.Linear(*reversed(matrix_shape(w, geom.hidden, geom.inter)), bias=False, device=device)
                     for w in WEIGHT_TYPES}
 
-        nn.ModuleList.__init__(self, [_MLP(dict(arch.proj_names), linears()) for _ in range(n)])
+        nn.ModuleList.__init__(self, [_MLP(dict(geom.arch.proj_names), linears()) for _ in range(geom.n_experts)])
         self.act_fn = act_fn
 
     def basis(self, wtype: str):

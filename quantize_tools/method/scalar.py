@@ -1,4 +1,4 @@
-"""Scalar baselines for the same expert matrices KBVQ quantizes: RTN and GPTQ, per-group asymmetric.
+"""Scalar baselines (the paper's §4 comparisons) for the same expert matrices KBVQ quantizes: RTN and GPTQ, per-group asymmetric.
 
 They run inside the same layer-streaming pipeline, on the same calibration tokens, and write a
 plain Hugging Face checkpoint whose expert weights are the dequantized values ("fake quant"):
@@ -13,10 +13,10 @@ import math
 
 import torch
 
-from vllm_kbvq.archs import WEIGHT_TYPES, ArchSpec
+from vllm_kbvq.archs import WEIGHT_TYPES, MoEGeometry
 
+from .expert_inputs import routed_tokens
 from .gptq import gptq_quantize, rtn_quantize, second_moment
-from .moe_layer import routed_tokens
 
 __all__ = ["scalar_bits_per_weight", "quantize_moe_block_scalar"]
 
@@ -28,9 +28,10 @@ def scalar_bits_per_weight(bits: int, group_size: int, ic: int) -> float:
     return bits + math.ceil(ic / group_size) * _GROUP_META_BITS / ic
 
 
-def quantize_moe_block_scalar(layer, x, topk, weights, arch: ArchSpec, n_experts: int, shared: bool, act_fn,
+def quantize_moe_block_scalar(layer, x, topk, weights, geom: MoEGeometry, act_fn,
                               opts, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """RTN or GPTQ (``opts.method``) of one layer's experts; float32 dequantized weights by tensor name."""
+    arch, n_experts = geom.arch, geom.n_experts
     x = x.to(device, torch.float32)
     token_ids, counts, fallback = routed_tokens(topk, n_experts, opts.bcos_min_tokens)
     report = {"layer": layer, "routed_tokens": counts,
@@ -38,7 +39,7 @@ def quantize_moe_block_scalar(layer, x, topk, weights, arch: ArchSpec, n_experts
     out: dict[str, torch.Tensor] = {}
     everyone = [fallback[e] or counts[e] == x.shape[0] for e in range(n_experts)]
     groups = [("experts", [(e, x if everyone[e] else x[token_ids[e]]) for e in range(n_experts)])]
-    if shared:
+    if geom.shared_inter:
         groups.append(("shared_experts", [(0, x)]))
     err = {w: [0.0, 0.0] for w in WEIGHT_TYPES}
     h_all = []  # the second moment of all tokens, shared by every member that sees all of them

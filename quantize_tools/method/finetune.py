@@ -1,4 +1,4 @@
-"""Block fine-tuning: with a layer's codes fixed, tune its continuous tensors to the FP block's output.
+"""Block fine-tuning (beyond the paper, after its §1-§2 per layer): with a layer's codes fixed, tune its continuous tensors to the FP block's output.
 
 Once the codes are chosen, every float a KBVQ layer stores -- each matrix's codebook, the private
 factors ``A_i``, the shared bases ``B`` and the BCOS ``s, b`` of every routed and shared matrix -- is a
@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from vllm_kbvq.archs import WEIGHT_TYPES, ArchSpec
+from vllm_kbvq.archs import WEIGHT_TYPES, MoEGeometry
 from vllm_kbvq.packing import pack_codes, unpack_codes
 
 from .experts import DenseExperts, TunableExperts, TunableLinear
@@ -96,7 +96,7 @@ def _reassign(linears: list[TunableLinear], w_fp: torch.Tensor) -> None:
             m.codes.copy_(assign_torch(to_vectors(target, d)[None], m.codebook[None])[0].reshape(m.codes.shape))
 
 
-def finetune_block(block, arch: ArchSpec, x: torch.Tensor, results: dict, weights: Callable, n_experts: int,
+def finetune_block(block, geom: MoEGeometry, x: torch.Tensor, results: dict, weights: Callable,
                    act_fn, opts, seed: int, device="cpu",
                    progress: Callable[[str], None] | None = None) -> dict:
     """Tune the ``results`` (``(group, wtype) -> GroupResult``, changed in place) of one MoE ``block``.
@@ -109,7 +109,7 @@ def finetune_block(block, arch: ArchSpec, x: torch.Tensor, results: dict, weight
     say = progress or (lambda msg: None)
     t0 = time.time()
     x = x.to(device, torch.float32)
-    hidden, inter = x.shape[1], results["experts", "gate"].oc
+    arch, n_experts = geom.arch, geom.n_experts
     shared_mlp = getattr(block, arch.shared_attr) if ("shared_experts", "gate") in results else None
     shared_names = {w: arch.shared_proj_names[w] for w in WEIGHT_TYPES}
     old_experts = getattr(block, arch.experts_attr)
@@ -120,7 +120,7 @@ def finetune_block(block, arch: ArchSpec, x: torch.Tensor, results: dict, weight
         for p, _ in grad_flags:
             p.requires_grad_(False)
         say("fine-tuning: FP block outputs")
-        dense = DenseExperts(arch, n_experts, hidden, inter, act_fn, device=device)
+        dense = DenseExperts(geom, act_fn, device=device)
         with torch.no_grad():
             for wtype in WEIGHT_TYPES:
                 w = weights("experts", wtype)

@@ -1,4 +1,4 @@
-"""Vector quantization of weight residuals: k-means++ seeding and Lloyd iterations.
+"""Vector quantization of weight residuals (paper §2.1): k-means++ seeding and Lloyd iterations.
 
 Batched over matrices (one codebook per expert matrix), in torch, so the same
 code runs on CPU and CUDA. Decoding is the runtime's own

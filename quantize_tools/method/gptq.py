@@ -1,4 +1,5 @@
-"""GPTQ's error feedback (Frantar et al. 2022), for scalar grids and for VQ codebooks.
+"""GPTQ's error feedback (Frantar et al. 2022), for scalar grids and for VQ codebooks: an option beside
+the paper's nearest-codeword assignment (§2.1), and its GPTQ baseline (§4).
 
 Rounding each weight to its nearest grid point minimises the weight error. What
 matters is the output error ``||(W - Q) X||``: with correlated inputs, the error of
