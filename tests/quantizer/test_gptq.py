@@ -85,10 +85,14 @@ def test_rtn_picks_the_nearest_point_of_each_group_grid():
 
 
 def test_gptq_with_white_inputs_is_rtn_and_beats_it_on_correlated_ones():
+    """White or merely uneven (diagonal H) inputs: RTN; correlated ones: a lower output error."""
     w, x, _ = _problem(oc=64, ic=128, tokens=4000)
-    h_white = torch.eye(128, dtype=torch.float64)
-    for group in (32, 48):  # 48: a shorter last group
-        torch.testing.assert_close(gptq_quantize(w, h_white, 2, group), rtn_quantize(w, 2, group), atol=1e-6, rtol=0)
+    # uncorrelated inputs, of equal or of very unequal sizes: H diagonal, so is the Cholesky factor of its
+    # (damped) inverse, and no column's error is carried to another: GPTQ is RTN
+    uneven = torch.rand(128, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 100 + 1e-3
+    for h_diag in (torch.eye(128, dtype=torch.float64), torch.diag(uneven)):
+        for group in (32, 48):  # 48: a shorter last group
+            torch.testing.assert_close(gptq_quantize(w, h_diag, 2, group), rtn_quantize(w, 2, group), atol=1e-6, rtol=0)
     h = second_moment([x], 128, "cpu")
 
     def out_err(q):

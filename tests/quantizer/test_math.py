@@ -59,7 +59,9 @@ def test_damping_bounds_inverse():
     acc = CovarianceAccumulator(8)
     acc.add(x)
     t = klt(acc.covariance(), damp=1e-2)
-    assert t.clamped >= 1 and torch.isfinite(t.u_inv).all()
+    # exactly the dead channel's eigenvalue is raised: the live ones (about 1) are far above 1e-2 x their mean
+    assert t.clamped == 1 and torch.isfinite(t.u_inv).all()
+    assert t.eigenvalues.min() == pytest.approx(1e-2 * torch.linalg.eigvalsh(acc.covariance()).clamp_min(0).mean())
     assert torch.allclose(t.u @ t.u_inv, torch.eye(8, dtype=torch.float64), atol=1e-8)
 
 
@@ -139,3 +141,8 @@ def test_bcos_matches_channel_mean_and_std():
     # least squares is the best slope: never worse than moment matching
     s2, b2 = fit_affine(st, "lstsq")
     assert st.sq_error(s2, b2) <= st.sq_error(s, b) + 1e-9
+    # and it is each channel's ordinary least-squares line y ~ (1 + s) y_hat + b, solved directly
+    for c in range(6):
+        design = torch.stack([y_hat[:, c], torch.ones(400, dtype=torch.float64)], 1)
+        slope, shift = torch.linalg.lstsq(design, y[:, c:c + 1]).solution[:, 0]
+        assert (1 + s2[c]).item() == pytest.approx(slope.item(), rel=1e-9) and b2[c].item() == pytest.approx(shift.item(), rel=1e-9, abs=1e-12)

@@ -46,9 +46,18 @@ def test_quantize_load_and_compare(arch, tiny_model, tmp_path):
         out = tmp_path / f"q{bits}"
         report = quantize(model_dir, out, _tokens(), QuantizeOptions(bits=bits, vector_dim=2, kmeans_iters=15),
                           progress=False)
-        assert validate_checkpoint(out).bits == bits
+        cfg = validate_checkpoint(out)
+        assert cfg.bits == bits
         errs[bits] = _rel_err(model_dir, out)
-        assert math.isfinite(report["summary"]["expert_bits_per_weight"])
+        # the report's bits per weight, counted again from the stored tensors the format lists for each matrix
+        from vllm_kbvq.format import checkpoint_tensors, expected_matrices
+
+        have, refs = checkpoint_tensors(out), expected_matrices(json.loads((out / "config.json").read_text()), cfg)
+        dtype_bits = {"I32": 32, "I16": 16, "U8": 8, "F16": 16, "BF16": 16, "F32": 32}
+        stored = sum(math.prod(have[r.name(sfx)][1]) * dtype_bits[have[r.name(sfx)][2]] for r in refs for sfx in r.specs())
+        assert report["summary"]["expert_bits_per_weight"] == pytest.approx(stored / sum(r.oc * r.ic for r in refs),
+                                                                           rel=1e-12)
+        assert report["summary"]["expert_bits_per_weight"] > bits  # the codes, plus codebooks, bases and BCOS
     assert errs[4] < 0.05, errs  # bounded at 4 bits
     assert errs[2] > errs[3] > errs[4], errs  # ordered
 
@@ -236,8 +245,12 @@ def test_bad_checkpoint_fails_at_load(quantized, tmp_path, case):
 def test_skipped_plain_vq_comparison_is_reported_as_absent(tiny_model, tmp_path):
     report = quantize(tiny_model("mixtral"), tmp_path / "q", _tokens(),
                       QuantizeOptions(bits=2, kmeans_iters=3, compare_plain_vq=False), progress=False)
-    for e in report["summary"]["mean_output_rel_err"].values():
-        assert e["plain_vq"] is None and e["idre_vq"] > 0
+    for key, e in report["summary"]["mean_output_rel_err"].items():  # the mean over the layers' own figures
+        group, wtype = key.split(".")
+        rows = [layer[group][wtype]["rel_err"] for layer in report["layers"]]
+        assert e["plain_vq"] is None and all(r["plain_vq"] is None for r in rows)
+        assert e["idre_vq"] == pytest.approx(sum(r["idre_vq"] for r in rows) / len(rows), rel=1e-12) and e["idre_vq"] > 0
+        assert e["layers"] == len(rows) == len(report["layers"]) and e["layers_kbvq_below_plain_vq"] is None
     from quantize_tools.report import format_summary
 
     assert "plain VQ not run" in format_summary(report)

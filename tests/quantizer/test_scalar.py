@@ -19,6 +19,21 @@ def _tensors(d):
     return out
 
 
+def _rtn_oracle(w, bits, group_size):
+    """Per row, per run of ``group_size`` inputs (the last one shorter): the asymmetric min/max grid (0 on it,
+    2^bits points, zero point rounded) and each weight's nearest point on it, by search over the points."""
+    out = torch.empty_like(w, dtype=torch.float64)
+    for c0 in range(0, w.shape[1], group_size):
+        grp = w[:, c0:c0 + group_size].double()
+        lo, hi = grp.min(1).values.clamp(max=0), grp.max(1).values.clamp(min=0)
+        scale = (hi - lo) / (2**bits - 1)
+        zero = torch.round(-lo / scale)
+        points = (torch.arange(2**bits, dtype=torch.float64)[None, :] - zero[:, None]) * scale[:, None]
+        nearest = (grp[:, :, None] - points[:, None, :]).abs().argmin(-1)
+        out[:, c0:c0 + group_size] = points.gather(1, nearest)
+    return out.float()
+
+
 def _tokens(n=8, seqlen=64, seed=0):
     return torch.randint(1, 320, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
@@ -40,11 +55,19 @@ def test_rtn_checkpoint_is_the_rounded_original(arch, tiny_model, tmp_path):
         quantized |= {spec.shared_tensor(layer, w) for layer in range(cfg["num_hidden_layers"]) for w in WEIGHT_TYPES}
     quantized &= set(a)
     assert quantized
+    assert any(a[name].shape[1] % 48 for name in quantized)  # a shorter last group is among them
     for name in a:
         want = rtn_quantize(a[name], 3, 48) if name in quantized else a[name]
         torch.testing.assert_close(b[name], want, atol=1e-6, rtol=0, msg=name)
-    ic = {w: t.shape[1] for w, t in ((w, a[spec.expert_tensor(0, 0, w)]) for w in WEIGHT_TYPES)}
-    assert report["summary"]["expert_bits_per_weight"] >= min(scalar_bits_per_weight(3, 48, i) for i in ic.values())
+        if name in quantized:
+            torch.testing.assert_close(b[name], _rtn_oracle(a[name], 3, 48), atol=1e-6, rtol=0, msg=name)
+    # bits counted from the quantized tensors' shapes: 3 per weight, and a 16-bit scale and zero point per group
+    bits = sum(a[n].numel() * 3 + a[n].shape[0] * -(-a[n].shape[1] // 48) * 32 for n in quantized)
+    weights = sum(a[n].numel() for n in quantized)
+    assert report["summary"]["expert_weights"] == weights
+    assert report["summary"]["expert_bits_per_weight"] == pytest.approx(bits / weights, rel=1e-12)
+    ic = a[spec.expert_tensor(0, 0, "down")].shape[1]
+    assert scalar_bits_per_weight(3, 48, ic) == pytest.approx(3 + -(-ic // 48) * 32 / ic, rel=1e-12)
 
 
 def test_gptq_lowers_output_error_and_loads_as_a_plain_model(tiny_model, tmp_path):

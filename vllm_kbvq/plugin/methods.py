@@ -12,22 +12,22 @@ Import only inside a process that has vLLM.
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING
 
 import torch
 from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase
 from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG
 from vllm.model_executor.layers.linear import LinearMethodBase
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.utils import replace_parameter, set_weight_attrs
 
 from ..format import SUFFIXES, FormatError
 from ..kernels import dispatch  # registers torch.ops.kbvq.*
 from .layout import GroupLayout, load_tensor, moe_banks, process_codes, shared_layout
 
-if TYPE_CHECKING:  # .config imports this module
-    from .config import KBVQQuantConfig
-
 __all__ = ["KBVQMoEMethod", "KBVQLinearMethod"]
+
+# quant_config below is .config.KBVQQuantConfig (its .kbvq and .arch are read); annotated by its vLLM base
+# class because .config imports this module (tests/tools/test_imports.py: no cycle, even for type checking)
 
 _SHARD_OF_EXPERT_ID = {"w1": 0, "w3": 1, "w2": 0}
 
@@ -75,7 +75,7 @@ class KBVQMoEMethod(FusedMoEMethodBase):
     op once per bank, each with a map from global expert ids to its slots, and sums the outputs.
     """
 
-    def __init__(self, quant_config: KBVQQuantConfig, moe, layer_index: int):
+    def __init__(self, quant_config: QuantizationConfig, moe, layer_index: int):
         super().__init__(moe)
         self.quant_config = quant_config
         self.layer_index = layer_index
@@ -157,7 +157,7 @@ class KBVQMoEMethod(FusedMoEMethodBase):
 class KBVQLinearMethod(LinearMethodBase):
     """A shared expert's projection(s) from KBVQ tensors (one matrix, or gate and up fused)."""
 
-    def __init__(self, quant_config: KBVQQuantConfig, wtypes: tuple[str, ...], layer_index: int):
+    def __init__(self, quant_config: QuantizationConfig, wtypes: tuple[str, ...], layer_index: int):
         self.quant_config = quant_config
         self.wtypes = wtypes
         self.layer_index = layer_index
