@@ -3,10 +3,14 @@
 ``load_kbvq_model`` returns an ordinary transformers model whose MoE experts
 (and shared experts) run from the packed tensors: dequantize the codes, add the
 shared low-rank part, apply the channel affine, with the functions of
-:mod:`vllm_kbvq.kernels.torch_moe`. That torch path favours clarity over speed; on CPU the
-model can instead run the native kernels vLLM's CPU path runs (:meth:`KBVQExperts.use_cpu_kernels`,
-the default of ``load_kbvq_model`` there). After :func:`register_with_transformers`
+:mod:`vllm_kbvq.kernels.torch_moe`. After :func:`register_with_transformers`
 (``load_kbvq_model`` calls it), ``AutoModelForCausalLM.from_pretrained(kbvq_dir)`` works too.
+
+This runtime depends on the checkpoint format only (``archs``, ``format``, ``packing`` and the plain
+torch math of ``kernels.torch_moe``; ``tests/runtime/test_reference_imports.py`` holds it to that), so
+the plugin and the native kernels are tested against code that shares none of theirs. Its torch path
+favours clarity over speed; the same model running vLLM's native CPU kernels, its experts stacked as
+the plugin stacks them, is :mod:`vllm_kbvq.plugin.cpu_model`, on the plugin's side.
 """
 from __future__ import annotations
 
@@ -14,17 +18,14 @@ import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .archs import WEIGHT_TYPES, ArchSpec, arch_for_config
-from .format import QUANT_METHOD, SUFFIXES, KBVQConfig, QuantizedMatrix, Width, matrix_shape, tensor_specs
-from .kernels import cpu_moe, dispatch
+from .format import QUANT_METHOD, KBVQConfig, QuantizedMatrix, Width, matrix_shape, tensor_specs
 from .kernels.torch_moe import affine_linear, dequantize_rows, sum_routed
 from .packing import unpack_codes
-from .plugin.layout import load_tensor, moe_banks, process_codes
 
-__all__ = ["KBVQLinear", "KBVQExperts", "load_kbvq_model", "use_cpu_kernels", "quantize_modules", "cast_unquantized",
+__all__ = ["KBVQLinear", "KBVQExperts", "load_kbvq_model", "quantize_modules", "cast_unquantized",
            "register_with_transformers"]
 
 
@@ -42,7 +43,6 @@ class KBVQLinear(nn.Module):
         if rank == 0 or not owns_basis:
             self.lr_b = None  # a routed expert reads its layer's basis from expert 0
         self.register_buffer("vq_cache", None, persistent=False)
-        self.register_buffer("cpu_codes", None, persistent=False)  # the codes in the CPU kernels' layout
 
     def vq_weight(self) -> torch.Tensor:
         if self.vq_cache is not None:
@@ -64,11 +64,6 @@ class KBVQLinear(nn.Module):
         self.vq_cache = None
         self.vq_cache = self.vq_weight()
 
-    def use_cpu_kernels(self) -> None:
-        """Run :meth:`forward` through the native CPU kernels (a copy of the codes in their layout)."""
-        idx = unpack_codes(self.vq_codes, self.index_bits, self.in_features // self.vq_codebook.shape[-1])
-        self.cpu_codes = cpu_moe.cpu_layout(idx.to(torch.int32 if self.index_bits > 8 else torch.uint8), 1)
-
     def weight_fp32(self, basis: torch.Tensor | None = None) -> torch.Tensor:
         """The effective weight before the affine (``W_vq + A B``), for tests and analysis."""
         w = self.vq_weight()
@@ -79,10 +74,6 @@ class KBVQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, bx: torch.Tensor | None = None) -> torch.Tensor:
         """``bx`` is ``B x`` when the caller already has it (one per token for all experts)."""
-        if self.cpu_codes is not None and x.device.type == "cpu" and self.vq_codebook.dtype == torch.float16:
-            return dispatch.bind("linear", self.cpu_codes)(
-                x, self.cpu_codes, self.vq_codebook[None], self.lr_a if self.rank else None, self.lr_b,
-                self.affine_s, self.affine_b)
         xf = x.float()
         if self.rank and bx is None:
             bx = xf @ self.lr_b.float().T
@@ -113,42 +104,11 @@ class KBVQExperts(nn.ModuleList):
     shared basis of each weight type lives in expert 0.
     """
 
-    # set by use_cpu_kernels (subclasses too): per bank of experts of one width pair, its global -> slot map
-    # (None: one bank of all experts) and its stacked tensors
-    cpu_banks: list[tuple[torch.Tensor | None, tuple[torch.Tensor | None, ...]]] | None = None
-
     def __init__(self, arch: ArchSpec, n: int, hidden: int, inter: int, cfg: KBVQConfig, act_fn, layer: int,
                  device=None):
         super().__init__([_ExpertMLP(arch, hidden, inter, cfg, layer, e, device=device) for e in range(n)])
         self.act_fn = act_fn
         self.cfg, self.layer, self.n_experts, self.hidden, self.inter = cfg, layer, n, hidden, inter
-
-    def use_cpu_kernels(self) -> bool:
-        """Run :meth:`forward` through the native CPU MoE kernel, with the experts' tensors stacked as the
-        vLLM plugin stacks them (:mod:`vllm_kbvq.plugin.layout`). False (and no change) for a
-        non-SiLU activation, which the kernel does not compute."""
-        probe = torch.linspace(-8, 8, 65)
-        if not torch.equal(self.act_fn(probe), F.silu(probe)):  # transformers has its own SiLU classes
-            return False
-        banks = moe_banks(self.cfg, self.layer, self.n_experts, self.hidden, self.inter)
-        self.cpu_banks = []
-        for bank in banks:
-            tensors = []
-            for group, layout in bank.layouts.items():
-                wtypes = ("gate", "up") if group == "w13" else ("down",)
-                params = {}
-                for suffix, (shape, dtype) in layout.load_shapes().items():
-                    per_layer = suffix == "lr_b"
-                    dst = torch.zeros(shape if per_layer else (len(bank.experts), *shape), dtype=dtype)
-                    for shard, wtype in enumerate(wtypes):
-                        for slot, e in enumerate((0,) if per_layer else bank.experts):
-                            src = getattr(self[e].proj(wtype), suffix)
-                            load_tensor(dst if per_layer else dst[slot], suffix, src.detach().cpu(), shard, layout)
-                    params[suffix] = dst
-                params["vq_codes"] = process_codes(params["vq_codes"], layout, cpu_kernels=True)
-                tensors += [params.get(s) for s in SUFFIXES]
-            self.cpu_banks.append((bank.slot_map(self.n_experts) if len(banks) > 1 else None, tuple(tensors)))
-        return True
 
     def basis(self, wtype: str) -> torch.Tensor | None:
         return self[0].proj(wtype).lr_b
@@ -163,10 +123,6 @@ class KBVQExperts(nn.ModuleList):
         return down(h, bx)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        if self.cpu_banks is not None and hidden_states.device.type == "cpu":
-            op = dispatch.bind("moe", self.cpu_banks[0][1][0])
-            return sum(op(hidden_states, top_k_weights, top_k_index, slot_map, *tensors)
-                       for slot_map, tensors in self.cpu_banks)
         # B x for gate/up is the same for every expert: once per token.
         bxs = {}
         for wtype in ("gate", "up"):
@@ -291,30 +247,15 @@ def register_with_transformers() -> None:
     register_quantizer(QUANT_METHOD)(KBVQHfQuantizer)
 
 
-
-def use_cpu_kernels(model) -> bool:
-    """Switch every KBVQ module of ``model`` (on CPU) to the native CPU kernels; False where they did not build."""
-    if not cpu_moe.available():
-        return False
-    experts = [m for m in model.modules() if isinstance(m, KBVQExperts)]
-    routed = {id(lin) for m in experts for lin in m.modules() if isinstance(lin, KBVQLinear)}
-    for m in experts:
-        m.use_cpu_kernels()
-    for m in model.modules():
-        if isinstance(m, KBVQLinear) and id(m) not in routed:  # a shared expert's matrix
-            m.use_cpu_kernels()
-    return True
-
-
 def load_kbvq_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    cache_weights: bool = False, cpu_kernels: bool | None = None):
-    """A transformers model running the KBVQ checkpoint at ``path`` through this reference runtime.
+                    cache_weights: bool = False):
+    """A transformers model running the KBVQ checkpoint at ``path`` through this reference runtime's torch
+    path, the oracle the tests compare against (:func:`vllm_kbvq.plugin.cpu_model.load_kbvq_model` loads the
+    same model onto the native CPU kernels).
 
     ``cache_weights`` dequantizes every VQ matrix once at load (float32, so the memory of an
     unquantized model) instead of on every call: for long evaluations, whose outputs it leaves
-    bit-identical to the torch path's. ``cpu_kernels`` runs the experts through the native CPU
-    kernels (what vLLM's CPU path runs); the default does on CPU unless ``cache_weights``. ``False``
-    keeps the torch path, the oracle the tests compare against.
+    bit-identical to the torch path's.
     """
     from transformers import AutoModelForCausalLM
 
@@ -331,9 +272,5 @@ def load_kbvq_model(path: str | Path, device: str | torch.device = "cpu", dtype:
         for m in model.modules():
             if isinstance(m, KBVQLinear):
                 m.cache_vq_weight()
-    if cpu_kernels is None:
-        cpu_kernels = torch.device(device).type == "cpu" and not cache_weights and dispatch.uses_cpu_kernels(device)
-    if cpu_kernels and not use_cpu_kernels(model):
-        raise RuntimeError("cpu_kernels=True, but the native CPU kernels are unavailable (see the warning above)")
     model.eval()
     return model

@@ -233,7 +233,7 @@ def _print_perplexity(base: Path, qdir: Path, n: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_kbvq.reference import load_kbvq_model
+    from vllm_kbvq.plugin.cpu_model import load_kbvq_model
 
     from ..calibration.corpus import HELDOUT_CORPUS, heldout_texts
     from ..eval.perplexity import perplexity, text_windows

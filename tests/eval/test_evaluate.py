@@ -85,7 +85,7 @@ def test_zero_shot_matches_hand_loglikelihoods(kbvq_tiny):
 
     path = kbvq_tiny("mixtral")
     tok = AutoTokenizer.from_pretrained(path)
-    model = load_kbvq_model(path, cpu_kernels=False)  # the torch oracle
+    model = load_kbvq_model(path)  # the torch oracle
     tasks, limit = ["arc_easy", "hellaswag", "piqa", "winogrande", "lambada"], 3
     got = ev.evaluate(ev.Target(str(path), batch_size=4), tasks, limit=limit, log_samples=True, progress=False)
     assert got["kind"] == "kbvq"

@@ -25,7 +25,7 @@ def block_errors(model_dir, qdir, ids) -> list[float]:
     from transformers import AutoModelForCausalLM
 
     fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    q = load_kbvq_model(qdir, cpu_kernels=False)
+    q = load_kbvq_model(qdir)  # the torch oracle
     arch = arch_for_config(fp.config)
     seen = {}
     hooks = [block.register_forward_hook(lambda m, args, out, i=i: seen.setdefault(i, []).append((args[0], out)))

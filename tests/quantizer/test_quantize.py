@@ -14,7 +14,7 @@ from quantize_tools.cli import main as cli_main
 from quantize_tools.pipeline import QuantizeOptions, quantize
 from tiny_models import ARCH_NAMES, make_tiny_model, tiny_config
 from vllm_kbvq.format import FormatError, validate_checkpoint
-from vllm_kbvq.reference import load_kbvq_model
+from vllm_kbvq.plugin.cpu_model import load_kbvq_model
 
 
 def _tokens(n=8, seqlen=64, seed=0):

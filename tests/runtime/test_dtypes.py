@@ -12,7 +12,8 @@ import torch
 
 from tiny_models import ARCH_NAMES
 from vllm_kbvq.format import CODE_DTYPE, FLOAT_DTYPE
-from vllm_kbvq.reference import KBVQLinear, load_kbvq_model, register_with_transformers
+from vllm_kbvq.plugin.cpu_model import load_kbvq_model
+from vllm_kbvq.reference import KBVQLinear, register_with_transformers
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IDS = torch.randint(1, 320, (2, 16), generator=torch.Generator().manual_seed(1))

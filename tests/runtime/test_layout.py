@@ -70,7 +70,7 @@ def _setup(path):
     cfg = KBVQConfig.from_model_dir(path)
     model_cfg = json.loads((path / "config.json").read_text())
     arch = ARCHS[cfg.arch]
-    model = load_kbvq_model(path, dtype=torch.float32, cpu_kernels=False)  # the torch oracle
+    model = load_kbvq_model(path, dtype=torch.float32)  # the torch oracle
     sizes = (arch.num_experts(model_cfg), model_cfg["hidden_size"], arch.expert_intermediate(model_cfg))
     layer, block = max(moe_blocks(model, arch), key=lambda lb: len(moe_banks(cfg, lb[0], *sizes)))
     return cfg, model_cfg, arch, _tensors(path), layer, block

@@ -39,7 +39,10 @@ __all__ = ["available", "load", "isa", "set_isa", "available_isas", "cpu_layout"
            "kbvq_linear_cpu", "ROWS_PER_BLOCK"]
 
 SOURCE_DIR = Path(__file__).with_name("cpu")
-SOURCES = ("moe_op.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx512.cpp")
+# One file per instruction set, each compiled for its own by a `#pragma GCC target` (kernels.h); all are
+# built on every machine, and moe_op.cpp picks among them at run time from what the CPU has.
+SOURCES = ("moe_op.cpp", "isa_portable.cpp", "isa_avx2.cpp", "isa_avx512.cpp", "isa_amx.cpp")
+HEADERS = ("kernels.h", "isa_avx512_inline.h")  # included by the sources, so part of the build's key too
 ROWS_PER_BLOCK = 64  # rows one lookup covers; the layout pads each shard to a multiple of it
 # -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is
 # built with OpenMP; the library then links libgomp.so.1, the soname torch has already loaded, so
@@ -56,7 +59,7 @@ def build_dir() -> Path:
     """Where the compiled library lives: ``$KBVQ_CACHE_DIR`` (default ``~/.cache/vllm_kbvq``), then one
     folder per source, flags and torch version, so an upgrade rebuilds instead of loading a stale library."""
     h = hashlib.sha256(" ".join((torch.__version__, *CFLAGS, *LDFLAGS)).encode())
-    for name in (*SOURCES, "kernels.h"):
+    for name in (*SOURCES, *HEADERS):
         h.update((SOURCE_DIR / name).read_bytes())
     root = Path(os.environ.get("KBVQ_CACHE_DIR") or Path.home() / ".cache" / "vllm_kbvq")
     return root / f"cpu_kernels-{h.hexdigest()[:16]}"

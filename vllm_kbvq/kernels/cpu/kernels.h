@@ -1,9 +1,10 @@
 // The instruction-set-specific kernels of the KBVQ CPU op, behind one table of function pointers.
 //
 // Each isa_*.cpp file defines one table, compiled for its instruction set with `#pragma GCC
-// target`; they include no torch (or other C++ library) header, so no inline function compiled
-// for AVX-512 can be picked by the linker for code that runs on a CPU without it.  moe_op.cpp
-// picks the table at run time from what the CPU supports.
+// target` (isa_amx.cpp's is isa_avx512.cpp's with the AMX GEMM); they include no torch (or other
+// C++ library) header, so no inline function compiled for AVX-512 can be picked by the linker for
+// code that runs on a CPU without it.  Every file is compiled on every machine; moe_op.cpp picks
+// the table at run time from what the CPU supports.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
@@ -56,7 +57,7 @@ struct Kernels {
 const Kernels* portable_kernels();
 const Kernels* avx2_kernels();    // nullptr where not built (not x86-64)
 const Kernels* avx512_kernels();  // nullptr where not built; needs AVX-512 F/BW/VL and VBMI
-const Kernels* amx_kernels();     // avx512's, plus gemm_bf16 on AMX; nullptr where not built
+const Kernels* amx_kernels();     // avx512's, plus gemm_bf16 on AMX (isa_amx.cpp); nullptr where not built
 bool amx_usable();                // the CPU has AMX-TILE and AMX-BF16 and the OS lets this process use them
 
 float half_to_float(uint16_t h);
