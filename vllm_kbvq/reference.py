@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .archs import WEIGHT_TYPES, ArchSpec, arch_for_config
+from .archs import WEIGHT_TYPES, ArchSpec, MoEGeometry
 from .format import QUANT_METHOD, KBVQConfig, QuantizedMatrix, Width, matrix_shape, tensor_specs
 from .kernels.torch_moe import affine_linear, dequantize_rows, sum_routed
 from .packing import unpack_codes
@@ -152,13 +152,12 @@ def moe_blocks(model, arch: ArchSpec):
 
 def quantize_modules(model, cfg: KBVQConfig, device=None) -> None:
     """Swap every experts module (and shared-expert linear) for its KBVQ twin, in place."""
-    arch = arch_for_config(model.config)
-    n = arch.num_experts(model.config)
-    hidden = model.config.hidden_size
-    inter = arch.expert_intermediate(model.config)
+    geom = MoEGeometry.from_config(model.config)
+    arch = geom.arch
     for i, block in moe_blocks(model, arch):
         old = getattr(block, arch.experts_attr)
-        setattr(block, arch.experts_attr, KBVQExperts(arch, n, hidden, inter, cfg, old.act_fn, i, device=device))
+        setattr(block, arch.experts_attr, KBVQExperts(arch, geom.n_experts, geom.hidden, geom.inter, cfg, old.act_fn,
+                                                      i, device=device))
         shared = getattr(block, arch.shared_attr) if arch.shared_attr else None
         ranks = cfg.rank.get("shared_experts", {})
         for wtype, lin in _shared_linears(arch, block).items():

@@ -98,7 +98,7 @@ class KernelExperts(KBVQExperts):
 
 def _switchable(m, base: type, fast: type) -> bool:
     """Whether ``m`` is one of the reference runtime's own ``base`` modules (or already ``fast``). The
-    quantizer's subclasses (``quantize_tools.experts``) hold other tensors: no kernel runs them."""
+    quantizer's subclasses (``quantize_tools.method.experts``) hold other tensors: no kernel runs them."""
     if type(m) in (base, fast):
         return True
     if isinstance(m, base):
