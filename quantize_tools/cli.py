@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KLT eigenvalue floor, as a fraction of the mean eigenvalue")
     q.add_argument("--kmeans-iters", metavar="N", type=positive_int, default=QuantizeOptions.kmeans_iters,
                    help="Lloyd iterations of k-means")
+    q.add_argument("--kmeans-sample", metavar="N", type=nonnegative_int, default=QuantizeOptions.kmeans_sample,
+                   help="vectors of each matrix the Lloyd iterations fit, at random (at least 256 per codeword); "
+                        "every vector is then assigned its nearest codeword; 0: fit on all")
     q.add_argument("--vq-method", choices=VQ_METHODS, default=QuantizeOptions.vq_method,
                    help="how vectors get their codewords: nearest k-means codeword (the paper's default), or "
                         "gptvq: the same codebook with Hessian-aware assignment and GPTQ-style error feedback")
@@ -116,7 +119,7 @@ def options_from_args(args: argparse.Namespace):
         rank_ratio=0.0 if args.no_idre else args.rank_ratio,
         idre=not args.no_idre and args.rank_ratio > 0, klt=not args.no_klt, bcos=not args.no_bcos,
         bcos_mode=args.bcos_mode, bcos_min_tokens=args.bcos_min_tokens, damp=args.damp,
-        kmeans_iters=args.kmeans_iters, vq_method=args.vq_method, compare_plain_vq=not args.no_plain_vq_report,
+        kmeans_iters=args.kmeans_iters, kmeans_sample=args.kmeans_sample, vq_method=args.vq_method, compare_plain_vq=not args.no_plain_vq_report,
         seed=args.seed, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
         device=args.device, method=args.method, group_size=args.group_size, row_scale=args.row_scale,
         finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, finetune_batch=args.finetune_batch,

@@ -67,6 +67,9 @@ def check_device(spec: str | None):
     return dev
 
 
+KMEANS_SAMPLE = 1 << 17
+
+
 def default_vector_dim(bits: int) -> int:
     """Vectors of 4 up to 3 bits (a 256- or 4096-entry codebook per matrix), of 2 above (4 bits: 256 entries,
     where vectors of 4 would need 65,536)."""
@@ -85,6 +88,9 @@ class LayerOptions:
     bcos_min_tokens: int = 16
     damp: float = 1e-2
     kmeans_iters: int = 100
+    # vectors per matrix the Lloyd iterations fit (at least 256 per codeword; 0: all); every vector is then
+    # assigned. The testbeds' matrices hold fewer at every default width, so they are fitted on all.
+    kmeans_sample: int = KMEANS_SAMPLE
     vq_method: str = "kmeans"
     compare_plain_vq: bool = True
     seed: int = 42
@@ -113,6 +119,7 @@ class LayerOptions:
         check_option(self, "rank_ratio", 0 <= self.rank_ratio <= 1, "between 0 and 1")
         check_option(self, "damp", math.isfinite(self.damp) and self.damp > 0, "a number > 0")
         check_option(self, "kmeans_iters", self.kmeans_iters >= 1, "a positive integer")
+        check_option(self, "kmeans_sample", self.kmeans_sample >= 0, "an integer >= 0")
         check_option(self, "bcos_min_tokens", self.bcos_min_tokens >= 1, "a positive integer")
         check_option(self, "bcos_mode", self.bcos_mode in ("moment", "lstsq"), "moment or lstsq")
         check_option(self, "vq_method", self.vq_method in VQ_METHODS, " or ".join(VQ_METHODS))

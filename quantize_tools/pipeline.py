@@ -186,7 +186,7 @@ def quantize(
         run_folder.keep_interrupted(job.partial, output)
         raise
     report["run"] = {"seconds": round(time.time() - t_start, 1), "peak_memory_bytes": _peak_memory_bytes(device),
-                     "device": str(device), "fingerprint": fingerprint,
+                     "device": str(device), "fingerprint": fingerprint, "kmeans_sample": opts.kmeans_sample,
                      "cpu_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     write_json_atomic(output / REPORT_FILE, report)
     return report

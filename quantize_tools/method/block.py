@@ -19,7 +19,7 @@ from vllm_kbvq.format import KBVQConfig, Width, layer_matrices
 from ..options import LayerOptions
 from .expert_inputs import activations, chunks, down_covariance, routed_tokens
 from .finetune import finetune_block
-from .group import GroupResult, group_seed, quantize_group
+from .group import GroupResult, InputSpace, group_seed, quantize_group
 from .idre import CovarianceAccumulator
 from .mixed import allocate_layer
 
@@ -55,7 +55,7 @@ def quantize_moe_block(
     cov_x = CovarianceAccumulator(x.shape[1], device)
     for c in chunks(x):
         cov_x.add(c)
-    cov_x = cov_x.covariance()
+    cov_x = InputSpace(cov_x.covariance())  # its KLT is computed once, for every gate and up
 
     n_experts = geom.n_experts
     token_ids, counts, fallback = routed_tokens(topk, n_experts, opts.bcos_min_tokens)

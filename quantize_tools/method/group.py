@@ -20,10 +20,10 @@ from ..options import VQ_METHODS, LayerOptions
 from .bcos import OutputStats, fit_affine
 from .expert_inputs import chunks
 from .gptq import gptvq_assign, second_moment
-from .idre import identity_klt, joint_svd, klt
+from .idre import KLT, identity_klt, joint_svd, klt
 from .vq import vq_quantize
 
-__all__ = ["GroupResult", "quantize_group", "group_seed"]
+__all__ = ["GroupResult", "InputSpace", "quantize_group", "group_seed"]
 
 
 @dataclass
@@ -82,9 +82,25 @@ class GroupResult:
         return out
 
 
+class InputSpace:
+    """An input covariance and its KLT, computed on first use and kept: the gate and up of every group of a
+    layer (routed and shared, at every candidate width) see the block's tokens, so one eigendecomposition
+    serves them all."""
+
+    def __init__(self, cov: torch.Tensor):
+        self.cov = cov
+        self._klt: dict = {}
+
+    def klt(self, opts: LayerOptions, device) -> KLT:
+        key = (opts.klt, opts.damp, str(device))
+        if key not in self._klt:
+            self._klt[key] = klt(self.cov.to(device), opts.damp) if opts.klt else identity_klt(self.cov.shape[0], device)
+        return self._klt[key]
+
+
 def quantize_group(
     w: torch.Tensor,
-    cov: torch.Tensor,
+    cov: torch.Tensor | InputSpace,
     inputs: Callable[[int], torch.Tensor],
     opts: LayerOptions,
     rank: int,
@@ -94,7 +110,7 @@ def quantize_group(
 ) -> GroupResult:
     """IDRE + VQ + BCOS for the matrices ``w`` ``[n, oc, ic]`` that share one input space.
 
-    ``cov`` is the input covariance used for the KLT; ``inputs(e)`` returns the
+    ``cov`` is the input covariance used for the KLT (an :class:`InputSpace` to share its KLT); ``inputs(e)`` returns the
     calibration inputs member ``e`` sees (its routed tokens, or the fallback). ``widths``: per member
     (default: all ``opts.bits`` in vectors of ``opts.vector_dim``); the members of one width share a
     k-means call, and the shared basis is fitted over all of them.
@@ -108,7 +124,7 @@ def quantize_group(
     rep: dict = {"rank": rank}
     if rank > 0:
         say("KLT and joint SVD")
-        t = klt(cov.to(device), opts.damp) if opts.klt else identity_klt(ic, device)
+        t = (cov if isinstance(cov, InputSpace) else InputSpace(cov)).klt(opts, device)
         rep["klt_clamped_eigenvalues"] = t.clamped
         idre = joint_svd(w, t, rank)
         a, b, residual = idre.a, idre.b, idre.residual
@@ -125,7 +141,8 @@ def quantize_group(
     for width in sorted(set(widths)):
         members = [e for e in range(n) if widths[e] == width]
         sub = residual if len(members) == n else residual[members]
-        c, cb = vq_quantize(sub, width.bits, width.vector_dim, opts.kmeans_iters, seed, progress=say)
+        c, cb = vq_quantize(sub, width.bits, width.vector_dim, opts.kmeans_iters, seed, progress=say,
+                            max_fit_points=opts.kmeans_sample)
         for k, e in enumerate(members):
             if opts.vq_method == "gptvq":  # each member's own inputs: routed experts see different tokens
                 say(f"GPTVQ assignment {e + 1}/{n}")
@@ -140,7 +157,7 @@ def quantize_group(
     w_plain = None
     if opts.compare_plain_vq and rank > 0 and len(set(widths)) == 1:
         pc, pb = vq_quantize(w.float(), widths[0].bits, widths[0].vector_dim, opts.kmeans_iters, seed + 7919,
-                             progress=lambda msg: say(f"plain-VQ comparison, {msg}"))
+                             progress=lambda msg: say(f"plain-VQ comparison, {msg}"), max_fit_points=opts.kmeans_sample)
         w_plain = dequantize_rows(pc, pb[:, None])
 
     affine_s = torch.zeros(n, oc, dtype=torch.float16, device=device)

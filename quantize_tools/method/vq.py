@@ -111,17 +111,24 @@ def _kmeanspp(points: torch.Tensor, k: int, gen: torch.Generator, max_points: in
 
 def kmeans(
     points: torch.Tensor, k: int, iters: int = 100, seed: int = 0, max_init_points: int = 1 << 16,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, max_fit_points: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means with k-means++ seeding, batched: points ``[G, N, d]`` -> (centroids ``[G, K, d]``, assignment ``[G, N]``).
 
-    ``progress`` hears each stage and Lloyd iteration (a layer's k-means runs for minutes on a busy CPU)."""
+    ``max_fit_points`` > 0: the Lloyd iterations run on a random subsample of that many points per group
+    (at least 256 per centroid), drawn after the seeding, and the assignment returned is the subsample's;
+    where ``N`` is no larger, nothing changes (no draw is made). ``progress`` hears each stage and Lloyd
+    iteration (a layer's k-means runs for minutes on a busy CPU)."""
     say = progress or (lambda msg: None)
     points = points.to(torch.float32)
     g, n, d = points.shape
     gen = torch.Generator().manual_seed(seed)
     say("k-means++ seeding")
     cent = _kmeanspp(points, k, gen, max(max_init_points, k))
+    fit = max(max_fit_points, 256 * k) if max_fit_points else n
+    if n > fit:
+        idx = torch.stack([torch.randperm(n, generator=gen)[:fit] for _ in range(g)]).to(points.device)
+        points = torch.gather(points, 1, idx[..., None].expand(-1, -1, d))
     assign = _assign(points, cent)
     for it in range(iters):
         say(f"k-means iteration {it + 1}/{iters}")
@@ -139,15 +146,18 @@ def kmeans(
 
 
 def vq_quantize(w: torch.Tensor, bits: int, d: int, iters: int = 100, seed: int = 0,
-                progress: Callable[[str], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                progress: Callable[[str], None] | None = None,
+                max_fit_points: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """VQ of matrices ``w`` ``[G, oc, ic]`` -> (codes ``[G, oc, ic/d]`` int64, codebooks ``[G, 2^(bits*d), d]`` fp16).
 
-    The final assignment is against the float16 codebook that is stored, so the
-    codes are optimal for what the runtime decodes.
+    The codebook is fitted on at most ``max_fit_points`` vectors of each matrix (0: all; see :func:`kmeans`);
+    the final assignment is of every vector, against the float16 codebook that is stored, so the codes are
+    optimal for what the runtime decodes.
     """
     g, oc, ic = w.shape
     k = 1 << (bits * d)
-    cent, _ = kmeans(to_vectors(w.to(torch.float32), d), k, iters=iters, seed=seed, progress=progress)
+    cent, _ = kmeans(to_vectors(w.to(torch.float32), d), k, iters=iters, seed=seed, progress=progress,
+                     max_fit_points=max_fit_points)
     codebook = cent.to(torch.float16)
     codes = _assign(to_vectors(w.to(torch.float32), d), codebook.to(torch.float32))
     return codes.reshape(g, oc, ic // d), codebook

@@ -146,3 +146,33 @@ def test_bcos_matches_channel_mean_and_std():
         design = torch.stack([y_hat[:, c], torch.ones(400, dtype=torch.float64)], 1)
         slope, shift = torch.linalg.lstsq(design, y[:, c:c + 1]).solution[:, 0]
         assert (1 + s2[c]).item() == pytest.approx(slope.item(), rel=1e-9) and b2[c].item() == pytest.approx(shift.item(), rel=1e-9, abs=1e-12)
+
+
+def test_kmeans_sample_changes_nothing_where_matrices_are_smaller():
+    """Matrices with at most ``max_fit_points`` vectors (every testbed matrix at the default) are fitted on
+    all of them, with the same random draws: bit-identical codes and codebooks."""
+    w = torch.randn(3, 64, 128, generator=torch.Generator().manual_seed(5))
+    full = vq_quantize(w, 2, 4, iters=10, seed=3)
+    capped = vq_quantize(w, 2, 4, iters=10, seed=3, max_fit_points=64 * 128 // 4)
+    assert all(torch.equal(a, b) for a, b in zip(full, capped))
+
+
+def test_kmeans_on_a_sample_then_every_vector_assigned():
+    """Above the cap, Lloyd runs on a sample of max(cap, 256 per codeword) vectors, then every vector gets its
+    nearest stored codeword (checked by brute force), and the distortion stays within 2 % of a fit on all."""
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(40, 4, generator=gen) * 3
+    points = centers[torch.randint(40, (60_000,), generator=gen)] + torch.randn(60_000, 4, generator=gen) * 0.3
+    w = points.reshape(1, 600, 400)
+    cent, assign = kmeans(to_vectors(w, 4), 64, iters=30, seed=1, max_fit_points=1000)
+    assert assign.shape == (1, 256 * 64)  # the sample: at least 256 points per codeword
+    v = to_vectors(w, 4)[0]
+
+    def distortion(sample):  # 1 bit in vectors of 4: 16 codewords, fitted on 4096 of the 60,000 vectors
+        codes, codebook = vq_quantize(w, 1, 4, iters=30, seed=1, max_fit_points=sample)
+        nearest = torch.cdist(v, codebook[0].float()).argmin(-1)
+        assert torch.equal(codes.reshape(-1), nearest)
+        return float((codebook[0].float()[codes.reshape(-1)] - v).pow(2).sum())
+
+    full, sampled = distortion(0), distortion(1000)
+    assert sampled != full and sampled <= 1.02 * full, (sampled, full)
