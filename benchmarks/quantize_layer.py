@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.random_moe import expert_group  # noqa: E402
+from benchmarks.random_moe import SHARED_RANK, expert_group  # noqa: E402
 from benchmarks.shapes import SHAPES  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     for group, n, width in geom.groups:
         for wtype in ("gate", "up", "down"):
             oc, ic = matrix_shape(wtype, geom.hidden, width)
-            weights[group, wtype] = torch.stack(expert_group(n, oc, ic, 64, gen)).float().to(dev)
+            weights[group, wtype] = torch.stack(expert_group(n, oc, ic, SHARED_RANK, gen)).float().to(dev)
     n_tok = args.nsamples * args.seqlen
     mix = torch.randn(geom.hidden, geom.hidden, generator=gen) / geom.hidden ** 0.5
     x = (torch.randn(n_tok, geom.hidden, generator=gen) @ mix).to(dev)

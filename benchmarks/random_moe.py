@@ -40,6 +40,7 @@ from vllm_kbvq.archs import WEIGHT_TYPES, MoEGeometry, layer_prefix  # noqa: E40
 from vllm_kbvq.format import matrix_shape  # noqa: E402
 
 STD = 0.02  # transformers' initializer_range
+SHARED_RANK = 64  # rank of the row space a layer's routed experts share
 # released configs' attention sizes, which benchmarks/shapes.py does not carry; "tiny" is for the tests
 ATTENTION = {"Qwen1.5-MoE-A2.7B": {"num_attention_heads": 16, "num_key_value_heads": 16},
              "tiny": {"num_attention_heads": 2, "num_key_value_heads": 2}}
@@ -132,7 +133,7 @@ def layer_tensors(geom: MoEGeometry, shapes: dict, layer: int, seed: int, shared
 
 
 def write_model(shape: MoEShape, attention: dict, out: Path, layers: int, vocab: int, tokenizer_vocab: int = 4096,
-                seed: int = 0, shared_rank: int = 64, layers_per_shard: int = 2, progress: bool = True) -> Path:
+                seed: int = 0, shared_rank: int = SHARED_RANK, layers_per_shard: int = 2, progress: bool = True) -> Path:
     """Write the model to the new directory ``out``, one shard in memory at a time; returns ``out``.
 
     It is assembled in a hidden sibling folder and renamed into place when complete."""
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=4096, help="embedding rows (the released model has 151936)")
     p.add_argument("--tokenizer-vocab", type=int, default=4096,
                    help="tokens of the BPE trained here; the embedding is padded to --vocab")
-    p.add_argument("--shared-rank", type=int, default=64,
+    p.add_argument("--shared-rank", type=int, default=SHARED_RANK,
                    help="rank of the row space the experts of a layer share (0: pure noise)")
     p.add_argument("--layers-per-shard", type=int, default=2, help="decoder layers per safetensors file")
     p.add_argument("--seed", type=int, default=0)

@@ -47,7 +47,6 @@ class ArchSpec:
     # config attributes ("a|b": aliases, first found wins)
     num_experts_attr: str
     expert_intermediate_attr: str
-    # the shared experts' total width is the product of these config values (empty: no shared experts)
     # checkpoint tensor prefixes ({layer}, {expert} are filled in)
     expert_prefix: str
     proj_names: dict[str, str]
@@ -187,10 +186,7 @@ def _optional(config, attr: str):
 
 
 def _positive_int(config, attr: str, source: str) -> int:
-    try:
-        v = config_value(config, attr)
-    except KeyError:
-        v = None
+    v = _optional(config, attr)
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ModelConfigError(f"{source}: {attr.replace('|', ' or ')} must be a positive integer, got {v!r}")
     return v
@@ -235,8 +231,7 @@ class MoEGeometry:
         n = _positive_int(config, arch.num_experts_attr, source)
         shared = None
         if arch.shared_intermediate_attrs:  # a missing, null or 0 factor: no shared experts
-            given = [_optional(config, attr) for attr in arch.shared_intermediate_attrs]
-            if all(given):
+            if all(_optional(config, attr) for attr in arch.shared_intermediate_attrs):
                 shared = math.prod(_positive_int(config, attr, source) for attr in arch.shared_intermediate_attrs)
         return cls(arch, n, _positive_int(config, arch.top_k_attr, source), _positive_int(config, "hidden_size", source),
                    _positive_int(config, arch.expert_intermediate_attr, source), shared)

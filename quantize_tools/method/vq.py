@@ -73,12 +73,18 @@ def assign_torch(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _kmeanspp(points: torch.Tensor, k: int, gen: torch.Generator, max_points: int) -> torch.Tensor:
+def _sample(points: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
+    """``m`` random points of each group (``[G, m, d]``), or all of them (no draw) where there are no more."""
     g, n, d = points.shape
-    if n > max_points:  # seed from a random subsample: same quality, bounded cost
-        idx = torch.stack([torch.randperm(n, generator=gen)[:max_points] for _ in range(g)]).to(points.device)
-        points = torch.gather(points, 1, idx[..., None].expand(-1, -1, d))
-        n = max_points
+    if n <= m:
+        return points
+    idx = torch.stack([torch.randperm(n, generator=gen)[:m] for _ in range(g)]).to(points.device)
+    return torch.gather(points, 1, idx[..., None].expand(-1, -1, d))
+
+
+def _kmeanspp(points: torch.Tensor, k: int, gen: torch.Generator, max_points: int) -> torch.Tensor:
+    points = _sample(points, max_points, gen)  # seed from a random subsample: same quality, bounded cost
+    g, n, d = points.shape
     ar = torch.arange(g, device=points.device)
     # [d, G, N]: a point-centroid distance is d adds of contiguous rows, in the order a sum over the last
     # dim of [G, N, d] takes (the same floats), ~4x faster than that reduction over 2-4 elements
@@ -125,10 +131,8 @@ def kmeans(
     gen = torch.Generator().manual_seed(seed)
     say("k-means++ seeding")
     cent = _kmeanspp(points, k, gen, max(max_init_points, k))
-    fit = max(max_fit_points, 256 * k) if max_fit_points else n
-    if n > fit:
-        idx = torch.stack([torch.randperm(n, generator=gen)[:fit] for _ in range(g)]).to(points.device)
-        points = torch.gather(points, 1, idx[..., None].expand(-1, -1, d))
+    if max_fit_points:
+        points = _sample(points, max(max_fit_points, 256 * k), gen)
     assign = _assign(points, cent)
     for it in range(iters):
         say(f"k-means iteration {it + 1}/{iters}")
