@@ -199,11 +199,12 @@ def _check_checkpoint(reader, geom: MoEGeometry, cfg: KBVQConfig) -> None:
             name = ref.name("weight")
             if name not in reader:
                 raise CheckpointError(f"{reader.dir}: expert tensor {name} is missing")
-            t = reader.get(name)  # raises on NaN / inf
-            if tuple(t.shape) != (ref.oc, ref.ic):
-                raise CheckpointError(f"{reader.dir}: {name} has shape {list(t.shape)}, expected {[ref.oc, ref.ic]}")
+            shape = reader.shape(name)
+            if shape != (ref.oc, ref.ic):
+                raise CheckpointError(f"{reader.dir}: {name} has shape {list(shape)}, expected {[ref.oc, ref.ic]}")
     for name in reader.names():
-        reader.get(name)
+        reader.get(name)  # raises on NaN / inf
+    reader.release()
 
 
 def _run(job: _Job, model, tokens: torch.Tensor, resumed: bool) -> dict:
@@ -281,6 +282,7 @@ def _run(job: _Job, model, tokens: torch.Tensor, resumed: bool) -> dict:
             bar.set_postfix_str(f"layer {i}: forward")
             h = run_layer(layer, h, pos, pe, bs)
         layer.to_empty(device="meta")  # free the layer
+        reader.release()  # and unmap what was read for it
         if is_moe and i not in state["done"]:
             state["done"].append(i)
             run_folder.write_progress(partial, state)

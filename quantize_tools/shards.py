@@ -58,11 +58,26 @@ class ShardReader:
                 for name in h.keys():
                     self.files[name] = shard
 
+    def release(self) -> None:
+        """Close every shard (they reopen on the next ``get``): an open shard stays memory-mapped, and the pages
+        read through it count toward this process' resident memory until it is closed (a 28.6 GB model, read
+        whole by the checks, would otherwise look resident; the kernel keeps them only as cache)."""
+        self._handles.clear()
+
     def names(self) -> list[str]:
         return sorted(self.files)
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from its header (nothing read)."""
+        if name not in self.files:
+            raise CheckpointError(f"tensor {name} is not in the checkpoint {self.dir}")
+        file = self.files[name]
+        if file not in self._handles:
+            self._handles[file] = _open(file)
+        return tuple(self._handles[file].get_slice(name).get_shape())
 
     def get(self, name: str, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
         if name not in self.files:

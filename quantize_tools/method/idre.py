@@ -76,22 +76,42 @@ def joint_svd(w: torch.Tensor, t: KLT, rank: int) -> IDREResult:
 
     Only the right singular vectors of the stacked ``n*oc x ic`` matrix are needed,
     so this takes the eigenvectors of its ``ic x ic`` Gram matrix rather than a
-    full SVD (the same subspace, far cheaper when ``n*oc >> ic``).
+    full SVD (the same subspace, far cheaper when ``n*oc >> ic``). Where the stack has fewer rows than
+    columns (a shared expert's down projection: 2048 x 5632 in Qwen1.5-MoE), the row Gram is the smaller
+    one: its eigenvectors map to the same right singular vectors (:func:`_top_right_singular`).
     """
     n, oc, ic = w.shape
     if not 0 < rank <= ic:
         raise ValueError(f"rank must be in 1..{ic}, got {rank}")
     w64 = w.to(t.u.device, torch.float64)
     wu = w64 @ t.u  # [n, oc, ic]
-    gram = torch.einsum("noi,noj->ij", wu, wu)
-    sig2, v = torch.linalg.eigh((gram + gram.T) / 2)  # ascending
-    sig2 = sig2.clamp_min(0)
-    uk = v[:, -rank:].flip(-1)  # [ic, k], strongest first
+    uk, sig2 = _top_right_singular(wu, rank)  # [ic, k], strongest first
     rho = float(sig2[-rank:].sum() / sig2.sum().clamp_min(torch.finfo(torch.float64).tiny))
     b = (uk.T @ t.u_inv).to(torch.float16)
     a = (wu @ uk).to(torch.float16)
     residual = (w64 - a.to(torch.float64) @ b.to(torch.float64)).to(torch.float32)
     return IDREResult(a=a, b=b, residual=residual.to(w.device), rho=rho)
+
+
+def _top_right_singular(stack: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``rank`` strongest right singular vectors (``[c, rank]``) of the stacked ``[n, oc, c]`` and all its
+    squared singular values, from the eigenvectors of the smaller Gram matrix: eigh costs the cube of its side
+    (5632: 24 s, 2048: 1 s on the 2-core Zen 3). From the row Gram, ``v = m^T u / sigma``; where a wanted
+    ``sigma`` is too small for that division to keep ``v`` orthonormal, the column Gram is used."""
+    n, oc, c = stack.shape
+    if n * oc < c and rank <= n * oc:
+        m = stack.reshape(n * oc, c)
+        sig2, u = torch.linalg.eigh(_sym(m @ m.T))  # ascending
+        sig2 = sig2.clamp_min(0)
+        top = sig2[-rank:].flip(-1)
+        if bool((top > sig2[-1] * 1e-12).all()):
+            return (m.T @ u[:, -rank:].flip(-1)) / top.sqrt(), sig2
+    sig2, v = torch.linalg.eigh(_sym(torch.einsum("noi,noj->ij", stack, stack)))
+    return v[:, -rank:].flip(-1), sig2.clamp_min(0)
+
+
+def _sym(g: torch.Tensor) -> torch.Tensor:
+    return (g + g.T) / 2
 
 
 def ranks_for(opts, geom: MoEGeometry) -> dict[str, dict[str, int]]:

@@ -53,6 +53,26 @@ def test_rank_captures_more_energy_and_less_output_error():
     assert rhos == sorted(rhos) and errs == sorted(errs, reverse=True)
 
 
+@pytest.mark.parametrize("n, oc, ic", [(3, 20, 32), (1, 12, 40), (2, 5, 40)])
+def test_joint_svd_basis_is_the_stacks_top_right_singular_space(n, oc, ic):
+    """Against a full SVD of the stacked KLT-space weights: taller and wider stacks (the second and third
+    take the smaller row Gram), so both routes give the top-k right singular space and its energy share."""
+    w, x = _data(n=n, oc=oc, ic=ic)
+    acc = CovarianceAccumulator(ic)
+    acc.add(x)
+    t = klt(acc.covariance())
+    k = 4
+    res = joint_svd(w.float(), t, k)
+    s, vh = torch.linalg.svd((w.float().double() @ t.u).reshape(n * oc, ic), full_matrices=False)[1:]
+    want = vh[:k].T @ vh[:k]  # projector onto the oracle's top-k right singular space
+    got = res.b.double() @ t.u  # B = V_k^T U^{-1}: B U spans the same space, from fp16-stored B
+    assert torch.allclose(got @ got.T, torch.eye(k, dtype=torch.float64), atol=2e-3)  # orthonormal rows
+    assert torch.allclose(got.T @ got, want, atol=2e-3)
+    assert res.rho == pytest.approx(float((s[:k] ** 2).sum() / (s ** 2).sum()), rel=1e-9)
+    approx = res.a.double() @ res.b.double() + res.residual.double()
+    assert torch.allclose(approx, w, atol=1e-5)
+
+
 def test_damping_bounds_inverse():
     x = torch.randn(100, 8, dtype=torch.float64)
     x[:, 7] = 0  # a dead channel: zero eigenvalue

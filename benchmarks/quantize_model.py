@@ -1,0 +1,97 @@
+"""A whole-model kbvq-quantize run, measured: wall time, each layer's seconds, peak memory, disk written.
+
+    python benchmarks/quantize_model.py --json benchmarks/results/quantize_qwen15_full.json -- \\
+        --model out/qwen15-full --output out/qwen15-full-kbvq2 --bits 2 --nsamples 16 --seqlen 512 \\
+        --kmeans-iters 20 --kmeans-sample 131072 --no-plain-vq-report
+
+Everything after ``--`` goes to ``kbvq-quantize`` unchanged (add ``--resume`` to continue an interrupted
+run: the JSON then gains one entry per session in ``sessions``). The child's memory is sampled from
+/proc every second: resident set (``VmRSS``) and its anonymous part (``RssAnon``: what the run itself
+holds; the rest is checkpoint pages mapped while they are read, which the kernel can drop). Each layer's
+seconds come from the report's per-layer ``seconds``; the machine and its load are recorded, as for
+every figure here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from quantize_tools.eval.machine import describe
+
+
+def _status_kb(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(val.split()[0])
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+    return out
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def _option(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args and args.index(name) + 1 < len(args) else None
+
+
+def run(quantize_args: list[str]) -> dict:
+    output = Path(_option(quantize_args, "--output") or "")
+    cmd = [sys.executable, "-m", "quantize_tools.cli", *quantize_args]
+    peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
+    load_before = os.getloadavg()
+    loads = []
+    t = time.time()
+    proc = subprocess.Popen(cmd)
+    while proc.poll() is None:
+        for key, kb in _status_kb(proc.pid).items():
+            peak[key] = max(peak[key], kb)
+        if int(time.time() - t) % 60 == 0:
+            loads.append(os.getloadavg()[0])
+        time.sleep(1)
+    wall = time.time() - t
+    session = {"command": ["kbvq-quantize", *quantize_args], "returncode": proc.returncode, "wall_s": round(wall, 1),
+               "peak_rss_gib": round(peak["VmRSS"] / 2**20, 2), "peak_anon_gib": round(peak["RssAnon"] / 2**20, 2),
+               "peak_file_mapped_gib": round(peak["RssFile"] / 2**20, 2), "load_avg_before": load_before,
+               "load_avg_1min_samples": loads, "load_avg_after": os.getloadavg()}
+    report_file = output / "kbvq_report.json"
+    if proc.returncode == 0 and report_file.is_file():
+        report = json.loads(report_file.read_text())
+        session["layer_seconds"] = {str(r["layer"]): r.get("seconds") for r in report["layers"]}
+        session["disk_written_bytes"] = _dir_bytes(output)
+        session["report_run"] = report.get("run")
+        summary = report.get("summary", {})
+        session["summary"] = {k: summary.get(k) for k in ("expert_bits_per_weight", "checkpoint_bytes",
+                                                          "unquantized_bf16_bytes", "mean_output_rel_err")}
+    return session
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        raise SystemExit("usage: quantize_model.py --json FILE -- KBVQ-QUANTIZE ARGS (see --help)")
+    cut = argv.index("--")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, required=True, help="record file; an existing one gains this session")
+    args = ap.parse_args(argv[:cut])
+    session = run(argv[cut + 1:])
+    record = json.loads(args.json.read_text()) if args.json.is_file() else {"machine": describe(), "sessions": []}
+    record["sessions"].append(session)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(record, indent=1))
+    print(json.dumps({k: v for k, v in session.items() if k != "layer_seconds"}, indent=1))
+    return session["returncode"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The full-size model's benchmark scripts, run as their users run them, at a tiny size: random_moe.py writes
+the model, quantize_model.py quantizes it with kbvq-quantize and records the run, cut_layers.py keeps the
+first layers of both (the bf16-vs-KBVQ decode ratio is measured on such cuts)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _script(name: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=900)
+    if ok:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("full_model")
+    bf16, kbvq, record = root / "bf16", root / "kbvq2", root / "quantize.json"
+    _script("random_moe.py", "--shape", "tiny", "--out", str(bf16), "--layers", "3", "--layers-per-shard", "2",
+            "--vocab", "1000", "--tokenizer-vocab", "300", "--shared-rank", "8")
+    _script("quantize_model.py", "--json", str(record), "--", "--model", str(bf16), "--output", str(kbvq),
+            "--nsamples", "4", "--seqlen", "64", "--kmeans-iters", "3", "--kmeans-sample", "4096", "--threads", "2",
+            "--no-plain-vq-report", "--quiet")
+    return root, bf16, kbvq, json.loads(record.read_text())
+
+
+def test_quantize_record_holds_each_layer_and_the_memory(models):
+    root, _, kbvq, record = models
+    (session,) = record["sessions"]
+    assert session["returncode"] == 0
+    report = json.loads((kbvq / "kbvq_report.json").read_text())
+    assert session["layer_seconds"] == {str(r["layer"]): r["seconds"] for r in report["layers"]}
+    assert sorted(session["layer_seconds"], key=int) == ["0", "1", "2"]
+    assert session["disk_written_bytes"] == sum(f.stat().st_size for f in kbvq.rglob("*") if f.is_file())
+    # a python process holding torch is well above 50 MiB of its own memory, and below the machine's
+    assert 0.05 < session["peak_anon_gib"] <= session["peak_rss_gib"] < 24
+    assert session["summary"]["expert_bits_per_weight"] == report["summary"]["expert_bits_per_weight"]
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _truncated(model, n: int):
+    """The oracle: the whole model with its decoder layers after the first ``n`` dropped in memory."""
+    model.model.layers = model.model.layers[:n]
+    model.config.num_hidden_layers = n
+    return model
+
+
+def test_cut_bf16_model_is_the_first_layers(models):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    root, bf16, _, _ = models
+    cut = root / "bf16-l2"
+    _script("cut_layers.py", str(bf16), str(cut), "--layers", "2")
+    full, part = {}, {}
+    for f in bf16.glob("*.safetensors"):
+        full.update(load_file(f))
+    for f in cut.glob("*.safetensors"):
+        part.update(load_file(f))
+    assert set(part) == {n for n in full if not n.startswith("model.layers.2.")}
+    assert all(torch.equal(part[n], full[n]) for n in part)
+    ids = torch.tensor([[5, 17, 3, 99, 250, 7]])
+    want = _logits(_truncated(AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32), 2), ids)
+    got = _logits(AutoModelForCausalLM.from_pretrained(cut, dtype=torch.float32), ids)
+    assert torch.equal(got, want)
+
+
+def test_cut_kbvq_checkpoint_validates_and_runs_as_the_first_layers(models):
+    from vllm_kbvq.format import KBVQConfig, validate_checkpoint
+    from vllm_kbvq.reference import load_kbvq_model
+
+    root, _, kbvq, _ = models
+    cut = root / "kbvq2-l2"
+    _script("cut_layers.py", str(kbvq), str(cut), "--layers", "2")
+    cfg = validate_checkpoint(cut)
+    assert cfg.layers == [0, 1] and KBVQConfig.from_model_dir(kbvq).layers == [0, 1, 2]
+    ids = torch.tensor([[5, 17, 3, 99, 250, 7]])
+    want = _logits(_truncated(load_kbvq_model(kbvq), 2), ids)
+    assert torch.equal(_logits(load_kbvq_model(cut), ids), want)
+
+
+def test_cut_refuses_an_existing_folder_and_too_many_layers(models):
+    root, bf16, kbvq, _ = models
+    r = _script("cut_layers.py", str(bf16), str(kbvq), "--layers", "1", ok=False)
+    assert r.returncode != 0 and "exists" in r.stderr
+    r = _script("cut_layers.py", str(bf16), str(root / "none"), "--layers", "4", ok=False)
+    assert r.returncode != 0 and "has 3 decoder layers" in r.stderr and not (root / "none").exists()
