@@ -73,7 +73,7 @@ def model_config(geom: MoEGeometry, attention: dict, layers: int, vocab: int, eo
         moe_intermediate_size=geom.inter, shared_expert_intermediate_size=geom.shared_inter,
         num_experts=geom.n_experts, num_experts_per_tok=geom.top_k, num_hidden_layers=layers,
         max_position_embeddings=4096, tie_word_embeddings=False, eos_token_id=eos, bos_token_id=eos,
-        initializer_range=STD, **attention)
+        initializer_range=STD, architectures=["Qwen2MoeForCausalLM"], **attention)  # what serving engines read
 
 
 def tensor_shapes(config) -> dict[str, tuple[int, ...]]:

@@ -6,7 +6,9 @@
 Each model is served by a fresh vLLM engine (CPU build, compiled mode, bfloat16 activations,
 vLLM's own thread setting); after a warm-up, ``--batch`` prompts each decode ``--tokens`` tokens
 (EOS ignored), ``--repeats`` times (median). Reported: output tokens per second and the per-step
-latency for each model and batch size, and each KBVQ/base ratio, with the load average. The KBVQ
+latency for each model and batch size, its load time and peak resident memory (the engine's processes
+together), and each KBVQ/base ratio, with the load average. ``--base`` may be left out for a model whose
+unquantized original does not fit the machine. The KBVQ
 experts run the native CPU kernels (vllm_kbvq/kernels/cpu) unless ``KBVQ_CPU_KERNELS=0``.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +52,42 @@ def _worker(model: str, batches: list[int], tokens: int, dtype: str, repeats: in
         rows.append({"batch": b, "output_tokens": n, "seconds": dt, "tokens_per_s": n / dt,
                      "ms_per_step": 1000 * dt / tokens, "repeats_s": times})
     return {"model": model, "load_s": load_s, "runs": rows}
+
+
+def _peak_tree_memory(proc: subprocess.Popen, interval: float = 0.5) -> dict:
+    """Wait for ``proc``; the peak over its run of the resident memory of it and its descendants (vLLM's engine
+    core is a child process), summed, in GiB: all of it (``VmRSS``) and the anonymous part (``RssAnon``; the
+    rest is mapped files, the checkpoint's pages among them, which the kernel can drop)."""
+    peak = {"VmRSS": 0, "RssAnon": 0}
+    while proc.poll() is None:
+        now = dict.fromkeys(peak, 0)
+        for pid in _tree(proc.pid):
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    key, _, val = line.partition(":")
+                    if key in now:
+                        now[key] += int(val.split()[0])
+            except (OSError, ValueError):
+                continue
+        peak = {k: max(peak[k], now[k]) for k in peak}
+        time.sleep(interval)
+    return {"peak_rss_gib": round(peak["VmRSS"] / 2**20, 2), "peak_anon_gib": round(peak["RssAnon"] / 2**20, 2)}
+
+
+def _tree(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
 
 
 # op-name keywords -> part of a decode step (first match wins); everything else is "other model ops"
@@ -86,7 +125,8 @@ def _profile(llm, sp, prompts, tokens: int) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kbvq", required=True, nargs="+", help="KBVQ checkpoint directories")
-    p.add_argument("--base", required=True, help="the unquantized checkpoint they were made from")
+    p.add_argument("--base", help="the unquantized checkpoint they were made from (left out where it does not fit "
+                                  "the machine: then no ratios)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (median)")
     p.add_argument("--tokens", type=int, default=32, help="output tokens per request")
@@ -101,25 +141,30 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(_worker(a.worker, a.batch, a.tokens, a.dtype, a.repeats, a.profile)))
         return 0
     res, load_before = {}, os.getloadavg()
-    models = (("base", a.base), *((f"kbvq:{Path(k).name}", k) for k in a.kbvq))
+    models = ((("base", a.base),) if a.base else ()) + tuple((f"kbvq:{Path(k).name}", k) for k in a.kbvq)
 
     def worker(model, profile):
-        cmd = [sys.executable, __file__, "--kbvq", *a.kbvq, "--base", a.base, "--worker", model, "--tokens",
+        cmd = [sys.executable, __file__, "--kbvq", *a.kbvq, "--worker", model, "--tokens",
                str(a.tokens), "--dtype", a.dtype, "--repeats", str(a.repeats), "--batch", *map(str, a.batch),
                *(["--profile"] if profile else [])]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+            peak = _peak_tree_memory(proc)
+            out.seek(0), err.seek(0)
+            stdout, stderr = out.read(), err.read()
+        line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
-            print(proc.stderr[-4000:], file=sys.stderr)
+            print(stderr[-4000:], file=sys.stderr)
             return None
-        return json.loads(line[-1][7:])
+        return {**json.loads(line[-1][7:]), **peak}
 
     for name, model in models:
         if (r := worker(model, False)) is None:
             return 1
         res[name] = r
-        print(f"{name}: " + ", ".join(f"batch {r['batch']} {r['tokens_per_s']:.1f} tok/s" for r in res[name]["runs"]),
-              flush=True)
+        print(f"{name}: loaded in {r['load_s']:.0f} s, peak resident {r['peak_rss_gib']:.2f} GiB "
+              f"({r['peak_anon_gib']:.2f} anonymous); " +
+              ", ".join(f"batch {x['batch']} {x['tokens_per_s']:.1f} tok/s" for x in r["runs"]), flush=True)
     for name, model in models if a.profile else ():  # after the timings, in their own processes
         if (r := worker(model, True)) is None:
             return 1
@@ -128,7 +173,7 @@ def main(argv=None) -> int:
             f"{k} {v:.2f}" for k, v in prof["ms_per_step"].items()) + f", outside torch ops "
             f"{prof['outside torch ops (python: scheduling, input preparation, detokenizing)_ms_per_step']:.2f}",
             flush=True)
-    ratios = {name: dict(zip(map(str, a.batch), (k["tokens_per_s"] / b["tokens_per_s"]
+    ratios = {} if not a.base else {name: dict(zip(map(str, a.batch), (k["tokens_per_s"] / b["tokens_per_s"]
                                                  for b, k in zip(res["base"]["runs"], r["runs"]))))
               for name, r in res.items() if name != "base"}
     out = {"device": describe(), "dtype": a.dtype,

@@ -99,3 +99,21 @@ def test_cut_refuses_an_existing_folder_and_too_many_layers(models):
     assert r.returncode != 0 and "exists" in r.stderr
     r = _script("cut_layers.py", str(bf16), str(root / "none"), "--layers", "4", ok=False)
     assert r.returncode != 0 and "has 3 decoder layers" in r.stderr and not (root / "none").exists()
+
+
+def test_decode_benchmark_records_each_model_and_the_ratio(models):
+    """benchmarks/vllm_cpu_decode.py on vLLM's CPU build: every request decodes the tokens asked (EOS ignored),
+    each engine's load time and peak memory are recorded, and the ratio is the two throughputs'."""
+    pytest.importorskip("vllm")
+    root, bf16, kbvq, _ = models
+    out = root / "decode.json"
+    _script("vllm_cpu_decode.py", "--base", str(bf16), "--kbvq", str(kbvq), "--batch", "1", "2", "--tokens", "4",
+            "--repeats", "1", "--out", str(out))
+    rec = json.loads(out.read_text())
+    name = f"kbvq:{kbvq.name}"
+    for model in ("base", name):
+        assert [(r["batch"], r["output_tokens"]) for r in rec[model]["runs"]] == [(1, 4), (2, 8)]
+        assert 0 < rec[model]["load_s"] and 0.05 < rec[model]["peak_anon_gib"] <= rec[model]["peak_rss_gib"] < 24
+    for b, r in rec["kbvq_over_base_throughput"][name].items():
+        base, q = (next(x for x in rec[m]["runs"] if str(x["batch"]) == b) for m in ("base", name))
+        assert r == pytest.approx(q["tokens_per_s"] / base["tokens_per_s"])

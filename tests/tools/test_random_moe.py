@@ -37,6 +37,7 @@ def test_transformers_loads_every_tensor_and_runs(written):
     assert not any(info.values()), info  # no missing, unexpected or mismatched tensor
     assert MoEGeometry.from_config(model.config) == TINY.geom
     assert model.config.num_hidden_layers == 3 and model.config.vocab_size == 1000
+    assert model.config.architectures == [type(model).__name__]  # serving engines pick the model class by it
     tok = AutoTokenizer.from_pretrained(path)
     assert len(tok) == 300  # the embedding is padded past the tokenizer, as released models' are
     logits = model(tok("The quick brown fox", return_tensors="pt").input_ids).logits
