@@ -21,19 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from quantize_tools.eval.machine import describe
-
-
-def _status_kb(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, val = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile"):
-                out[key] = int(val.split()[0])
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        pass
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.processes import watch  # noqa: E402
+from quantize_tools.eval.machine import describe  # noqa: E402
 
 
 def _dir_bytes(path: Path) -> int:
@@ -47,22 +37,15 @@ def _option(args: list[str], name: str) -> str | None:
 def run(quantize_args: list[str]) -> dict:
     output = Path(_option(quantize_args, "--output") or "")
     cmd = [sys.executable, "-m", "quantize_tools.cli", *quantize_args]
-    peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
     load_before = os.getloadavg()
-    loads = []
     t = time.time()
     proc = subprocess.Popen(cmd)
-    while proc.poll() is None:
-        for key, kb in _status_kb(proc.pid).items():
-            peak[key] = max(peak[key], kb)
-        if int(time.time() - t) % 60 == 0:
-            loads.append(os.getloadavg()[0])
-        time.sleep(1)
+    mem = watch(proc, interval=1.0)
     wall = time.time() - t
     session = {"command": ["kbvq-quantize", *quantize_args], "returncode": proc.returncode, "wall_s": round(wall, 1),
-               "peak_rss_gib": round(peak["VmRSS"] / 2**20, 2), "peak_anon_gib": round(peak["RssAnon"] / 2**20, 2),
-               "peak_file_mapped_gib": round(peak["RssFile"] / 2**20, 2), "load_avg_before": load_before,
-               "load_avg_1min_samples": loads, "load_avg_after": os.getloadavg()}
+               "peak_rss_gib": mem["total"]["VmRSS"], "peak_anon_gib": mem["total"]["RssAnon"],
+               "peak_file_mapped_gib": mem["total"]["RssFile"], "load_avg_before": load_before,
+               "load_avg_after": os.getloadavg()}
     report_file = output / "kbvq_report.json"
     if proc.returncode == 0 and report_file.is_file():
         report = json.loads(report_file.read_text())

@@ -23,7 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from quantize_tools.eval.machine import describe
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.processes import watch  # noqa: E402
+from quantize_tools.eval.machine import describe  # noqa: E402
 
 
 def _worker(model: str, batches: list[int], tokens: int, dtype: str, repeats: int, profile: bool) -> dict:
@@ -52,42 +54,6 @@ def _worker(model: str, batches: list[int], tokens: int, dtype: str, repeats: in
         rows.append({"batch": b, "output_tokens": n, "seconds": dt, "tokens_per_s": n / dt,
                      "ms_per_step": 1000 * dt / tokens, "repeats_s": times})
     return {"model": model, "load_s": load_s, "runs": rows}
-
-
-def _peak_tree_memory(proc: subprocess.Popen, interval: float = 0.5) -> dict:
-    """Wait for ``proc``; the peak over its run of the resident memory of it and its descendants (vLLM's engine
-    core is a child process), summed, in GiB: all of it (``VmRSS``) and the anonymous part (``RssAnon``; the
-    rest is mapped files, the checkpoint's pages among them, which the kernel can drop)."""
-    peak = {"VmRSS": 0, "RssAnon": 0}
-    while proc.poll() is None:
-        now = dict.fromkeys(peak, 0)
-        for pid in _tree(proc.pid):
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    key, _, val = line.partition(":")
-                    if key in now:
-                        now[key] += int(val.split()[0])
-            except (OSError, ValueError):
-                continue
-        peak = {k: max(peak[k], now[k]) for k in peak}
-        time.sleep(interval)
-    return {"peak_rss_gib": round(peak["VmRSS"] / 2**20, 2), "peak_anon_gib": round(peak["RssAnon"] / 2**20, 2)}
-
-
-def _tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, ()))
-    return out
 
 
 # op-name keywords -> part of a decode step (first match wins); everything else is "other model ops"
@@ -149,14 +115,15 @@ def main(argv=None) -> int:
                *(["--profile"] if profile else [])]
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
             proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-            peak = _peak_tree_memory(proc)
+            mem = watch(proc)
             out.seek(0), err.seek(0)
             stdout, stderr = out.read(), err.read()
         line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             print(stderr[-4000:], file=sys.stderr)
             return None
-        return {**json.loads(line[-1][7:]), **peak}
+        return {**json.loads(line[-1][7:]), "peak_rss_gib": mem["total"]["VmRSS"],
+                "peak_anon_gib": mem["total"]["RssAnon"], "memory": mem}
 
     for name, model in models:
         if (r := worker(model, False)) is None:

@@ -4,6 +4,7 @@ first layers of both (the bf16-vs-KBVQ decode ratio is measured on such cuts).""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,31 @@ def test_decode_benchmark_records_each_model_and_the_ratio(models):
     for b, r in rec["kbvq_over_base_throughput"][name].items():
         base, q = (next(x for x in rec[m]["runs"] if str(x["batch"]) == b) for m in ("base", name))
         assert r == pytest.approx(q["tokens_per_s"] / base["tokens_per_s"])
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="vLLM's CPU build runs one core per rank")
+def test_tensor_parallel_benchmark_compares_two_ranks_with_one(models):
+    """benchmarks/vllm_tp.py: the KBVQ checkpoint served by one process and by two ranks gives the same greedy
+    tokens, and the record holds the two ranks' worker processes with their memory."""
+    pytest.importorskip("vllm")
+    root, _, kbvq, _ = models
+    out = root / "tp.json"
+    _script("vllm_tp.py", "--model", str(kbvq), "--tp", "2", "--tokens", "4", "--prompts", "The river", "A group is",
+            "--out", str(out))
+    rec = json.loads(out.read_text())
+    c = rec["tp2_vs_tp1"]
+    assert c["all_tokens_equal"] and [len(r["ids"]) for r in rec["runs"]["tp2"]["outputs"]] == [4, 4]
+    assert c["max_prompt_logprob_diff"] < 0.1  # bf16 activations, summed in another order across two ranks
+    procs = rec["runs"]["tp2"]["memory"]["processes"]
+    assert len(procs) >= len(rec["runs"]["tp1"]["memory"]["processes"]) + 1  # a second rank's worker at least
+
+
+def test_tp_comparison_names_where_outputs_part():
+    from benchmarks.vllm_tp import compare
+
+    run = lambda ids, lps: {"outputs": [{"ids": ids, "prompt_logprobs": lps, "top2_margin": [0.5, 0.01, 0.2]}]}  # noqa: E731
+    same = compare(run([1, 2, 3], [None, -1.0, -2.0]), run([1, 2, 3], [None, -1.0, -2.5]))
+    assert same["all_tokens_equal"] and same["max_prompt_logprob_diff"] == pytest.approx(0.5)
+    parted = compare(run([1, 2, 3], [None, -1.0]), run([1, 4, 3], [None, -1.0]))
+    assert not parted["all_tokens_equal"]
+    assert parted["prompts"][0]["first_difference"] == 1 and parted["prompts"][0]["top2_margin_there"] == 0.01
