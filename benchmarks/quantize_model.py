@@ -1,6 +1,6 @@
 """A whole-model kbvq-quantize run, measured: wall time, each layer's seconds, peak memory, disk written.
 
-    python benchmarks/quantize_model.py --json benchmarks/results/quantize_qwen15_full.json -- \\
+    python benchmarks/quantize_model.py --out benchmarks/results/quantize_qwen15_full.json -- \\
         --model out/qwen15-full --output out/qwen15-full-kbvq2 --bits 2 --nsamples 16 --seqlen 512 \\
         --kmeans-iters 20 --kmeans-sample 131072 --no-plain-vq-report
 
@@ -60,18 +60,18 @@ def run(quantize_args: list[str]) -> dict:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" not in argv:
-        raise SystemExit("usage: quantize_model.py --json FILE -- KBVQ-QUANTIZE ARGS (see --help)")
-    cut = argv.index("--")
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    cut = argv.index("--") if "--" in argv else len(argv)
+    ap = argparse.ArgumentParser(usage="%(prog)s --out FILE -- KBVQ-QUANTIZE ARGS", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", type=Path, required=True, help="record file; an existing one gains this session")
+    ap.add_argument("--out", type=Path, required=True, help="record file (JSON); an existing one gains this session")
     args = ap.parse_args(argv[:cut])
+    if cut == len(argv):
+        ap.error("give kbvq-quantize's arguments after --")
     session = run(argv[cut + 1:])
-    record = json.loads(args.json.read_text()) if args.json.is_file() else {"machine": describe(), "sessions": []}
+    record = json.loads(args.out.read_text()) if args.out.is_file() else {"machine": describe(), "sessions": []}
     record["sessions"].append(session)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(record, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1))
     print(json.dumps({k: v for k, v in session.items() if k != "layer_seconds"}, indent=1))
     return session["returncode"]
 

@@ -54,7 +54,9 @@ common vLLM server options (after CKPT; any other vLLM server option works too):
                         share of GPU memory vLLM may take for the weights and
                         the KV cache
   --tensor-parallel-size N
-                        number of GPUs to split the model over (default: 1)
+                        number of GPUs to split the model over (default: 1);
+                        on CPU, processes: each gets an equal share of the
+                        cores unless VLLM_CPU_OMP_THREADS_BIND says otherwise
   --dtype DTYPE         compute dtype: auto, bfloat16, float16 or float32
   --config FILE         read server options from a YAML file
 
@@ -63,6 +65,10 @@ environment:
                         GiB of memory for the KV cache on CPU; when no GPU is
                         visible and it is unset, {PROG} sets {KVCACHE_DEFAULT_GIB} (vLLM's own
                         default reservation fails on small machines)
+  VLLM_CPU_OMP_THREADS_BIND
+                        on CPU, the cores of each tensor-parallel rank, e.g.
+                        0-7|8-15; with more ranks than NUMA nodes and it unset,
+                        {PROG} splits this process' cores evenly
   KBVQ_REQUIRE_GPU=1    refuse to start without a visible CUDA device (set in
                         the GPU image)
 
@@ -106,7 +112,44 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(e))
     if not _cuda_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", KVCACHE_DEFAULT_GIB)
+        ranks = _tensor_parallel_size(argv)
+        if ranks > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and _numa_nodes() < ranks:
+            cpus = sorted(os.sched_getaffinity(0))
+            if len(cpus) < ranks:
+                return _error(f"--tensor-parallel-size {ranks} on CPU needs at least one core per rank; this "
+                              f"process may use {len(cpus)}")
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(cpus, ranks)
+            print(f"{PROG}: {ranks} tensor-parallel ranks on CPUs {os.environ['VLLM_CPU_OMP_THREADS_BIND']} "
+                  "(VLLM_CPU_OMP_THREADS_BIND; set it to choose)", file=sys.stderr)
     return _run_server(server_argv(argv))
+
+
+def _tensor_parallel_size(argv: list[str]) -> int:
+    for i, a in enumerate(argv):
+        for flag in ("--tensor-parallel-size", "-tp"):
+            if a == flag and i + 1 < len(argv):
+                return int(argv[i + 1]) if argv[i + 1].isdigit() else 1
+            if a.startswith(flag + "="):
+                value = a.split("=", 1)[1]
+                return int(value) if value.isdigit() else 1
+    return 1
+
+
+def _numa_nodes() -> int:
+    return max(1, len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))))
+
+
+def cpu_bind(cpus: list[int], ranks: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` giving each rank an equal share of ``cpus`` (in order, the remainder to the
+    first ranks). vLLM's CPU build binds rank N to NUMA node N by default and so refuses more ranks than
+    nodes; on one node (most single-socket machines) the cores must be split by hand."""
+    share, extra = divmod(len(cpus), ranks)
+    groups, start = [], 0
+    for r in range(ranks):
+        n = share + (r < extra)
+        groups.append(",".join(map(str, cpus[start:start + n])))
+        start += n
+    return "|".join(groups)
 
 
 def _error(message: str) -> int:

@@ -3,6 +3,7 @@
 Everything here runs the real commands in subprocesses (``python -m``, as the console scripts do) and
 never starts vLLM.
 """
+import os
 import re
 import subprocess
 import sys
@@ -61,6 +62,28 @@ def test_serve_refuses_a_missing_relative_path_at_once(tmp_path):
     assert "out/no-such-ckpt does not exist" in line and str(tmp_path) in line
     assert "local checkpoint directory" in line and "hf download" in line
     assert seconds < 10
+
+
+@pytest.mark.parametrize("n_cpus, ranks", [(2, 2), (16, 2), (7, 3), (4, 4)])
+def test_serve_splits_the_cores_between_cpu_ranks(n_cpus, ranks):
+    """Every core given to exactly one rank, in order, shares differing by at most one: parsed back the way
+    vLLM reads VLLM_CPU_OMP_THREADS_BIND (rank lists split on "|", ids on ",")."""
+    from vllm_kbvq.serve import cpu_bind
+
+    cpus = list(range(3, 3 + n_cpus))  # the usable CPUs need not start at 0
+    groups = [[int(c) for c in g.split(",")] for g in cpu_bind(cpus, ranks).split("|")]
+    assert len(groups) == ranks and sum(groups, []) == cpus
+    assert max(map(len, groups)) - min(map(len, groups)) <= 1
+
+
+def test_serve_refuses_more_cpu_ranks_than_cores(kbvq_tiny, tmp_path):
+    """Checked after the checkpoint, before vLLM starts: on CPU each tensor-parallel rank needs a core."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    r, seconds = _run("vllm_kbvq.serve", [str(kbvq_tiny("qwen2_moe")), "--tensor-parallel-size", "512"], cwd=tmp_path,
+                      env=env)
+    line = _one_error_line(r, "kbvq-serve")
+    assert "--tensor-parallel-size 512 on CPU needs at least one core per rank" in line
 
 
 def test_serve_refuses_a_file(tmp_path):

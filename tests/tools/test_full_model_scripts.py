@@ -29,7 +29,7 @@ def models(tmp_path_factory):
     bf16, kbvq, record = root / "bf16", root / "kbvq2", root / "quantize.json"
     _script("random_moe.py", "--shape", "tiny", "--out", str(bf16), "--layers", "3", "--layers-per-shard", "2",
             "--vocab", "1000", "--tokenizer-vocab", "300", "--shared-rank", "8")
-    _script("quantize_model.py", "--json", str(record), "--", "--model", str(bf16), "--output", str(kbvq),
+    _script("quantize_model.py", "--out", str(record), "--", "--model", str(bf16), "--output", str(kbvq),
             "--nsamples", "4", "--seqlen", "64", "--kmeans-iters", "3", "--kmeans-sample", "4096", "--threads", "2",
             "--no-plain-vq-report", "--quiet")
     return root, bf16, kbvq, json.loads(record.read_text())
