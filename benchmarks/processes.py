@@ -6,7 +6,10 @@ tensor-parallel workers are processes of their own), sampled from /proc while it
 """
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,3 +62,18 @@ def watch(proc: subprocess.Popen, interval: float = 0.5) -> dict:
     return {"total": {k: gib(v) for k, v in total.items()},
             "processes": [{"pid": pid, "name": p["name"], **{k: gib(p[k]) for k in KEYS}}
                           for pid, p in sorted(per.items()) if p["VmRSS"] > 100 * 1024]}
+
+
+def run_worker(cmd: list[str]) -> dict | None:
+    """Run a benchmark's worker process, which prints its result as one ``RESULT {json}`` line; that result with
+    the process tree's ``memory`` (:func:`watch`), or None (its stderr's tail printed) if it failed."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        mem = watch(proc)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        print(stderr[-4000:], file=sys.stderr)
+        return None
+    return {**json.loads(line[-1][len("RESULT "):]), "memory": mem}

@@ -17,14 +17,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.processes import watch  # noqa: E402
+from benchmarks.processes import run_worker  # noqa: E402
 from quantize_tools.eval.machine import describe  # noqa: E402
 
 
@@ -113,17 +111,9 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--kbvq", *a.kbvq, "--worker", model, "--tokens",
                str(a.tokens), "--dtype", a.dtype, "--repeats", str(a.repeats), "--batch", *map(str, a.batch),
                *(["--profile"] if profile else [])]
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-            mem = watch(proc)
-            out.seek(0), err.seek(0)
-            stdout, stderr = out.read(), err.read()
-        line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(stderr[-4000:], file=sys.stderr)
-            return None
-        return {**json.loads(line[-1][7:]), "peak_rss_gib": mem["total"]["VmRSS"],
-                "peak_anon_gib": mem["total"]["RssAnon"], "memory": mem}
+        r = run_worker(cmd)
+        return None if r is None else {**r, "peak_rss_gib": r["memory"]["total"]["VmRSS"],
+                                       "peak_anon_gib": r["memory"]["total"]["RssAnon"]}
 
     for name, model in models:
         if (r := worker(model, False)) is None:

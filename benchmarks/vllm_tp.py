@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.processes import watch  # noqa: E402
+from benchmarks.processes import run_worker  # noqa: E402
 from quantize_tools.eval.machine import describe  # noqa: E402
 
 PROMPTS = ["The history of the city begins", "In mathematics, a group is", "The river flows through",
@@ -57,21 +55,6 @@ def _worker(model: str, tp: int, dtype: str, tokens: int, prompts: list[str]) ->
         res.append({"ids": list(o.outputs[0].token_ids), "prompt_logprobs": prompt_lp,
                     "top2_margin": [s[0] - s[1] if len(s) > 1 else None for s in steps]})
     return {"load_s": load_s, "generate_s": gen_s, "outputs": res}
-
-
-def _run(args: list[str]) -> dict | None:
-    """One worker process; its result, with the peak resident memory of it and of each process it started."""
-    cmd = [sys.executable, __file__, *args]
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        mem = watch(proc)
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    line = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode or not line:
-        print(stderr[-4000:], file=sys.stderr)
-        return None
-    return {**json.loads(line[-1][7:]), "memory": mem}
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -107,7 +90,7 @@ def main(argv=None) -> int:
     runs = {}
     for name, tp, dtype in [("tp1", 1, a.dtype), (f"tp{a.tp}", a.tp, a.dtype)] + (
             [(f"tp1_{a.noise_dtype}", 1, a.noise_dtype)] if a.noise_dtype else []):
-        if (r := _run([*base, "--worker", str(tp), dtype])) is None:
+        if (r := run_worker([sys.executable, __file__, *base, "--worker", str(tp), dtype])) is None:
             return 1
         runs[name] = r
         mem = ", ".join(f"{x['name']} {x['VmRSS']:.2f} GiB" for x in r["memory"]["processes"])
