@@ -72,21 +72,21 @@ class ShardReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, from its header (nothing read)."""
+        return tuple(self._handle(name)[1].get_slice(name).get_shape())
+
+    def _handle(self, name: str):
+        """The file holding ``name`` and its open handle (opened on first use, or again after :meth:`release`)."""
         if name not in self.files:
             raise CheckpointError(f"tensor {name} is not in the checkpoint {self.dir}")
         file = self.files[name]
         if file not in self._handles:
             self._handles[file] = _open(file)
-        return tuple(self._handles[file].get_slice(name).get_shape())
+        return file, self._handles[file]
 
     def get(self, name: str, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
-        if name not in self.files:
-            raise CheckpointError(f"tensor {name} is not in the checkpoint {self.dir}")
-        file = self.files[name]
-        if file not in self._handles:
-            self._handles[file] = _open(file)
+        file, handle = self._handle(name)
         try:
-            t = self._handles[file].get_tensor(name)
+            t = handle.get_tensor(name)
         except SafetensorError as e:
             raise CheckpointError(f"{file}: tensor {name} cannot be read ({e})") from None
         if dtype is not None:
