@@ -42,11 +42,10 @@ def cut(src: Path, dst: Path, n_layers: int) -> dict:
     if not shards:
         raise SystemExit(f"{src}: no *.safetensors files")
     config["num_hidden_layers"] = n_layers
-    for key in ("layer_types", "mlp_only_layers"):  # per-layer lists some configs carry
-        if isinstance(config.get(key), list) and key == "layer_types":
-            config[key] = config[key][:n_layers]
-        elif isinstance(config.get(key), list):
-            config[key] = [i for i in config[key] if i < n_layers]
+    if isinstance(config.get("layer_types"), list):  # one entry per layer
+        config["layer_types"] = config["layer_types"][:n_layers]
+    if isinstance(config.get("mlp_only_layers"), list):  # layer indices
+        config["mlp_only_layers"] = [i for i in config["mlp_only_layers"] if i < n_layers]
     q = config.get("quantization_config")
     if q is not None:
         q["layers"] = [i for i in q["layers"] if i < n_layers]

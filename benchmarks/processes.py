@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 KEYS = ("VmRSS", "RssAnon", "RssFile")
@@ -40,9 +41,10 @@ def status(pid: int) -> dict[str, str]:
         return {}
 
 
-def watch(proc: subprocess.Popen, interval: float = 0.5) -> dict:
+def watch(proc: subprocess.Popen, interval: float = 0.5, on_sample: Callable[[dict], None] | None = None) -> dict:
     """Wait for ``proc``. Returns ``{"total": {key: GiB}, "processes": [...]}``: the peak of the tree's summed
-    memory, and each process' own peaks (those that held more than 100 MiB), in GiB."""
+    memory, and each process' own peaks (those that held more than 100 MiB), in GiB. ``on_sample`` hears each
+    sample of the tree's summed memory (kB), to attribute it to what the process was doing then."""
     total = dict.fromkeys(KEYS, 0)
     per: dict[int, dict] = {}
     while proc.poll() is None:
@@ -57,6 +59,8 @@ def watch(proc: subprocess.Popen, interval: float = 0.5) -> dict:
                 now[k] += kb
                 p[k] = max(p[k], kb)
         total = {k: max(total[k], now[k]) for k in KEYS}
+        if on_sample is not None:
+            on_sample(now)
         time.sleep(interval)
     gib = lambda kb: round(kb / 2**20, 2)  # noqa: E731
     return {"total": {k: gib(v) for k, v in total.items()},

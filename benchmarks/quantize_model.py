@@ -9,15 +9,20 @@ run: the JSON then gains one entry per session in ``sessions``). The child's mem
 /proc every second: resident set (``VmRSS``) and its anonymous part (``RssAnon``: what the run itself
 holds; the rest is checkpoint pages mapped while they are read, which the kernel can drop). Each layer's
 seconds come from the report's per-layer ``seconds``; the machine and its load are recorded, as for
-every figure here.
+every figure here. Each memory sample is also put down to the stage the quantizer's progress line named at
+that moment (``peak_anon_gib_by_stage``: the start-up checks, a layer's capture, each weight type's KLT and
+joint SVD, k-means, BCOS, the forward, writing the checkpoint), so a peak can be traced to its stage; the
+progress line is still shown. With ``--quiet`` there is no progress line and no stage.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,18 +39,59 @@ def _option(args: list[str], name: str) -> str | None:
     return args[args.index(name) + 1] if name in args and args.index(name) + 1 < len(args) else None
 
 
+class Stages:
+    """Follows the quantizer's progress output (passed on to our stderr) and keeps, per stage, the peak anonymous
+    memory sampled while that stage was the last one named. A stage is the text after ``layer N:`` in the bar
+    with every number made ``#`` (so 24 layers and 20 Lloyd iterations make one stage), ``start-up`` before
+    any layer, ``writing the checkpoint`` at the end."""
+
+    _LAYER = re.compile(r"layer (\d+): ([^\]]*)\]")
+
+    def __init__(self):
+        self.now, self.layer = "start-up", None
+        self.peak: dict[str, dict] = {}
+
+    def follow(self, stream) -> None:
+        buf = ""
+        for chunk in iter(lambda: stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096), b""):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            buf += chunk.decode(errors="replace")
+            *lines, buf = re.split(r"[\r\n]", buf)
+            for line in lines:
+                self.see(line)
+
+    def see(self, line: str) -> None:
+        if "writing the checkpoint" in line:
+            self.now, self.layer = "writing the checkpoint", None
+        elif (m := self._LAYER.findall(line)):
+            layer, stage = m[-1]
+            self.now, self.layer = re.sub(r"\d+", "#", stage.strip()), int(layer)
+
+    def sample(self, kb: dict) -> None:
+        gib = round(kb["RssAnon"] / 2**20, 2)
+        p = self.peak.get(self.now)
+        if p is None or gib > p["anon_gib"]:
+            self.peak[self.now] = {"anon_gib": gib, "rss_gib": round(kb["VmRSS"] / 2**20, 2), "layer": self.layer}
+
+
 def run(quantize_args: list[str]) -> dict:
     output = Path(_option(quantize_args, "--output") or "")
     cmd = [sys.executable, "-m", "quantize_tools.cli", *quantize_args]
     load_before = os.getloadavg()
     t = time.time()
-    proc = subprocess.Popen(cmd)
-    mem = watch(proc, interval=1.0)
+    stages = Stages()
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    reader = threading.Thread(target=stages.follow, args=(proc.stderr,), daemon=True)
+    reader.start()
+    mem = watch(proc, interval=1.0, on_sample=stages.sample)
+    reader.join(timeout=10)
     wall = time.time() - t
     session = {"command": ["kbvq-quantize", *quantize_args], "returncode": proc.returncode, "wall_s": round(wall, 1),
                "peak_rss_gib": mem["total"]["VmRSS"], "peak_anon_gib": mem["total"]["RssAnon"],
-               "peak_file_mapped_gib": mem["total"]["RssFile"], "load_avg_before": load_before,
-               "load_avg_after": os.getloadavg()}
+               "peak_file_mapped_gib": mem["total"]["RssFile"],
+               "peak_anon_gib_by_stage": dict(sorted(stages.peak.items(), key=lambda kv: -kv[1]["anon_gib"])),
+               "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
     report_file = output / "kbvq_report.json"
     if proc.returncode == 0 and report_file.is_file():
         report = json.loads(report_file.read_text())

@@ -18,6 +18,7 @@ import json
 import os
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,7 +174,7 @@ def quantize(
             raise QuantizeError(f"--bits-budget {opts.bits_budget}: this model's layers need at least {least:.3f} bits "
                                 "per expert weight, with every matrix at its cheapest of --candidate-widths")
 
-    _check_checkpoint(reader, geom, cfg)
+    _check_checkpoint(reader, geom, cfg, progress)
     fingerprint = run_folder.fingerprint(model_dir, opts, tokens)
     previous = run_folder.previous_result(output, fingerprint, overwrite, resume, progress)
     if previous is not None:
@@ -192,8 +193,9 @@ def quantize(
     return report
 
 
-def _check_checkpoint(reader, geom: MoEGeometry, cfg: KBVQConfig) -> None:
-    """Every tensor finite, every expert matrix present with its shape, before any work is done."""
+def _check_checkpoint(reader, geom: MoEGeometry, cfg: KBVQConfig, progress: bool = False) -> None:
+    """Every tensor finite, every expert matrix present with its shape, before any work is done (a bar: reading a
+    28 GB model takes minutes)."""
     for layer in cfg.layers:
         for ref in layer_matrices(geom, cfg, layer):
             name = ref.name("weight")
@@ -202,7 +204,7 @@ def _check_checkpoint(reader, geom: MoEGeometry, cfg: KBVQConfig) -> None:
             shape = reader.shape(name)
             if shape != (ref.oc, ref.ic):
                 raise CheckpointError(f"{reader.dir}: {name} has shape {list(shape)}, expected {[ref.oc, ref.ic]}")
-    for name in reader.names():
+    for name in tqdm(reader.names(), desc="kbvq checks", unit="tensor", disable=not progress):
         reader.get(name)  # raises on NaN / inf
     reader.release()
 
@@ -287,6 +289,8 @@ def _run(job: _Job, model, tokens: torch.Tensor, resumed: bool) -> dict:
             state["done"].append(i)
             run_folder.write_progress(partial, state)
     bar.close()
+    if job.progress:
+        print(f"kbvq-quantize: writing the checkpoint to {job.output}", file=sys.stderr, flush=True)
     return _finalize(job, state)
 
 

@@ -31,7 +31,7 @@ def models(tmp_path_factory):
             "--vocab", "1000", "--tokenizer-vocab", "300", "--shared-rank", "8")
     _script("quantize_model.py", "--out", str(record), "--", "--model", str(bf16), "--output", str(kbvq),
             "--nsamples", "4", "--seqlen", "64", "--kmeans-iters", "3", "--kmeans-sample", "4096", "--threads", "2",
-            "--no-plain-vq-report", "--quiet")
+            "--no-plain-vq-report")
     return root, bf16, kbvq, json.loads(record.read_text())
 
 
@@ -46,6 +46,28 @@ def test_quantize_record_holds_each_layer_and_the_memory(models):
     # a python process holding torch is well above 50 MiB of its own memory, and below the machine's
     assert 0.05 < session["peak_anon_gib"] <= session["peak_rss_gib"] < 24
     assert session["summary"]["expert_bits_per_weight"] == report["summary"]["expert_bits_per_weight"]
+    # every sample is put down to a stage, so the stages' peaks hold the run's peak; stages are the bar's texts
+    stages = session["peak_anon_gib_by_stage"]
+    assert max(p["anon_gib"] for p in stages.values()) == session["peak_anon_gib"]
+    assert "start-up" in stages
+    assert all(s in ("start-up", "writing the checkpoint") or not any(c.isdigit() for c in s) for s in stages)
+
+
+def test_stages_follow_the_progress_line():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.quantize_model import Stages
+
+    st = Stages()
+    st.sample({"RssAnon": 2**20, "VmRSS": 2 * 2**20})
+    st.see("kbvq layers:  4%|4  | 1/24 [04:08<1:35:00, 248.00s/layer, layer 1: experts gate (1/6): k-means "
+           "iteration 3/20]")
+    st.sample({"RssAnon": 3 * 2**20, "VmRSS": 4 * 2**20})
+    st.sample({"RssAnon": 2 * 2**20, "VmRSS": 4 * 2**20})
+    st.see("kbvq-quantize: writing the checkpoint to out/x")
+    st.sample({"RssAnon": 2**19, "VmRSS": 2**20})
+    assert st.peak == {"start-up": {"anon_gib": 1.0, "rss_gib": 2.0, "layer": None},
+                       "experts gate (#/#): k-means iteration #/#": {"anon_gib": 3.0, "rss_gib": 4.0, "layer": 1},
+                       "writing the checkpoint": {"anon_gib": 0.5, "rss_gib": 1.0, "layer": None}}
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -146,3 +168,51 @@ def test_tp_comparison_names_where_outputs_part():
     parted = compare(run([1, 2, 3], [None, -1.0]), run([1, 4, 3], [None, -1.0]))
     assert not parted["all_tokens_equal"]
     assert parted["prompts"][0]["first_difference"] == 1 and parted["prompts"][0]["top2_margin_there"] == 0.01
+
+
+def test_gguf_conversion_holds_every_tensor_under_llama_cpp_names(models):
+    """llama_cpp.py convert: each tensor read back from the GGUF equals the checkpoint's (the experts stacked in
+    order, norms/biases/router widened to float32 exactly), and the hyper-parameters are the config's."""
+    import gguf
+    from safetensors.torch import load_file
+
+    root, bf16, _, _ = models
+    out = root / "model-bf16.gguf"
+    _script("llama_cpp.py", "convert", str(bf16), str(out))
+    assert not (root / "model-bf16.gguf.partial").exists()
+    src = {}
+    for f in bf16.glob("*.safetensors"):
+        src.update(load_file(f))
+    config = json.loads((bf16 / "config.json").read_text())
+    reader = gguf.GGUFReader(out)
+    got = {}
+    for t in reader.tensors:
+        data = torch.from_numpy(t.data.copy())
+        if t.tensor_type == gguf.GGMLQuantizationType.BF16:
+            data = data.view(torch.bfloat16)
+        got[t.name] = data.reshape(tuple(int(d) for d in reversed(t.shape)))
+    n_layers, n_exp = config["num_hidden_layers"], config["num_experts"]
+    assert len(got) == len(src) - n_layers * n_exp * 3 + n_layers * 3
+    assert torch.equal(got["token_embd.weight"], src["model.embed_tokens.weight"])
+    assert torch.equal(got["output.weight"], src["lm_head.weight"])
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        for proj, name in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
+            want = torch.stack([src[f"{p}mlp.experts.{e}.{proj}.weight"] for e in range(n_exp)])
+            assert torch.equal(got[f"blk.{i}.ffn_{name}_exps.weight"], want)
+            assert torch.equal(got[f"blk.{i}.ffn_{name}_shexp.weight"], src[f"{p}mlp.shared_expert.{proj}.weight"])
+        assert got[f"blk.{i}.ffn_gate_inp.weight"].dtype == torch.float32
+        assert torch.equal(got[f"blk.{i}.ffn_gate_inp.weight"], src[f"{p}mlp.gate.weight"].float())
+        assert torch.equal(got[f"blk.{i}.ffn_gate_inp_shexp.weight"], src[f"{p}mlp.shared_expert_gate.weight"][0].float())
+        assert torch.equal(got[f"blk.{i}.attn_q.bias"], src[f"{p}self_attn.q_proj.bias"].float())
+        assert torch.equal(got[f"blk.{i}.attn_output.weight"], src[f"{p}self_attn.o_proj.weight"])
+        assert torch.equal(got[f"blk.{i}.attn_norm.weight"], src[f"{p}input_layernorm.weight"].float())
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    assert field("general.architecture") == "qwen2moe"
+    assert field("qwen2moe.block_count") == n_layers
+    assert field("qwen2moe.expert_count") == n_exp
+    assert field("qwen2moe.expert_feed_forward_length") == config["moe_intermediate_size"]
+    assert len(field("tokenizer.ggml.tokens")) == config["vocab_size"]
+    # an existing output is never overwritten
+    r = _script("llama_cpp.py", "convert", str(bf16), str(out), ok=False)
+    assert r.returncode != 0 and "exists" in r.stderr
