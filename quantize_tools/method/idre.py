@@ -89,7 +89,9 @@ def joint_svd(w: torch.Tensor, t: KLT, rank: int) -> IDREResult:
     rho = float(sig2[-rank:].sum() / sig2.sum().clamp_min(torch.finfo(torch.float64).tiny))
     b = (uk.T @ t.u_inv).to(torch.float16)
     a = (wu @ uk).to(torch.float16)
-    residual = (w64 - a.to(torch.float64) @ b.to(torch.float64)).to(torch.float32)
+    del wu  # float64 copies of all experts are the quantizer's largest working set: two at a time, not four
+    low_rank = a.to(torch.float64) @ b.to(torch.float64)
+    residual = torch.sub(w64, low_rank, out=low_rank).to(torch.float32)
     return IDREResult(a=a, b=b, residual=residual.to(w.device), rho=rho)
 
 
