@@ -161,6 +161,9 @@ def convert(model: Path, out: Path) -> None:
             w.add_tensor_info(target, shape, np.dtype(np.float32), n * 4)
         else:
             w.add_tensor_info(target, shape, np.dtype(np.uint16), n * 2, raw_dtype=gguf.GGMLQuantizationType.BF16)
+    if partial.exists():
+        raise SystemExit(f"{partial} exists: another conversion is writing it, or one was killed; remove it first")
+    partial.touch()
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()

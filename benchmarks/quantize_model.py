@@ -11,8 +11,9 @@ holds; the rest is checkpoint pages mapped while they are read, which the kernel
 seconds come from the report's per-layer ``seconds``; the machine and its load are recorded, as for
 every figure here. Each memory sample is also put down to the stage the quantizer's progress line named at
 that moment (``peak_anon_gib_by_stage``: the start-up checks, a layer's capture, each weight type's KLT and
-joint SVD, k-means, BCOS, the forward, writing the checkpoint), so a peak can be traced to its stage; the
-progress line is still shown. With ``--quiet`` there is no progress line and no stage.
+joint SVD, k-means, BCOS, the forward, writing the checkpoint), so a peak can be traced to its stage, and
+each layer's least and most are kept (``anon_gib_by_layer``: memory held from one layer to the next shows as
+growth). The progress line is still shown. With ``--quiet`` there is no progress line and no stage.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class Stages:
     def __init__(self):
         self.now, self.layer = "start-up", None
         self.peak: dict[str, dict] = {}
+        self.by_layer: dict[int, tuple[float, float]] = {}
 
     def follow(self, stream) -> None:
         buf = ""
@@ -73,6 +75,9 @@ class Stages:
         p = self.peak.get(self.now)
         if p is None or gib > p["anon_gib"]:
             self.peak[self.now] = {"anon_gib": gib, "rss_gib": round(kb["VmRSS"] / 2**20, 2), "layer": self.layer}
+        if self.layer is not None:  # a layer's least and most: memory that stays from layer to layer shows as growth
+            low, high = self.by_layer.get(self.layer, (gib, gib))
+            self.by_layer[self.layer] = (min(low, gib), max(high, gib))
 
 
 def run(quantize_args: list[str]) -> dict:
@@ -91,6 +96,7 @@ def run(quantize_args: list[str]) -> dict:
                "peak_rss_gib": mem["total"]["VmRSS"], "peak_anon_gib": mem["total"]["RssAnon"],
                "peak_file_mapped_gib": mem["total"]["RssFile"],
                "peak_anon_gib_by_stage": dict(sorted(stages.peak.items(), key=lambda kv: -kv[1]["anon_gib"])),
+               "anon_gib_by_layer": {str(k): {"min": lo, "max": hi} for k, (lo, hi) in sorted(stages.by_layer.items())},
                "load_avg_before": load_before, "load_avg_after": os.getloadavg()}
     report_file = output / "kbvq_report.json"
     if proc.returncode == 0 and report_file.is_file():

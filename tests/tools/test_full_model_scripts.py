@@ -68,6 +68,7 @@ def test_stages_follow_the_progress_line():
     assert st.peak == {"start-up": {"anon_gib": 1.0, "rss_gib": 2.0, "layer": None},
                        "experts gate (#/#): k-means iteration #/#": {"anon_gib": 3.0, "rss_gib": 4.0, "layer": 1},
                        "writing the checkpoint": {"anon_gib": 0.5, "rss_gib": 1.0, "layer": None}}
+    assert st.by_layer == {1: (2.0, 3.0)}
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
