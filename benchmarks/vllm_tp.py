@@ -103,8 +103,11 @@ def main(argv=None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2))
     c = out[f"tp{a.tp}_vs_tp1"]
-    print(f"TP={a.tp} vs TP=1: greedy tokens {'equal' if c['all_tokens_equal'] else 'DIFFER'} on "
-          f"{len(a.prompts)} prompts; prompt log-probs differ by up to {c['max_prompt_logprob_diff']:.2e}")
+    parted = [p for p in c["prompts"] if not p["tokens_equal"]]
+    print(f"TP={a.tp} vs TP=1: greedy tokens equal on {len(a.prompts) - len(parted)} of {len(a.prompts)} prompts"
+          + "".join(f"; one parts at step {p['first_difference']} (top-2 margin there {p['top2_margin_there']:.3g})"
+                    for p in parted)
+          + f"; prompt log-probs differ by up to {c['max_prompt_logprob_diff']:.2e}")
     if a.noise_dtype:
         n = out[f"{a.noise_dtype}_vs_{a.dtype}"]
         print(f"{a.dtype} vs {a.noise_dtype} (the rounding noise): up to {n['max_prompt_logprob_diff']:.2e}")
