@@ -13,25 +13,26 @@ vocabulary padded to the embedding's rows as that converter pads it. ``bench`` r
 at batch 1: ``-p 0 -n TOKENS``) on each file with the process' peak memory sampled from /proc, and records
 file sizes, the machine and its load.
 
-It needs only ``numpy`` and ``gguf`` (a benchmark dependency, never a runtime one: install it in a separate
-environment with llama.cpp; docs/performance.md gives the commands).
+It runs in the project's environment (``gguf`` comes with its ``testbed`` extra); llama.cpp itself is a
+benchmark dependency only, never a runtime one, built apart (docs/performance.md gives the commands).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.processes import watch  # noqa: E402
 from quantize_tools.eval.machine import describe  # noqa: E402
+from quantize_tools.shards import CheckpointError, ShardReader  # noqa: E402
 
 # Hugging Face config key -> GGUF writer method, per architecture (llama.cpp's names for the same numbers).
 ARCHS = {
@@ -50,38 +51,15 @@ ARCHS = {
         "float32": ("norm", "bias", "mlp.gate.weight", "shared_expert_gate"),  # kept out of quantization
     },
 }
-_DTYPES = {"BF16": np.uint16, "F32": np.float32, "F16": np.float16}
 
 
-class Shards:
-    """Tensors of a safetensors checkpoint by name, as memory-mapped raw arrays (bf16 as uint16)."""
-
-    def __init__(self, model: Path):
-        self.where: dict[str, tuple[Path, dict, int]] = {}
-        for f in sorted(model.glob("*.safetensors")):
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(n))
-            header.pop("__metadata__", None)
-            for name, info in header.items():
-                self.where[name] = (f, info, 8 + n)
-        if not self.where:
-            raise SystemExit(f"{model}: no *.safetensors files")
-
-    def get(self, name: str) -> tuple[np.ndarray, str]:
-        f, info, base = self.where[name]
-        if info["dtype"] not in _DTYPES:
-            raise SystemExit(f"{f}: tensor {name} is {info['dtype']}; this writer takes BF16, F16 or F32")
-        start, end = info["data_offsets"]
-        arr = np.memmap(f, dtype=_DTYPES[info["dtype"]], mode="r", offset=base + start, shape=tuple(info["shape"]))
-        assert arr.nbytes == end - start
-        return arr, info["dtype"]
-
-
-def _as_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "BF16":
-        return (arr.astype(np.uint32) << 16).view(np.float32)
-    return arr.astype(np.float32)
+def _raw(t: torch.Tensor, f32: bool, name: str) -> np.ndarray:
+    """A tensor's data as the GGUF stores it: float32, or bfloat16's bits (numpy has no bfloat16)."""
+    if f32:
+        return t.float().contiguous().numpy()
+    if t.dtype != torch.bfloat16:
+        raise SystemExit(f"tensor {name} is {t.dtype}: this writer keeps matrices in bfloat16")
+    return t.contiguous().view(torch.int16).numpy()
 
 
 def _vocab(model: Path, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
@@ -117,12 +95,12 @@ def convert(model: Path, out: Path) -> None:
         raise SystemExit(f"{model}: model_type {config.get('model_type')!r}; this writer knows {', '.join(ARCHS)}")
     if out.exists():
         raise SystemExit(f"{out} exists; give another name or remove it")
-    shards = Shards(model)
+    shards = ShardReader(model)
     n_layers = config["num_hidden_layers"]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec["gguf_arch"].upper()], n_layers)
     plan = []  # (gguf name, [source names], float32?)
-    expert_parts = {n for n in shards.where if ".experts." in n and ".shared_expert" not in n}
-    for name in sorted(n for n in shards.where if n not in expert_parts):
+    expert_parts = {n for n in shards.names() if ".experts." in n and ".shared_expert" not in n}
+    for name in sorted(n for n in shards.names() if n not in expert_parts):
         stem, suffix = name.rsplit(".", 1)
         target = names.get_name(stem)
         if target is None:
@@ -131,7 +109,7 @@ def convert(model: Path, out: Path) -> None:
     for layer in range(n_layers):
         for proj in ("gate_proj", "up_proj", "down_proj"):
             parts = [spec["experts"].format(layer=layer, expert=e, proj=proj) for e in range(config["num_experts"])]
-            missing = [p for p in parts if p not in shards.where]
+            missing = [p for p in parts if p not in shards]
             if missing:
                 raise SystemExit(f"{model}: expert tensor {missing[0]} is missing")
             plan.append((names.get_name(spec["stacked"].format(layer=layer, proj=proj)) + ".weight", parts, False))
@@ -153,7 +131,7 @@ def convert(model: Path, out: Path) -> None:
         if config.get(key) is not None:
             add(config[key])
     for target, parts, f32 in plan:
-        shape = [len(parts), *shards.where[parts[0]][1]["shape"]] if len(parts) > 1 else shards.where[parts[0]][1]["shape"]
+        shape = [len(parts), *shards.shape(parts[0])] if len(parts) > 1 else list(shards.shape(parts[0]))
         if target.endswith("ffn_gate_inp_shexp.weight"):
             shape = [shape[-1]]  # [1, hidden] in transformers, a vector in llama.cpp
         n = int(np.prod(shape))
@@ -169,13 +147,9 @@ def convert(model: Path, out: Path) -> None:
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for _, parts, f32 in tqdm(plan, desc="gguf tensors", unit="tensor"):
-            arrays = [shards.get(p) for p in parts]
-            if any(d != "BF16" for _, d in arrays) and not f32:
-                raise SystemExit(f"{model}: {parts[0]} is not bfloat16; this writer keeps matrices in bf16")
-            data = np.stack([a for a, _ in arrays]) if len(parts) > 1 else arrays[0][0]
-            if f32:
-                data = _as_float32(data, arrays[0][1])
-            w.write_tensor_data(np.ascontiguousarray(data).reshape(-1))
+            t = torch.stack([shards.get(p) for p in parts]) if len(parts) > 1 else shards.get(parts[0])
+            w.write_tensor_data(_raw(t, f32, parts[0]).reshape(-1))
+            shards.release()  # unmap what was read: the resident set stays one layer's tensors
         w.close()
         os.replace(partial, out)
     finally:
@@ -226,7 +200,10 @@ def main(argv=None) -> int:
     b.add_argument("--out", type=Path, help="record file (JSON)")
     args = ap.parse_args(argv)
     if args.cmd == "convert":
-        convert(args.model, args.out)
+        try:
+            convert(args.model, args.out)
+        except CheckpointError as e:
+            raise SystemExit(f"llama_cpp.py convert: {e}") from None
         return 0
     record = bench(args.llama_bench, args.gguf, args.threads, args.tokens, args.repeats)
     if args.out:
