@@ -55,7 +55,7 @@ class Stages:
 
     def follow(self, stream) -> None:
         buf = ""
-        for chunk in iter(lambda: stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096), b""):
+        for chunk in iter(lambda: stream.read1(4096), b""):  # a pipe from Popen: buffered, with read1
             sys.stderr.buffer.write(chunk)
             sys.stderr.flush()
             buf += chunk.decode(errors="replace")
